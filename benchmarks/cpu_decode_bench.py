@@ -1,0 +1,98 @@
+"""Batch-1 greedy decode and 16-way concurrency on CPU, default model, against HF transformers.
+
+Both sides run the same dequantized SmolLM2-135M-Instruct weights in float32 on the same
+threads, measured in the same run. Usage: python benchmarks/cpu_decode_bench.py [--new-tokens N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import CacheConfig, EngineConfig
+from engine.core import EngineCore
+from engine.loader import default_model_path
+from engine.request import SamplingParams
+
+RESULTS = Path(__file__).parent / "results" / "cpu_decode.json"
+
+
+def engine_run(engine: EngineCore, prompt: list[int], batch: int, new_tokens: int) -> float:
+    """Output tokens per second for `batch` identical-length requests submitted together."""
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    for i in range(batch):
+        engine.add_request(f"b{i}", prompt, params)
+    produced = 0
+    while engine.has_work():
+        produced += sum(len(s.token_ids) for o in engine.step() for s in o.outputs)
+    assert produced == batch * new_tokens
+    return produced / (time.perf_counter() - start)
+
+
+def hf_run(model, prompt: list[int], new_tokens: int) -> float:
+    ids = torch.tensor([prompt])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    assert out.shape[1] - len(prompt) == new_tokens
+    return new_tokens / (time.perf_counter() - start)
+
+
+def median_of(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, thread pool, first-call paths
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=16)
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    engine = EngineCore(EngineConfig(cache=CacheConfig(kv_cache_memory=256 << 20)))
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32).eval()
+    text = engine.tokenizer.render_chat([{"role": "user", "content": "Tell me about the history of Paris."}])
+    prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+
+    n, r = args.new_tokens, args.repeats
+    hf_tps = median_of(lambda: hf_run(hf, prompt, n), r)
+    one_tps = median_of(lambda: engine_run(engine, prompt, 1, n), r)
+    many_tps = median_of(lambda: engine_run(engine, prompt, args.concurrency, n), r)
+    result = {
+        "benchmark": "cpu_decode",
+        "model": engine.model_name,
+        "dtype": "float32",
+        "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "prompt_tokens": len(prompt),
+        "new_tokens": n,
+        "hf_generate_tok_s": round(hf_tps, 2),
+        "wattserve_batch1_tok_s": round(one_tps, 2),
+        "wattserve_batch1_vs_hf": round(one_tps / hf_tps, 3),
+        f"wattserve_concurrent{args.concurrency}_tok_s": round(many_tps, 2),
+        "concurrency_speedup_vs_batch1": round(many_tps / one_tps, 2),
+        "command": "python benchmarks/cpu_decode_bench.py",
+    }
+    print(f"{'run':<34}{'output tok/s':>14}")
+    print(f"{'HF transformers generate, batch 1':<34}{hf_tps:>14.1f}")
+    print(f"{'wattserve, batch 1':<34}{one_tps:>14.1f}   ({one_tps / hf_tps:.2f}x HF)")
+    print(f"{f'wattserve, {args.concurrency} concurrent':<34}{many_tps:>14.1f}   ({many_tps / one_tps:.2f}x batch 1)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""wattserve engine: scheduler, paged KV cache, model runner, sampling."""

@@ -1,0 +1,232 @@
+"""The synchronous engine: requests in, one `step()` at a time, outputs out. No threads, no HTTP."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import KVCacheManager
+from engine.loader import load_checkpoint
+from engine.model_runner import ModelRunner
+from engine.request import (
+    ContextLengthExceeded, FinishReason, InvalidRequestError, RequestOutput, SamplingParams,
+    SequenceOutput,
+)
+from engine.sampler import Sampler
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+log = logging.getLogger("wattserve.engine")
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+    block_size: int
+    num_preemptions: int
+    kv_cache_tokens: int
+
+
+@dataclass
+class _Request:
+    seqs: list[Sequence]
+    prompt_len: int
+    unforked: list[Sequence]  # n > 1: siblings waiting to share seqs[0]'s prefilled prompt
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = _pick_device(config.device)
+        ckpt = load_checkpoint(config.model, config.load_format, config.tokenizer)
+        self.model_name = ckpt.name
+        self.model_config = mc = ckpt.model_config
+        self.tokenizer = ckpt.tokenizer
+        self.dtype = _pick_dtype(config.dtype, self.device, mc.torch_dtype)
+        max_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.runner = ModelRunner(mc, self.dtype, self.device, max_len)
+        if ckpt.weights is None:
+            self.runner.model.init_random(config.seed)
+        else:
+            self.runner.model.load_weights(ckpt.weights)
+        cache = config.cache
+        num_blocks = self.runner.num_blocks_for(cache)
+        capacity = num_blocks * cache.block_size
+        if capacity < max_len:
+            # Every sequence must fit in the cache alone, or preemption could loop forever.
+            log.warning("KV cache holds %d tokens, less than the context length %d: capping it", capacity, max_len)
+            max_len = capacity
+        if max_len < 1:
+            raise ValueError(f"the KV cache budget fits no block of {cache.block_size} tokens")
+        self.max_model_len = max_len
+        self.runner.allocate_kv_cache(num_blocks, cache.block_size)
+        self.kv = KVCacheManager(num_blocks, cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        self.max_queue_len = config.scheduler.max_queue_len
+        self.requests: dict[str, _Request] = {}
+        log.info(
+            "model %s | %s on %s | KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB) | context %d",
+            self.model_name, str(self.dtype).removeprefix("torch."), self.device, num_blocks,
+            cache.block_size, capacity, num_blocks * self.runner.bytes_per_block(cache.block_size) / 2**20,
+            max_len,
+        )
+
+    # ---- requests ----------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError for anything the engine could not serve."""
+        params.validate(self.model_config.vocab_size)
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_token_ids):
+            raise InvalidRequestError("the prompt has token ids outside the vocabulary", "prompt")
+        if n >= self.max_model_len:
+            raise ContextLengthExceeded(
+                f"the prompt has {n} tokens; this model's context length is {self.max_model_len}", "messages"
+            )
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length "
+                f"{self.max_model_len}", "max_tokens",
+            )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.check_request(prompt_token_ids, params)
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
+        seqs = [
+            Sequence(request_id, i, prompt_token_ids, params, max_tokens,
+                     IncrementalDetokenizer(self.tokenizer.hf, prompt_token_ids, params.stop))
+            for i in range(params.n)
+        ]
+        self.requests[request_id] = _Request(seqs, len(prompt_token_ids), seqs[1:])
+        self.scheduler.add(seqs[0])
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if seq not in req.unforked and not seq.is_finished:
+                self.scheduler.finish(seq)
+
+    def abort_all(self) -> None:
+        for rid in list(self.requests):
+            self.abort(rid)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_total_blocks=self.kv.pool.num_blocks, num_free_blocks=self.kv.num_free_blocks,
+            block_size=self.kv.block_size, num_preemptions=self.scheduler.num_preemptions,
+            kv_cache_tokens=self.kv.pool.num_blocks * self.kv.block_size,
+        )
+
+    # ---- a step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        tables = [self.kv.tables[s.seq_id] for s in batch.seqs]
+        logits = self.runner.execute(batch.seqs, batch.num_new_tokens, tables)
+        samplers = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                samplers.append(seq)
+        # Each sampling sequence owns one logits row, in batch order; forks reuse their parent's.
+        rows = list(range(len(samplers)))
+        for i, seq in enumerate(samplers[: len(rows)]):
+            for child in self._fork_siblings(seq):
+                samplers.append(child)
+                rows.append(i)
+        tokens, logprobs = self.sampler(logits[rows], samplers)
+        touched: dict[str, None] = {}
+        for seq, tok, lp in zip(samplers, tokens, logprobs):
+            self._append_token(seq, tok, lp)
+            touched[seq.request_id] = None
+        return [self._output(rid) for rid in touched if rid in self.requests]
+
+    def _fork_siblings(self, seq: Sequence) -> list[Sequence]:
+        """When the first sequence of an n > 1 request has its prompt in the cache, its
+        siblings share those blocks instead of computing the prompt again."""
+        req = self.requests.get(seq.request_id)
+        if req is None or not req.unforked or seq.index != 0:
+            return []
+        forked = []
+        while req.unforked and self.kv.can_allocate(1):
+            child = req.unforked.pop(0)
+            copy = self.kv.fork(seq.seq_id, child.seq_id, req.prompt_len)
+            if copy is not None:
+                self.runner.copy_block(*copy)
+            child.num_computed_tokens = req.prompt_len
+            self.scheduler.add_running(child)
+            forked.append(child)
+        for child in req.unforked:  # no room to fork: they prefill on their own
+            self.scheduler.add(child)
+        req.unforked.clear()
+        return forked
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> None:
+        seq.token_ids.append(token)
+        seq.pending_token_ids.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        p = seq.params
+        seq.detokenizer.add(token)
+        reason = None
+        if (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = FinishReason.STOP
+        elif seq.detokenizer.stopped_by is not None:
+            reason = FinishReason.STOP
+        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+
+    def _output(self, request_id: str) -> RequestOutput:
+        req = self.requests[request_id]
+        outs = []
+        for seq in req.seqs:
+            if not seq.pending_token_ids:
+                continue
+            text = seq.detokenizer.take(final=seq.is_finished)
+            outs.append(SequenceOutput(
+                index=seq.index, text=text, token_ids=seq.pending_token_ids,
+                logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, num_output_tokens=seq.num_output_tokens,
+            ))
+            seq.pending_token_ids, seq.pending_logprobs = [], []
+        finished = all(s.is_finished for s in req.seqs)
+        if finished:
+            del self.requests[request_id]
+        return RequestOutput(request_id, req.prompt_len, outs, finished)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    if name != "auto":
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    if device.type == "cpu":
+        return torch.float32  # half-precision matmuls are slow or missing on most CPUs
+    if checkpoint_dtype in ("float16", "bfloat16"):
+        return getattr(torch, checkpoint_dtype)
+    return torch.bfloat16

@@ -1,0 +1,202 @@
+"""GGUF checkpoints (llama.cpp): metadata to ModelConfig, tensors dequantized to HF layout.
+
+Three things differ from an HF checkpoint besides the names: GGUF lists dimensions
+innermost first (we produce HF's [out, in]), weights may be block-quantized (dequantized to
+float32 with gguf.quants), and llama.cpp's converter permutes the rows of llama-arch Q and K
+so that rotary pairs sit next to each other; we undo that so the model sees HF's
+half-split rotary layout.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from gguf import GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+from tqdm import tqdm
+
+from engine.config import ModelConfig, UnsupportedModelError
+from engine.loader import ModelLoadError
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+_TOP_LEVEL = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_PER_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_ROPE_FREQS = "rope_freqs.weight"
+_REQUIRED = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
+
+# llama.cpp bakes Llama 3.1/3.2 rope scaling into per-frequency divisors (rope_freqs.weight)
+# and drops the parameters. Every released Llama 3.x model used these three with
+# factor = the largest divisor; we accept the tensor only if they reproduce it.
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+def read_gguf(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """The model config and a lazy iterator over (HF name, float32 tensor) of the file."""
+    try:
+        reader = GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not read {path} as a GGUF file: {e}") from e
+    config = _model_config(reader, path)
+    plan = [(t, hf_name) for t in reader.tensors if (hf_name := _hf_name(t.name, path))]
+    return config, _weights(plan, config, path)
+
+
+def load_tokenizer(path: str) -> Any:
+    """The transformers tokenizer rebuilt from the file's metadata (about 9 s for SmolLM2)."""
+    from transformers import AutoTokenizer
+
+    directory, filename = os.path.split(os.path.abspath(path))
+    try:
+        return AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not build a tokenizer from {path}: {e}") from e
+
+
+def _model_config(reader: GGUFReader, path: str) -> ModelConfig:
+    def get(key: str, default: Any = None) -> Any:
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    arch = get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} in {path} is not supported; wattserve runs "
+            f"{', '.join(_ARCHITECTURES)} GGUF files"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ModelLoadError(f"{path} has no token_embd.weight tensor")
+    shape = {k: get(f"{arch}.{k}") for k in _REQUIRED}
+    missing = [f"{arch}.{k}" for k, v in shape.items() if v is None]
+    if missing:
+        raise ModelLoadError(f"{path} lacks the metadata {', '.join(missing)}")
+    hidden, heads = shape["embedding_length"], shape["attention.head_count"]
+    head_dim = get(f"{arch}.attention.key_length") or get(f"{arch}.rope.dimension_count") \
+        or hidden // heads
+    rope_theta = get(f"{arch}.rope.freq_base", 10000.0)
+    eos = [get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    # Laid out as an HF config.json so that ModelConfig.from_hf validates it in one place.
+    hf_config = {
+        "architectures": [_ARCHITECTURES[arch]],
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # GGUF shape: [hidden, vocab]
+        "hidden_size": hidden,
+        "intermediate_size": shape["feed_forward_length"],
+        "num_hidden_layers": shape["block_count"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": get(f"{arch}.attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": rope_theta,
+        "rope_scaling": _rope_scaling(get, arch, tensors.get(_ROPE_FREQS), rope_theta, head_dim),
+        "max_position_embeddings": get(f"{arch}.context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "bos_token_id": get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": list(dict.fromkeys(i for i in eos if i is not None)),
+    }
+    return ModelConfig.from_hf(hf_config)
+
+
+def _rope_scaling(get: Any, arch: str, rope_freqs: ReaderTensor | None, theta: float,
+                  head_dim: int) -> dict[str, Any] | None:
+    if rope_freqs is not None:
+        divisors = dequantize(rope_freqs.data, rope_freqs.tensor_type).reshape(-1)
+        scaling = {"rope_type": "llama3", "factor": float(divisors.max()), **_LLAMA3_ROPE}
+        expected = _llama3_rope_divisors(scaling, theta, head_dim)
+        if divisors.shape != expected.shape or not np.allclose(divisors, expected, rtol=1e-4):
+            raise UnsupportedModelError(
+                "this GGUF stores rope frequency factors (rope_freqs.weight) that are not "
+                "Llama 3's rope scaling; load the original safetensors checkpoint instead"
+            )
+        return scaling
+    kind = get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    scaling = {"rope_type": kind, "factor": get(f"{arch}.rope.scaling.factor")}
+    original = get(f"{arch}.rope.scaling.original_context_length")
+    if original is not None:
+        scaling["original_max_position_embeddings"] = original
+    return scaling
+
+
+def _llama3_rope_divisors(scaling: dict[str, Any], theta: float, head_dim: int) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs: per frequency, inv_freq / scaled inv_freq.
+
+    Returns [head_dim // 2] float32.
+    """
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    old_len = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    smooth = (old_len / wavelen - low) / (high - low)
+    divisors = np.where(wavelen < old_len / high, 1.0,
+                        np.where(wavelen > old_len / low, factor,
+                                 1 / ((1 - smooth) / factor + smooth)))
+    return divisors.astype(np.float32)
+
+
+def _hf_name(gguf_name: str, path: str) -> str | None:
+    """The HF parameter name; None for tensors that are not parameters (rope_freqs)."""
+    if gguf_name == _ROPE_FREQS:
+        return None
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem in _TOP_LEVEL and suffix == "weight":
+        return f"{_TOP_LEVEL[stem]}.weight"
+    m = _LAYER_TENSOR.match(gguf_name)
+    if m and m.group(2) in _PER_LAYER:
+        return f"model.layers.{m.group(1)}.{_PER_LAYER[m.group(2)]}.{m.group(3)}"
+    raise ModelLoadError(
+        f"{path} has a tensor {gguf_name!r} that a Llama-family model does not use"
+    )
+
+
+def _weights(plan: list[tuple[ReaderTensor, str]], config: ModelConfig,
+             path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    # llama.cpp permutes Q and K only for the llama arch (qwen2 keeps HF's layout); K with
+    # the KV head count.
+    permuted_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} \
+        if config.architecture == "LlamaForCausalLM" else {}
+    for tensor, hf_name in tqdm(plan, desc="Loading weights", unit="tensor"):
+        try:
+            w = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as e:
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, which the installed "
+                f"gguf package cannot dequantize ({e})"
+            ) from e
+        w = w.reshape([int(d) for d in reversed(tensor.shape)])
+        heads = permuted_heads.get(hf_name.split(".")[-2])
+        if heads is not None:
+            w = _unpermute_rope_rows(w, heads)
+        # F32 tensors come back as read-only views of the memory-mapped file.
+        yield hf_name, torch.from_numpy(w if w.flags.writeable else w.copy())
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's `permute` of Q/K rows, which within each head interleaves the two
+    rotary halves (r0, r_d/2, r1, r_d/2+1, ...); HF keeps them apart (r0..r_d/2-1, r_d/2..).
+
+    w: [n_heads * head_dim, ...] (a weight or a bias) -> same shape.
+    """
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]) \
+        .swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,104 @@
+"""Owns the model and the KV cache tensors; turns a scheduled batch into flat tensors and logits."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.config import CacheConfig, ModelConfig
+from engine.models.llama import LlamaModel
+from engine.sequence import Sequence
+from kernels.attention import AttentionMetadata
+from kernels.dispatch import ops_for
+
+log = logging.getLogger("wattserve.engine")
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int):
+        self.model_config = model_config
+        self.dtype = dtype
+        self.device = device
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build parameters directly in the target dtype
+        try:
+            with torch.device(device):
+                self.model = LlamaModel(model_config, ops_for(device), max_positions)
+        finally:
+            torch.set_default_dtype(previous)
+        self.model.eval()
+        self.kv_caches: list[torch.Tensor] = []
+        self.block_size = 0
+
+    # ---- KV cache ----------------------------------------------------------------------
+    def bytes_per_block(self, block_size: int) -> int:
+        c = self.model_config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * elem
+
+    def num_blocks_for(self, cache: CacheConfig) -> int:
+        """Blocks that fit in `--kv-cache-memory`, or in a fraction of the free memory."""
+        budget = cache.kv_cache_memory
+        if budget is None:
+            budget = int(_free_memory(self.device) * cache.memory_fraction)
+        return max(0, budget // self.bytes_per_block(cache.block_size))
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        c = self.model_config
+        self.block_size = block_size
+        # One tensor per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim].
+        self.kv_caches = [
+            torch.zeros(2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device)
+            for _ in range(c.num_layers)
+        ]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        for cache in self.kv_caches:
+            cache[:, dst] = cache[:, src]
+
+    # ---- a step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, seqs: list[Sequence], num_new: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Run the scheduled tokens; return logits [num_sampling, vocab] for the sequences whose
+        scheduled tokens reach their end (those sample next), in batch order."""
+        input_ids, positions, meta, sample_rows = self._prepare(seqs, num_new, tables)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model.compute_logits(hidden[sample_rows])
+
+    def _prepare(self, seqs, num_new, tables):
+        bs = self.block_size
+        ids, pos, slots, starts, ctx_lens, sample_rows = [], [], [], [0], [], []
+        for seq, n, table in zip(seqs, num_new, tables):
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + n])
+            pos.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            starts.append(starts[-1] + n)
+            ctx_lens.append(start + n)
+            if start + n == seq.num_tokens:
+                sample_rows.append(starts[-1] - 1)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+
+        def t(x, dtype=torch.long):
+            return torch.tensor(x, dtype=dtype, device=dev)
+
+        meta = AttentionMetadata(
+            slot_mapping=t(slots),
+            block_tables=t(padded, torch.int32),
+            context_lens=t(ctx_lens, torch.int32),
+            query_start_loc=t(starts, torch.int32),
+            query_lens=list(num_new),
+            context_lens_host=ctx_lens,
+        )
+        return t(ids), t(pos), meta, t(sample_rows)
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024

@@ -1,0 +1,57 @@
+"""One generated sequence: its tokens, how many are in the KV cache, and its decoding state."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.request import FinishReason, SamplingParams, SequenceStatus, TokenLogprob
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(
+        self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
+        max_tokens: int, detokenizer: IncrementalDetokenizer,
+    ):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.index = index  # which of the request's n choices
+        self.prompt_len = len(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.params = params
+        self.max_tokens = max_tokens
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.detokenizer = detokenizer
+        self.finish_reason: FinishReason | None = None
+        self.arrival_time = time.monotonic()
+        # Per-sequence generator: the same seed gives the same tokens whatever else is batched.
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed((params.seed + index) % 2**64)
+        # Output accumulated since the last RequestOutput was emitted.
+        self.pending_token_ids: list[int] = []
+        self.pending_logprobs: list[TokenLogprob] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return f"Sequence({self.request_id}#{self.index}, {self.num_computed_tokens}/{self.num_tokens})"

@@ -1,0 +1,149 @@
+"""Shared fixtures: the default model's tokenizer is slow to build, so it is loaded once."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from engine.loader import default_model_path, load_tokenizer_only
+
+    return load_tokenizer_only(default_model_path())
+
+
+# ---- live wattserve servers, for tests/test_api_*.py and test_cli.py ---------------------
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class LiveServer:
+    """`wattserve serve` in a subprocess on a free loopback port, logging to a file."""
+
+    def __init__(self, args: tuple[str, ...], log_path: Path):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        # A small KV cache keeps "every block is free again" checks meaningful and quick.
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+               "--port", str(self.port), "--kv-cache-memory", "256MiB", *args]
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return {name: float(value) for name, value in
+                (line.rsplit(" ", 1) for line in text.splitlines()
+                 if line.startswith("wattserve:"))}
+
+    def wait_idle(self, timeout: float = 10) -> dict[str, float]:
+        """Until no request runs or waits and every KV block is free; the last metrics."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            busy = (m["wattserve:num_requests_running"] + m["wattserve:num_requests_waiting"]
+                    + m["wattserve:kv_cache_blocks_used"])
+            if busy == 0 or time.monotonic() > deadline:
+                return m
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _start(args: tuple[str, ...], directory: Path) -> LiveServer:
+    server = LiveServer(args, directory / "server.log")
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory):
+    """The default model with default flags, shared by every module that needs nothing
+    special: loading the model takes most of a server's start-up."""
+    server = _start((), tmp_path_factory.mktemp("live_server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory):
+    """Starts servers with extra flags, e.g. start_server("--api-key", "k"); stopped at the
+    end of the module."""
+    servers = []
+
+    def start(*args: str) -> LiveServer:
+        servers.append(_start(args, tmp_path_factory.mktemp("server")))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def served_model(live_server) -> str:
+    return httpx.get(live_server.url + "/v1/models").json()["data"][0]["id"]
+
+
+@pytest.fixture(scope="session")
+def openai_client(live_server):
+    from openai import OpenAI
+
+    # No retries: a test that gets an error must see it, not a retried success.
+    return OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, tokenizer):
+    """A small random Qwen2 (qkv bias, GQA, untied head) saved as safetensors with the
+    default tokenizer: the oracle model for the safetensors path."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    directory = tmp_path_factory.mktemp("qwen2-oracle")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # initialized to zero: give the bias path real work
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(directory)
+    tokenizer.hf.save_pretrained(directory)
+    return directory
