@@ -66,6 +66,10 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, 30)
 
     @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._error is None
 

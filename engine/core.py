@@ -89,7 +89,7 @@ class EngineCore:
             raise InvalidRequestError("the prompt has token ids outside the vocabulary", "prompt")
         if n >= self.max_model_len:
             raise ContextLengthExceeded(
-                f"the prompt has {n} tokens; this model's context length is {self.max_model_len}", "messages"
+                f"the prompt has {n} tokens; this model's context length is {self.max_model_len}", "prompt"
             )
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise ContextLengthExceeded(

@@ -1,8 +1,6 @@
 """Owns the model and the KV cache tensors; turns a scheduled batch into flat tensors and logits."""
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from engine.config import CacheConfig, ModelConfig
@@ -11,7 +9,8 @@ from engine.sequence import Sequence
 from kernels.attention import AttentionMetadata
 from kernels.dispatch import ops_for
 
-log = logging.getLogger("wattserve.engine")
+CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
+_ACTIVATION_RESERVE = 2 << 30
 
 
 class ModelRunner:
@@ -37,10 +36,16 @@ class ModelRunner:
         return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * elem
 
     def num_blocks_for(self, cache: CacheConfig) -> int:
-        """Blocks that fit in `--kv-cache-memory`, or in a fraction of the free memory."""
+        """Blocks that fit in `--kv-cache-memory`; unset, on CUDA, what is left of
+        `memory_fraction` of the device's memory once the weights are in (vLLM's rule), and
+        on CPU a fixed default, since host memory is shared with everything else."""
         budget = cache.kv_cache_memory
-        if budget is None:
-            budget = int(_free_memory(self.device) * cache.memory_fraction)
+        if budget is None and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # A fixed reserve for one step's activations (up to max_num_batched_tokens).
+            budget = int(total * cache.memory_fraction) - (total - free) - _ACTIVATION_RESERVE
+        elif budget is None:
+            budget = CPU_DEFAULT_KV_CACHE_BYTES
         return max(0, budget // self.bytes_per_block(cache.block_size))
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
@@ -94,11 +99,3 @@ class ModelRunner:
         )
         return t(ids), t(pos), meta, t(sample_rows)
 
-
-def _free_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024

@@ -18,6 +18,13 @@ class Tokenizer:
         self.chat_template = ChatTemplate(chat_template) if chat_template else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Raises InvalidRequestError(param="prompt") for text that is not valid Unicode:
+        JSON can carry lone surrogates ("\\ud800"), which no tokenizer accepts."""
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise InvalidRequestError("the prompt contains a lone surrogate: not valid Unicode",
+                                      param="prompt") from None
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

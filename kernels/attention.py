@@ -7,6 +7,7 @@ so a query at position `p` sees keys `0..p`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,12 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens)
+
+    @cached_property
+    def max_query_len(self) -> int:
+        """Longest query in the batch, from the host list: computed once per step, not once
+        per layer, for the kernels' tile choice."""
+        return max(self.query_lens, default=0)
 
 
 def paged_attention_ref(
@@ -92,8 +99,8 @@ def _gather(k_cache, v_cache, tables: torch.Tensor, num_tokens: int):
     """[B, num_tokens, KVH, D] views of K and V for sequences given their block tables."""
     block_size = k_cache.shape[1]
     nb = -(-num_tokens // block_size)
-    t = tables[:, :nb]
-    shape = (t.shape[0], nb * block_size, *k_cache.shape[2:])
-    k = k_cache[t].reshape(shape)[:, :num_tokens]
-    v = v_cache[t].reshape(shape)[:, :num_tokens]
+    blocks = tables[:, :nb].reshape(-1)
+    shape = (tables.shape[0], nb * block_size, *k_cache.shape[2:])
+    k = k_cache.index_select(0, blocks).view(shape)[:, :num_tokens]
+    v = v_cache.index_select(0, blocks).view(shape)[:, :num_tokens]
     return k, v

@@ -1,0 +1,45 @@
+"""The FastAPI app: routes, middleware, error handlers, and the engine's lifetime."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server import errors
+from server.middleware import ApiKey, BodyLimit, RequestId
+from server.routes import chat, completions, models, ops
+from server.state import VERSION, ServerConfig, ServerState
+
+log = logging.getLogger("wattserve.server")
+
+
+def build_app(engine, config: ServerConfig) -> FastAPI:
+    """`engine`: an AsyncEngine with its model loaded; the app starts its loop on startup
+    and stops it on shutdown, after uvicorn has drained or cancelled in-flight requests."""
+    state = ServerState(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            stats = engine.stats()
+            log.info("stopping the engine (%d running, %d waiting requests are aborted)",
+                     stats.num_running, stats.num_waiting)
+            await engine.shutdown()
+            state.close()
+
+    app = FastAPI(title="wattserve", version=VERSION, lifespan=lifespan,
+                  description="An OpenAI-compatible LLM inference server.")
+    app.state.server = state
+    for module in (chat, completions, models, ops):
+        app.include_router(module.router)
+    errors.install(app)
+    # Added innermost first: RequestId sees every response, 401s included.
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    if config.api_key:
+        app.add_middleware(ApiKey, api_key=config.api_key)
+    app.add_middleware(RequestId)
+    return app

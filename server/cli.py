@@ -1,0 +1,186 @@
+"""`wattserve serve [MODEL] ...`: load a model and serve the OpenAI API over HTTP.
+
+Flag defaults come from the config dataclasses, so the dataclasses stay the one place where a
+default is decided; a preset file (--config, later) can override them with set_defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+import uvicorn
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from server.state import ServerConfig
+
+log = logging.getLogger("wattserve.server")
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "1048576", "64MiB", "1.5GiB" or "500MB"."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match and _UNITS.get(match.group(2).lower())
+    if not unit:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MiB, 2GiB or bytes)")
+    return int(float(match.group(1)) * unit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wattserve", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="serve a model over the OpenAI API",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Load MODEL and serve /v1/chat/completions, /v1/completions and "
+                    "/v1/models, plus /health, /ready, /metrics and /version.")
+    add_serve_arguments(serve)
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_engine_args(parser)
+    _add_server_args(parser)
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    engine, cache, sched = EngineConfig(), CacheConfig(), SchedulerConfig()
+    parser.add_argument("model", nargs="?", default=engine.model,
+                        help="a Hugging Face model directory or id, or a .gguf file; "
+                             "omitted: the bundled SmolLM2-135M-Instruct (Q4_1 GGUF)")
+    group = parser.add_argument_group("model")
+    group.add_argument("--load-format", default=engine.load_format,
+                       choices=["auto", "gguf", "safetensors", "dummy"],
+                       help="how to read the weights; auto picks by the files found, dummy "
+                            "makes random weights of the checkpoint's shapes")
+    group.add_argument("--dtype", default=engine.dtype,
+                       choices=["auto", "float32", "float16", "bfloat16"],
+                       help="dtype of weights and activations; auto: float32 on CPU, the "
+                            "checkpoint's (or bfloat16) on CUDA")
+    group.add_argument("--device", default=engine.device,
+                       help="torch device to run on, e.g. cpu, cuda, cuda:1; auto: CUDA if "
+                            "available")
+    group.add_argument("--tokenizer", default=engine.tokenizer,
+                       help="tokenizer directory or id, if not the model's own")
+    group.add_argument("--seed", type=int, default=engine.seed,
+                       help="seed for requests that do not give their own")
+    group = parser.add_argument_group("KV cache")
+    group.add_argument("--block-size", type=int, default=cache.block_size,
+                       help="tokens per KV cache block (the unit of allocation)")
+    group.add_argument("--kv-cache-memory", type=parse_size, default=cache.kv_cache_memory,
+                       help="bytes for the KV cache, e.g. 64MiB or 2GiB; unset: "
+                            "--gpu-memory-utilization of the memory left after the weights")
+    group.add_argument("--gpu-memory-utilization", type=float, default=cache.memory_fraction,
+                       help="fraction of device memory that weights, activations and KV cache "
+                            "may use together, when --kv-cache-memory is unset")
+    group.add_argument("--kv-cache-dtype", default=cache.kv_cache_dtype,
+                       help="dtype of cached keys and values; auto: the model's dtype")
+    group = parser.add_argument_group("scheduler")
+    group.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs,
+                       help="most sequences decoded together in one step")
+    group.add_argument("--max-num-batched-tokens", type=int,
+                       default=sched.max_num_batched_tokens,
+                       help="most tokens (prefill and decode) processed in one step; longer "
+                            "prompts are prefilled in chunks")
+    group.add_argument("--max-model-len", type=int, default=sched.max_model_len,
+                       help="context length (prompt + output tokens); unset: the model's")
+    group.add_argument("--max-queue-len", type=int, default=sched.max_queue_len,
+                       help="requests allowed to wait for admission; more are refused with "
+                            "429 and Retry-After")
+
+
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    server = ServerConfig()
+    group = parser.add_argument_group("HTTP server")
+    group.add_argument("--host", default=server.host,
+                       help="address to listen on; all interfaces by default, as vLLM does "
+                            "(use 127.0.0.1 to keep the server local)")
+    group.add_argument("--port", type=int, default=server.port, help="TCP port to listen on")
+    group.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (/health, "
+                            "/ready, /metrics stay open); default: $WATTSERVE_API_KEY, if set")
+    group.add_argument("--served-model-name", nargs="+", default=server.served_model_names,
+                       help="name(s) clients use in 'model'; the first is reported in "
+                            "responses; unset: the checkpoint's name")
+    group.add_argument("--request-timeout", type=float, default=server.request_timeout,
+                       help="seconds a request may spend in the engine, queued and generating, "
+                            "before it is aborted (408, or an error event when streaming); "
+                            "unset: no limit")
+    group.add_argument("--max-request-bytes", type=parse_size, default=server.max_request_bytes,
+                       help="largest request body accepted (413 above it), e.g. 1MiB")
+    group.add_argument("--shutdown-grace-seconds", type=float,
+                       default=server.shutdown_grace_seconds,
+                       help="on SIGTERM, stop accepting and let in-flight requests finish for "
+                            "this long, then abort them")
+    group.add_argument("--log-level", default=server.log_level,
+                       choices=["debug", "info", "warning", "error"], help="logging verbosity")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+        tokenizer=args.tokenizer, seed=args.seed,
+        cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                          memory_fraction=args.gpu_memory_utilization,
+                          kv_cache_dtype=args.kv_cache_dtype),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=args.max_model_len,
+                                  max_queue_len=args.max_queue_len))
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("WATTSERVE_API_KEY") or None,
+        served_model_names=args.served_model_name, request_timeout=args.request_timeout,
+        max_request_bytes=args.max_request_bytes,
+        shutdown_grace_seconds=args.shutdown_grace_seconds, log_level=args.log_level)
+
+
+def serve(args: argparse.Namespace) -> None:
+    from engine.async_engine import AsyncEngine  # torch loads here, not for --help
+    from engine.config import UnsupportedModelError
+    from engine.loader import ModelLoadError
+    from server.app import build_app
+
+    config = server_config(args)
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = AsyncEngine.from_config(engine_config(args))
+    except (ModelLoadError, UnsupportedModelError) as exc:  # the user's input: no traceback
+        sys.exit(f"wattserve: cannot load the model: {exc}")
+    app = build_app(engine, config)
+    _log_startup(engine, app.state.server.model_names, config)
+    uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_config=None, log_level=config.log_level,
+        access_log=False,  # server.middleware logs each request with its id
+        timeout_graceful_shutdown=config.shutdown_grace_seconds)).run()
+
+
+def _log_startup(engine, names: list[str], config: ServerConfig) -> None:
+    # The engine has logged dtype, device, KV blocks and context length as it loaded.
+    from engine.loader import default_model_path
+
+    log.info("serving %s (%s) as %s", engine.core.model_name,
+             engine.core.config.model or default_model_path(), ", ".join(names))
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    auth = ' -H "Authorization: Bearer $WATTSERVE_API_KEY"' if config.api_key else ""
+    log.info("listening on http://%s:%d; try: curl http://%s:%d/v1/models%s", config.host,
+             config.port, host, config.port, auth)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

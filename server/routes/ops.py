@@ -1,0 +1,37 @@
+"""Endpoints for operators and probes: liveness, readiness, version, Prometheus metrics."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.errors import documented, not_ready
+from server.state import VERSION, State
+
+router = APIRouter()
+
+
+@router.get("/health", responses=documented(503))
+async def health(state: State) -> dict:
+    """Liveness: the process answers, and its engine loop, once started, has not died (only
+    a restart brings it back). Never needs an API key."""
+    if state.engine.started and not state.engine.is_alive:
+        raise not_ready("the engine loop has stopped")
+    return {"status": "ok"}
+
+
+@router.get("/ready", responses=documented(503))
+async def ready(state: State) -> dict:
+    """Readiness: the model is loaded and the engine loop is running."""
+    state.ready_engine()
+    return {"status": "ready"}
+
+
+@router.get("/version")
+async def get_version() -> dict:
+    return {"version": VERSION}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: State) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
