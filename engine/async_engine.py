@@ -10,12 +10,14 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from engine.config import EngineConfig
 from engine.core import EngineCore, EngineStats
 from engine.request import EngineDead, QueueFull, RequestOutput, SamplingParams
+from engine.slo import SLO
 
 log = logging.getLogger("wattserve.engine")
 
@@ -25,6 +27,8 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    arrival_time: float
+    slo: SLO | None
 
 
 @dataclass
@@ -78,11 +82,14 @@ class AsyncEngine:
 
     # ---- requests --------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        slo: SLO | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield outputs until the request finishes. Raises InvalidRequestError (bad
         parameters, prompt too long), QueueFull or EngineDead before the first output.
-        Closing the iterator early (client disconnect) aborts the request."""
+        Closing the iterator early (client disconnect) aborts the request. `slo` is the
+        latency the request is judged against, in the engine's stats."""
+        arrival_time = time.monotonic()  # TTFT counts the wait for a busy engine thread too
         if not self.is_alive:
             raise EngineDead("the engine is not running")
         self.core.check_request(prompt_token_ids, params)
@@ -91,7 +98,7 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         self._pending += 1
-        self._inbox.put(_Add(request_id, prompt_token_ids, params))
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, arrival_time, slo))
         finished = False
         try:
             while True:
@@ -141,7 +148,8 @@ class AsyncEngine:
             if msg.request_id not in self._streams:
                 return  # aborted before the engine saw it
             try:
-                self.core.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+                self.core.add_request(msg.request_id, msg.prompt_token_ids, msg.params,
+                                      msg.arrival_time, msg.slo)
             except Exception as exc:  # validated already; a race (e.g. shutdown) lands here
                 self._post(msg.request_id, exc)
         else:

@@ -109,5 +109,6 @@ class EngineConfig:
     device: str = "auto"
     tokenizer: str | None = None
     seed: int = 0
+    enforce_eager: bool = False  # CUDA: run decode steps op by op instead of replaying graphs
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

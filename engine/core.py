@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.energy import EnergyMeter
 from engine.kv_cache import KVCacheManager
 from engine.loader import load_checkpoint
 from engine.model_runner import ModelRunner
@@ -16,8 +18,10 @@ from engine.request import (
     SequenceOutput,
 )
 from engine.sampler import Sampler
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
+from engine.slo import SLO
+from engine.stats import RequestStats, StatsObserver, StepStats
 
 log = logging.getLogger("wattserve.engine")
 
@@ -38,6 +42,7 @@ class _Request:
     seqs: list[Sequence]
     prompt_len: int
     unforked: list[Sequence]  # n > 1: siblings waiting to share seqs[0]'s prefilled prompt
+    stats: RequestStats
 
 
 class EngineCore:
@@ -66,11 +71,18 @@ class EngineCore:
             raise ValueError(f"the KV cache budget fits no block of {cache.block_size} tokens")
         self.max_model_len = max_len
         self.runner.allocate_kv_cache(num_blocks, cache.block_size)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, max_len)
         self.kv = KVCacheManager(num_blocks, cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.max_queue_len = config.scheduler.max_queue_len
         self.requests: dict[str, _Request] = {}
+        # Monitoring, attached by the server or a benchmark: observers see every step and
+        # finished request; the meter prices steps in joules; a power cap sets the pause.
+        self.observers: list[StatsObserver] = []
+        self.energy_meter: EnergyMeter | None = None
+        self.step_pause_s = 0.0
         log.info(
             "model %s | %s on %s | KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB) | context %d",
             self.model_name, str(self.dtype).removeprefix("torch."), self.device, num_blocks,
@@ -97,7 +109,9 @@ class EngineCore:
                 f"{self.max_model_len}", "max_tokens",
             )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None, slo: SLO | None = None) -> None:
+        """`arrival_time`: time.monotonic() when the request reached the server, if earlier."""
         self.check_request(prompt_token_ids, params)
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
@@ -107,7 +121,10 @@ class EngineCore:
                      IncrementalDetokenizer(self.tokenizer.hf, prompt_token_ids, params.stop))
             for i in range(params.n)
         ]
-        self.requests[request_id] = _Request(seqs, len(prompt_token_ids), seqs[1:])
+        if arrival_time is None:
+            arrival_time = time.monotonic()
+        stats = RequestStats(arrival_time, len(prompt_token_ids), slo)
+        self.requests[request_id] = _Request(seqs, len(prompt_token_ids), seqs[1:], stats)
         self.scheduler.add(seqs[0])
 
     def abort(self, request_id: str) -> None:
@@ -117,6 +134,7 @@ class EngineCore:
         for seq in req.seqs:
             if seq not in req.unforked and not seq.is_finished:
                 self.scheduler.finish(seq)
+        self._finish(req.stats, FinishReason.ABORT, time.monotonic())
 
     def abort_all(self) -> None:
         for rid in list(self.requests):
@@ -135,6 +153,10 @@ class EngineCore:
 
     # ---- a step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        begin = time.monotonic()
+        if self.step_pause_s:
+            time.sleep(self.step_pause_s)  # a power cap's pacing; see engine/power_cap.py
+        start = time.monotonic()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -152,11 +174,36 @@ class EngineCore:
                 samplers.append(child)
                 rows.append(i)
         tokens, logprobs = self.sampler(logits[rows], samplers)
-        touched: dict[str, None] = {}
+        sampled: dict[str, int] = {}  # request id -> tokens sampled this step
         for seq, tok, lp in zip(samplers, tokens, logprobs):
             self._append_token(seq, tok, lp)
-            touched[seq.request_id] = None
-        return [self._output(rid) for rid in touched if rid in self.requests]
+            sampled[seq.request_id] = sampled.get(seq.request_id, 0) + 1
+        self._record_step(batch, sampled, begin, start)
+        return [self._output(rid) for rid in sampled if rid in self.requests]
+
+    def _record_step(self, batch: ScheduledBatch, sampled: dict[str, int], begin: float,
+                     start: float) -> None:
+        end = time.monotonic()
+        # The pause before the step is part of its cost: the GPU idled so that this step
+        # could stay under the cap.
+        energy = None if self.energy_meter is None else self.energy_meter.step_energy(begin, end)
+        step = StepStats(start, end, sum(batch.num_new_tokens),
+                         num_preemptions=len(batch.preempted), energy_j=energy)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            stats = self.requests[seq.request_id].stats
+            if stats.scheduled_time is None:
+                stats.scheduled_time = start
+            if energy is not None:  # split by tokens processed: see engine/energy.py
+                stats.energy_j += energy * n / step.num_scheduled_tokens
+        for request_id, n in sampled.items():
+            self.requests[request_id].stats.record_tokens(n, end, step)
+        for observer in self.observers:
+            observer.on_step(step)
+
+    def _finish(self, stats: RequestStats, reason: FinishReason, now: float) -> None:
+        stats.finish_time, stats.finish_reason = now, reason
+        for observer in self.observers:
+            observer.on_finished(stats)
 
     def _fork_siblings(self, seq: Sequence) -> list[Sequence]:
         """When the first sequence of an n > 1 request has its prompt in the cache, its
@@ -212,6 +259,8 @@ class EngineCore:
         finished = all(s.is_finished for s in req.seqs)
         if finished:
             del self.requests[request_id]
+            # n > 1 counts once, under its first choice's reason.
+            self._finish(req.stats, req.seqs[0].finish_reason, req.stats.last_token_time)
         return RequestOutput(request_id, req.prompt_len, outs, finished)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import CacheConfig, ModelConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.models.llama import LlamaModel
 from engine.sequence import Sequence
 from kernels.attention import AttentionMetadata
@@ -28,6 +29,7 @@ class ModelRunner:
         self.model.eval()
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
+        self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache ----------------------------------------------------------------------
     def bytes_per_block(self, block_size: int) -> int:
@@ -57,6 +59,13 @@ class ModelRunner:
             for _ in range(c.num_layers)
         ]
 
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """CUDA only: record decode steps for batch sizes up to max_num_seqs."""
+        c = self.model_config
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, -(-max_model_len // self.block_size),
+                                   c.hidden_size, self.dtype, self.device)
+        self.graphs.capture()
+
     def copy_block(self, src: int, dst: int) -> None:
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
@@ -67,7 +76,10 @@ class ModelRunner:
         """Run the scheduled tokens; return logits [num_sampling, vocab] for the sequences whose
         scheduled tokens reach their end (those sample next), in batch order."""
         input_ids, positions, meta, sample_rows = self._prepare(seqs, num_new, tables)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.graphs is not None and meta.max_query_len == 1 and self.graphs.fits(len(seqs)):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return self.model.compute_logits(hidden[sample_rows])
 
     def _prepare(self, seqs, num_new, tables):

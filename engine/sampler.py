@@ -37,8 +37,12 @@ class Sampler:
 
     def _adjust(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Penalties, logit_bias and min_tokens, applied only to the rows that ask for them."""
+        rows = [i for i, seq in enumerate(seqs) if _adjusts(seq)]
+        if not rows:
+            return logits
         logits = logits.clone()
-        for i, seq in enumerate(seqs):
+        for i in rows:
+            seq = seqs[i]
             p = seq.params
             row = logits[i]
             if p.repetition_penalty != 1.0:
@@ -59,6 +63,12 @@ class Sampler:
             if seq.num_output_tokens < p.min_tokens:
                 row[self.eos_token_ids + p.stop_token_ids] = float("-inf")
         return logits
+
+
+def _adjusts(seq: Sequence) -> bool:
+    p = seq.params
+    return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
+                or seq.num_output_tokens < p.min_tokens)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 
 import torch
 
@@ -28,7 +27,6 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.detokenizer = detokenizer
         self.finish_reason: FinishReason | None = None
-        self.arrival_time = time.monotonic()
         # Per-sequence generator: the same seed gives the same tokens whatever else is batched.
         self.generator: torch.Generator | None = None
         if params.seed is not None:

@@ -82,15 +82,17 @@ def _decode_batch(q, k_cache, v_cache, meta, rows: list[int], scale: float, out)
         idx = torch.tensor(rows, device=q.device)
         tokens, tables, lens = meta.query_start_loc[idx], meta.block_tables[idx], meta.context_lens[idx]
     k, v = _gather(k_cache, v_cache, tables, max_ctx)  # [B, T, KVH, D]
-    valid = torch.arange(max_ctx, device=q.device)[None, :] < lens[:, None]  # [B, T]
-    # Slots past a context hold whatever was there before (even NaN): zero them, since a
-    # masked score or weight times garbage can still be NaN.
-    invalid = ~valid[:, :, None, None]
-    k, v = k.masked_fill(invalid, 0.0), v.masked_fill(invalid, 0.0)
+    mask = None
+    if min(ctx) < max_ctx:  # ragged: mask each sequence's tail (batch 1 never is)
+        valid = torch.arange(max_ctx, device=q.device)[None, :] < lens[:, None]  # [B, T]
+        # Slots past a context hold whatever was there before (even NaN): zero them, since
+        # a masked score or weight times garbage can still be NaN.
+        invalid = ~valid[:, :, None, None]
+        k, v = k.masked_fill(invalid, 0.0), v.masked_fill(invalid, 0.0)
+        mask = valid[:, None, None, :]
     qb = q[tokens].unsqueeze(2)  # [B, H, 1, D]
     o = F.scaled_dot_product_attention(
-        qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=valid[:, None, None, :],
-        scale=scale, enable_gqa=True,
+        qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True,
     )
     out[tokens] = o.squeeze(2)
 

@@ -1,10 +1,12 @@
 """The one place that picks an implementation of each op for a device.
 
-The model calls `ops.<name>`; on CPU every op is the PyTorch reference. The Triton kernels
-(CUDA) plug in here, so no model code branches on the device.
+The model calls `ops.<name>`; on CPU every op is the PyTorch reference, on CUDA the Triton
+kernel (kernels/triton_*.py), so no model code branches on the device. Setting
+WATTSERVE_OPS=reference runs the references on CUDA too, for A/B checks.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,5 +40,24 @@ REFERENCE_OPS = Ops(
 
 
 def ops_for(device: torch.device) -> Ops:
-    # The Triton kernels (CUDA) are not wired in yet; the references run everywhere.
-    return REFERENCE_OPS
+    if torch.device(device).type != "cuda" or os.environ.get("WATTSERVE_OPS") == "reference":
+        return REFERENCE_OPS
+    return triton_ops()
+
+
+def triton_ops() -> Ops:
+    # Imported here: CPU-only installs have no triton.
+    from kernels.triton_activation import silu_and_mul_triton
+    from kernels.triton_attention import paged_attention_triton
+    from kernels.triton_kv_write import write_kv_triton
+    from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+    from kernels.triton_rotary import apply_rotary_triton
+
+    return Ops(
+        rms_norm=rms_norm_triton,
+        add_rms_norm=add_rms_norm_triton,
+        apply_rotary=apply_rotary_triton,
+        write_kv=write_kv_triton,
+        paged_attention=paged_attention_triton,
+        silu_and_mul=silu_and_mul_triton,
+    )

@@ -26,14 +26,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     return torch.where(medium, blended, scaled)
 
 
-def rope_cos_sin(
-    head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """[max_positions, head_dim] float32 table: cos in the first half, sin in the second."""
+def rope_cos_sin(head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int) -> torch.Tensor:
+    """[max_positions, head_dim] float32 table: cos in the first half, sin in the second, on
+    the default device (the model builds it under `torch.device(...)`)."""
     inv_freq = rope_inv_freq(head_dim, theta, scaling)
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float().to(device)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
 
 
 def apply_rotary_ref(

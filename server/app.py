@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from engine.power import PowerSource
 from server import errors
 from server.middleware import ApiKey, BodyLimit, RequestId
 from server.routes import chat, completions, models, ops
@@ -14,13 +15,16 @@ from server.state import VERSION, ServerConfig, ServerState
 log = logging.getLogger("wattserve.server")
 
 
-def build_app(engine, config: ServerConfig) -> FastAPI:
+def build_app(engine, config: ServerConfig, power_source: PowerSource | None = None) -> FastAPI:
     """`engine`: an AsyncEngine with its model loaded; the app starts its loop on startup
-    and stops it on shutdown, after uvicorn has drained or cancelled in-flight requests."""
-    state = ServerState(engine, config)
+    and stops it on shutdown, after uvicorn has drained or cancelled in-flight requests.
+    `power_source`: the engine's devices' power (engine/power_sources.py), for the power and
+    energy metrics and --power-cap-watts; None: neither."""
+    state = ServerState(engine, config, power_source)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        state.start()  # power sampling first: the engine's first step reads a sample
         engine.start()
         try:
             yield

@@ -1,7 +1,8 @@
 """`wattserve serve [MODEL] ...`: load a model and serve the OpenAI API over HTTP.
 
 Flag defaults come from the config dataclasses, so the dataclasses stay the one place where a
-default is decided; a preset file (--config, later) can override them with set_defaults.
+default is decided; a preset file (--config, server/config_file.py) overrides them with
+set_defaults, and flags on the command line override the file.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import uvicorn
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from server.config_file import PresetError, load_preset
 from server.state import ServerConfig
 
 log = logging.getLogger("wattserve.server")
@@ -31,7 +33,7 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * unit)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wattserve", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
@@ -40,12 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load MODEL and serve /v1/chat/completions, /v1/completions and "
                     "/v1/models, plus /health, /ready, /metrics and /version.")
     add_serve_arguments(serve)
+    serve.add_argument("--config", metavar="FILE",
+                       help="YAML preset of these options, keyed by flag name (e.g. "
+                            "max-num-seqs: 8; see configs/); flags given here override it")
+    serve.set_defaults(**(preset or {}))
+    top = commands.add_parser("top", help="a live terminal view of a server's /metrics",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    top.add_argument("--url", default="http://127.0.0.1:8000", help="the server to watch")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     return parser
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _add_engine_args(parser)
     _add_server_args(parser)
+    _add_monitoring_args(parser)
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +80,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="tokenizer directory or id, if not the model's own")
     group.add_argument("--seed", type=int, default=engine.seed,
                        help="seed for requests that do not give their own")
+    group.add_argument("--enforce-eager", action="store_true", default=engine.enforce_eager,
+                       help="CUDA: run decode steps kernel by kernel instead of replaying the "
+                            "CUDA graphs captured at startup (slower; for debugging)")
     group = parser.add_argument_group("KV cache")
     group.add_argument("--block-size", type=int, default=cache.block_size,
                        help="tokens per KV cache block (the unit of allocation)")
@@ -121,10 +135,34 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                        choices=["debug", "info", "warning", "error"], help="logging verbosity")
 
 
+def _add_monitoring_args(parser: argparse.ArgumentParser) -> None:
+    server = ServerConfig()
+    group = parser.add_argument_group("power and SLO monitoring")
+    group.add_argument("--slo-ttft-ms", type=float, default=server.slo_ttft_ms,
+                       help="time-to-first-token SLO in ms for the SLO attainment and goodput "
+                            "metrics; a request's body can override it with "
+                            '"slo": {"ttft_ms": ..., "tpot_ms": ...}')
+    group.add_argument("--slo-tpot-ms", type=float, default=server.slo_tpot_ms,
+                       help="time-per-output-token SLO in ms, (e2e - TTFT) / (tokens - 1) as "
+                            "DistServe defines it")
+    group.add_argument("--power-cap-watts", type=float, default=server.power_cap_watts,
+                       help="keep the moving-average power of the engine's GPU under this by "
+                            "admitting fewer tokens per step and then pacing steps; the GPU's "
+                            "clocks and power limit are left alone")
+    group.add_argument("--power-sample-interval-ms", type=float,
+                       default=server.power_sample_interval_ms,
+                       help="how often to read power, energy, temperature and clocks (NVML on "
+                            "a GPU, RAPL on a CPU)")
+    group.add_argument("--metrics-window-seconds", type=float,
+                       default=server.metrics_window_seconds,
+                       help="sliding window of the goodput, SLO attainment and energy-per-token "
+                            "gauges")
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-        tokenizer=args.tokenizer, seed=args.seed,
+        tokenizer=args.tokenizer, seed=args.seed, enforce_eager=args.enforce_eager,
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                           memory_fraction=args.gpu_memory_utilization,
                           kv_cache_dtype=args.kv_cache_dtype),
@@ -140,13 +178,18 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         api_key=args.api_key or os.environ.get("WATTSERVE_API_KEY") or None,
         served_model_names=args.served_model_name, request_timeout=args.request_timeout,
         max_request_bytes=args.max_request_bytes,
-        shutdown_grace_seconds=args.shutdown_grace_seconds, log_level=args.log_level)
+        shutdown_grace_seconds=args.shutdown_grace_seconds, log_level=args.log_level,
+        slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+        power_cap_watts=args.power_cap_watts,
+        power_sample_interval_ms=args.power_sample_interval_ms,
+        metrics_window_seconds=args.metrics_window_seconds)
 
 
 def serve(args: argparse.Namespace) -> None:
     from engine.async_engine import AsyncEngine  # torch loads here, not for --help
     from engine.config import UnsupportedModelError
     from engine.loader import ModelLoadError
+    from engine.power_sources import open_power_source
     from server.app import build_app
 
     config = server_config(args)
@@ -156,7 +199,10 @@ def serve(args: argparse.Namespace) -> None:
         engine = AsyncEngine.from_config(engine_config(args))
     except (ModelLoadError, UnsupportedModelError) as exc:  # the user's input: no traceback
         sys.exit(f"wattserve: cannot load the model: {exc}")
-    app = build_app(engine, config)
+    try:
+        app = build_app(engine, config, open_power_source(engine.core.device))
+    except ValueError as exc:  # --power-cap-watts without power readings
+        sys.exit(f"wattserve: {exc}")
     _log_startup(engine, app.state.server.model_names, config)
     uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_config=None, log_level=config.log_level,
@@ -176,10 +222,27 @@ def _log_startup(engine, names: list[str], config: ServerConfig) -> None:
              config.port, host, config.port, auth)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.config:
+        try:
+            preset = load_preset(args.config, add_serve_arguments)
+        except PresetError as exc:
+            parser.error(str(exc))
+        # Parsed again with the file's values as defaults, so the command line wins.
+        args = build_parser(preset).parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "serve":
         serve(args)
+    elif args.command == "top":
+        from server.top import run
+
+        run(args.url, args.interval)
 
 
 if __name__ == "__main__":

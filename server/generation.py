@@ -23,8 +23,8 @@ from engine.request import (
     SequenceOutput,
     TokenLogprob,
 )
+from engine.slo import SLO
 from server.errors import ClientDisconnected, timed_out
-from server.metrics import Metrics
 from server.protocol import Usage
 
 log = logging.getLogger("wattserve.server")
@@ -74,27 +74,24 @@ class Generation:
     """An async iterator over the request's RequestOutput deltas, the first one included."""
 
     def __init__(self, request_id: str, outputs: AsyncIterator[RequestOutput],
-                 first: RequestOutput, timeout: float | None, deadline: float | None,
-                 metrics: Metrics):
+                 first: RequestOutput, timeout: float | None, deadline: float | None):
         self.request_id = request_id
         self.prompt_tokens = first.prompt_tokens
         self._outputs = outputs
         self._next: RequestOutput | None = first
         self._timeout, self._deadline = timeout, deadline
-        self._metrics = metrics
         self._output_tokens: dict[int, int] = {}
         self._finished = False
         self._started = time.monotonic()
-        metrics.prompt_tokens.inc(first.prompt_tokens)
 
     @classmethod
     async def start(cls, engine, request: Request, request_id: str, prompt_ids: list[int],
-                    params: SamplingParams, *, timeout: float | None, metrics: Metrics
+                    params: SamplingParams, *, timeout: float | None, slo: SLO | None
                     ) -> Generation:
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        outputs = engine.generate(request_id, prompt_ids, params)
+        outputs = engine.generate(request_id, prompt_ids, params, slo)
         first = await until_disconnect(request, _within(anext(outputs), deadline, timeout))
-        return cls(request_id, outputs, first, timeout, deadline, metrics)
+        return cls(request_id, outputs, first, timeout, deadline)
 
     def __aiter__(self) -> Generation:
         return self
@@ -108,7 +105,6 @@ class Generation:
             out = await _within(anext(self._outputs), self._deadline, self._timeout)
         for seq in out.outputs:
             self._output_tokens[seq.index] = seq.num_output_tokens
-            self._metrics.generation_tokens.inc(len(seq.token_ids))
         if out.finished:
             self._finished = True
             log.info("%s finished: %d prompt + %d completion tokens in %.2f s", self.request_id,

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from engine.request import InvalidRequestError, SamplingParams
+from engine.slo import SLO
 
 
 class _Request(BaseModel):
@@ -41,6 +42,18 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class SLOSpec(_Request):
+    ttft_ms: float | None = Field(None, gt=0, description="Time to first token bound, ms.")
+    tpot_ms: float | None = Field(None, gt=0, description="Time per output token bound, ms.")
+
+    def over(self, default: SLO | None) -> SLO | None:
+        """This request's SLO: its own bounds, the server's (--slo-*-ms) where it gives none."""
+        base = default or SLO()
+        slo = SLO(ttft_s=base.ttft_s if self.ttft_ms is None else self.ttft_ms / 1e3,
+                  tpot_s=base.tpot_s if self.tpot_ms is None else self.tpot_ms / 1e3)
+        return None if slo == SLO() else slo
+
+
 class SamplingRequest(_Request):
     """Fields that chat and completions share."""
 
@@ -68,6 +81,10 @@ class SamplingRequest(_Request):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
+    # wattserve's own: the latency this request is counted against in the SLO metrics.
+    slo: SLOSpec | None = Field(None, description="Latency SLO for this request, e.g. "
+                                                  '{"ttft_ms": 200, "tpot_ms": 50}; overrides '
+                                                  "--slo-ttft-ms/--slo-tpot-ms per field.")
 
     @property
     def include_usage(self) -> bool:

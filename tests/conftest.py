@@ -1,5 +1,20 @@
-"""Shared fixtures: the default model's tokenizer is slow to build, so it is loaded once."""
-import pytest
+"""Shared fixtures: the default model's tokenizer, live servers, small oracle models."""
+import os
+
+# Triton reads this when kernels are decorated, and other imports (torch, transformers) may
+# import triton first: set it before anything else. CI has no GPU, so kernels run interpreted;
+# TRITON_INTERPRET=0 runs them on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -10,14 +25,6 @@ def tokenizer():
 
 
 # ---- live wattserve servers, for tests/test_api_*.py and test_cli.py ---------------------
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,10 +61,14 @@ class LiveServer:
         return self.log_path.read_text()
 
     def metrics(self) -> dict[str, float]:
+        """Each series' value by name, summed over its labels (model_name, finished_reason)."""
         text = httpx.get(self.url + "/metrics", timeout=10).text
-        return {name: float(value) for name, value in
-                (line.rsplit(" ", 1) for line in text.splitlines()
-                 if line.startswith("wattserve:"))}
+        values: dict[str, float] = {}
+        for sample, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                              if line.startswith("wattserve:")):
+            name = sample.split("{", 1)[0]
+            values[name] = values.get(name, 0.0) + float(value)
+        return values
 
     def wait_idle(self, timeout: float = 10) -> dict[str, float]:
         """Until no request runs or waits and every KV block is free; the last metrics."""

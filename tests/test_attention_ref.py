@@ -76,3 +76,11 @@ def test_decode_only_batch_long_contexts():
     for i in range(5):
         torch.testing.assert_close(out[i : i + 1], dense_causal(q[i : i + 1], ks[i], vs[i], 0.125),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_decode_batch_of_equal_contexts_needs_no_mask():
+    q, kc, vc, meta, ks, vs = build_batch([1, 1, 1], [40, 40, 40], 8, 2, 64, 16, seed=2)
+    out = paged_attention_ref(q, kc, vc, meta, 0.125)
+    for i in range(3):
+        torch.testing.assert_close(out[i : i + 1], dense_causal(q[i : i + 1], ks[i], vs[i], 0.125),
+                                   rtol=1e-5, atol=1e-5)

@@ -92,7 +92,7 @@ def load_checkpoint(model: str | None, load_format: str = "auto",
             )
         model_config = hf.read_config(path)
         weights = None if dummy else hf.safetensors_weights(path)
-        if dummy and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        if dummy and tokenizer is None and not os.path.isfile(os.path.join(path, "tokenizer.json")):
             # A bare config.json is enough to benchmark shapes; borrow a real tokenizer.
             tokenizer_source = default_model_path()
 

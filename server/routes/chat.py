@@ -39,7 +39,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     if body.max_completion_tokens is not None:
         names["max_tokens"] = "max_completion_tokens"
     gen, header = await start(request, state, body.model, "chatcmpl", params, _prompt_ids,
-                              [m.as_template_input() for m in body.messages], param_names=names)
+                              [m.as_template_input() for m in body.messages], param_names=names,
+                              slo=body.slo)
     tokenizer = state.engine.tokenizer
     if body.stream:
         return sse_response(_events(gen, header, params.n, body.include_usage, tokenizer))

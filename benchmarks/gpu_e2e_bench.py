@@ -1,0 +1,264 @@
+"""The engine on CUDA: correctness against HF transformers, batch-1 decode and long prefill.
+
+Llama-3.1-8B shapes with random weights (bf16), measured against the physical limits in the
+same run: a device-to-device copy (bandwidth) and a large bf16 matmul (FLOP/s).
+
+  1. correctness: the same weights in HF transformers and in the engine; last-token logits
+     of a few prompts and greedy tokens for 32 steps, in float32 (must agree) and in bf16
+     (beside HF's own bf16 error). Random Llama-3.1-8B weights, and with --gguf the
+     default model (SmolLM2-135M GGUF).
+  2. batch-1 decode: short prompt, 256 new tokens; tokens/s and achieved weight bandwidth,
+     against weight bytes / copy bandwidth (the roofline).
+  3. prefill of one 4096-token prompt: achieved TFLOP/s against the bf16 matmul.
+
+Usage: python benchmarks/gpu_e2e_bench.py [--tokenizer DIR] [--gguf FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.core import EngineCore
+from engine.loader import load_tokenizer_only
+from engine.request import SamplingParams
+
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+}
+
+
+def cuda_time(fn, warmup: int = 10, iters: int = 30) -> float:
+    """Median seconds of fn() with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read and written."""
+    src = torch.randn(2**29, device="cuda")  # 2 GiB of float32
+    dst = torch.empty_like(src)
+    t = cuda_time(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / t
+
+
+def matmul_flops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192**3 / cuda_time(lambda: a @ b)
+
+
+def generate(engine: EngineCore, prompt: list[int], n: int, min_tokens: int = 0) -> tuple[list[int], float]:
+    """Greedy tokens and the seconds of the decode steps (after the prefill step)."""
+    params = SamplingParams(temperature=0, max_tokens=n, min_tokens=min_tokens, ignore_eos=not min_tokens)
+    engine.add_request("g", prompt, params)
+    tokens = [t for o in engine.step() for s in o.outputs for t in s.token_ids]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while engine.has_work():
+        tokens += [t for o in engine.step() for s in o.outputs for t in s.token_ids]
+    return tokens, time.perf_counter() - start
+
+
+def last_logits(engine: EngineCore, prompt: list[int]) -> torch.Tensor:
+    from engine.detokenizer import IncrementalDetokenizer
+    from engine.sequence import Sequence
+
+    seq = Sequence("x", 0, prompt, SamplingParams(), 1, IncrementalDetokenizer(engine.tokenizer.hf, [], []))
+    engine.kv.allocate(seq.seq_id, len(prompt))
+    try:
+        return engine.runner.execute([seq], [len(prompt)], [engine.kv.tables[seq.seq_id]])[0].float()
+    finally:
+        engine.kv.free(seq.seq_id)
+
+
+def hf_reference(hf, prompts: list[list[int]], steps: int) -> list[tuple[torch.Tensor, list[int]]]:
+    """HF's last-token logits (float32) and greedy tokens (EOS masked) for each prompt."""
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.inference_mode():
+            logits = hf(ids).logits[0, -1].float()
+            tokens = hf.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        out.append((logits, tokens[0, len(prompt):].tolist()))
+    return out
+
+
+def agreement(logits: torch.Tensor, tokens: list[int], ref: tuple[torch.Tensor, list[int]]) -> dict:
+    ref_logits, ref_tokens = ref
+    same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(ref_tokens))
+    return {"max_rel_logit_error": ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item(),
+            "greedy_tokens_equal": same}
+
+
+def engine_outputs(engine: EngineCore, prompts: list[list[int]], steps: int) -> list[tuple[torch.Tensor, list[int]]]:
+    return [(last_logits(engine, p), generate(engine, p, steps, min_tokens=steps)[0]) for p in prompts]
+
+
+def dtype_study(make_engine, hf, prompts: list[list[int]], steps: int = 32):
+    """Random weights are an ill-conditioned oracle in bf16: their logits are nearly flat, so
+    rounding alone flips greedy choices. So the engine is checked in float32 against HF in
+    float32 (same function: tiny error, equal tokens), and in bf16 its distance from the
+    float32 answer is set beside HF's own bf16 distance from it. `hf` comes in float32 and
+    leaves in bf16; returns (results, the bf16 engine)."""
+    ref = hf_reference(hf, prompts, steps)
+    engine = make_engine("float32")
+    fp32 = [agreement(*o, r) for o, r in zip(engine_outputs(engine, prompts, steps), ref)]
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    engine = make_engine("bfloat16")
+    hf = hf.to(torch.bfloat16)
+    results = {
+        "prompt_tokens": [len(p) for p in prompts],
+        "float32_engine_vs_hf_float32": fp32,
+        "bf16_engine_vs_hf_float32": [agreement(*o, r) for o, r in zip(engine_outputs(engine, prompts, steps), ref)],
+        "bf16_hf_vs_hf_float32": [agreement(*o, r) for o, r in zip(hf_reference(hf, prompts, steps), ref)],
+        "float32_all_greedy_equal": all(r["greedy_tokens_equal"] == steps for r in fp32),
+    }
+    return results, engine
+
+
+def dummy_engine(workdir: Path, dtype: str, tokenizer: str | None) -> EngineCore:
+    return EngineCore(EngineConfig(
+        model=str(workdir), load_format="dummy", dtype=dtype, tokenizer=tokenizer,
+        cache=CacheConfig(kv_cache_memory=4 << 30),
+        scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192)))
+
+
+def llama8b_section(args, results: dict) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    workdir = Path(tempfile.mkdtemp())
+    (workdir / "config.json").write_text(json.dumps(LLAMA31_8B))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 128000, (n,), generator=gen).tolist() for n in (7, 100, 531)]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = LlamaForCausalLM(LlamaConfig(**LLAMA31_8B)).eval()
+
+    def make_engine(dtype):
+        engine = dummy_engine(workdir, dtype, args.tokenizer)
+        engine.runner.model.load_weights(hf.state_dict().items())
+        return engine
+
+    results["llama8b_vs_hf"], engine = dtype_study(make_engine, hf, prompts)
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    embed = engine.runner.model.embed_tokens.weight
+    read_per_token = weight_bytes - embed.numel() * embed.element_size()  # one embedding row only
+    bw = copy_bandwidth()
+    flops = matmul_flops()
+    roofline = bw / read_per_token
+    best = 0.0
+    for _ in range(3):
+        _, seconds = generate(engine, prompts[0], 256)
+        best = max(best, 255 / seconds)
+    # The GPU's share of a step: one graph replay plus the lm_head, without the host's work.
+    graphs, model = engine.runner.graphs, engine.runner.model
+    hidden = graphs.hidden[:1]
+    gpu_step = cuda_time(lambda: (graphs.graphs[1].replay(), model.compute_logits(hidden)))
+    results["batch1_decode"] = {
+        "new_tokens": 256, "tok_s": round(best, 1), "roofline_tok_s": round(roofline, 1),
+        "fraction_of_roofline": round(best / roofline, 3),
+        "achieved_weight_bandwidth_TBps": round(best * read_per_token / 1e12, 3),
+        "copy_bandwidth_TBps": round(bw / 1e12, 3), "weight_bytes_read_per_token": read_per_token,
+        "gpu_only_step_ms": round(gpu_step * 1e3, 3), "full_step_ms": round(1e3 / best, 3),
+        "cuda_graphs": graphs is not None,
+    }
+
+    prompt = torch.randint(0, 128000, (4096,), generator=gen).tolist()
+    c = engine.model_config
+    layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
+    attn_flops = 4 * c.num_layers * c.num_heads * c.head_dim * 4096 * 4097 / 2  # causal QK^T + PV
+    # Linear layers for every token, attention, and the lm_head for the one sampled token.
+    total_flops = 2 * layer_params * 4096 + attn_flops + 2 * c.hidden_size * c.vocab_size
+
+    def prefill():
+        engine.add_request("p", prompt, SamplingParams(max_tokens=1))
+        engine.step()
+        assert not engine.has_work()
+
+    seconds = cuda_time(prefill, warmup=2, iters=5)
+    results["prefill_4096"] = {
+        "seconds": round(seconds, 4), "tflops": round(total_flops / seconds / 1e12, 1),
+        "matmul_tflops": round(flops / 1e12, 1), "fraction_of_matmul": round(total_flops / seconds / flops, 3),
+        "flops_counted": total_flops,
+    }
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def default_model_section(args, results: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(args.gguf), gguf_file=os.path.basename(args.gguf),
+                                              dtype=torch.float32).to("cuda").eval()
+
+    def make_engine(dtype):
+        return EngineCore(EngineConfig(model=args.gguf, dtype=dtype, cache=CacheConfig(kv_cache_memory=1 << 30)))
+
+    tok = load_tokenizer_only(args.gguf)
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}]), add_special_tokens=False)
+               for q in ("What is the capital of France?", "Write a haiku about GPUs.")]
+    results["default_model_vs_hf"], _ = dtype_study(make_engine, hf, prompts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", help="tokenizer dir for the random-weight model (default: the default model's)")
+    ap.add_argument("--gguf", help="the default model's GGUF file, for its correctness check")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu_e2e_<gpu>.json)")
+    args = ap.parse_args()
+    gpu = torch.cuda.get_device_name()
+    results: dict = {"device": gpu, "torch": torch.__version__, "command": "python benchmarks/gpu_e2e_bench.py"}
+    llama8b_section(args, results)
+    if args.gguf:
+        default_model_section(args, results)
+    d, p = results["batch1_decode"], results["prefill_4096"]
+    print(f"{'measure':<40}{'value':>12}{'limit':>12}{'fraction':>10}")
+    print(f"{'batch-1 decode tok/s (8B, bf16)':<40}{d['tok_s']:>12}{d['roofline_tok_s']:>12}{d['fraction_of_roofline']:>10}")
+    print(f"{'  step ms: full / GPU only':<40}{d['full_step_ms']:>12}{d['gpu_only_step_ms']:>12}")
+    print(f"{'prefill 4096 TFLOP/s':<40}{p['tflops']:>12}{p['matmul_tflops']:>12}{p['fraction_of_matmul']:>10}")
+    for study in ("llama8b_vs_hf", "default_model_vs_hf"):
+        if study not in results:
+            continue
+        print(f"{study:<32}" + "".join(f"{f'{n}-token prompt':>20}" for n in results[study]["prompt_tokens"]))
+        for key in ("float32_engine_vs_hf_float32", "bf16_engine_vs_hf_float32", "bf16_hf_vs_hf_float32"):
+            cells = [f"{r['max_rel_logit_error']:.1e} {r['greedy_tokens_equal']:>2}/32" for r in results[study][key]]
+            print(f"  {key:<30}" + "".join(f"{c:>20}" for c in cells))
+
+    out = Path(args.out or Path(__file__).parent / "results" / f"gpu_e2e_{gpu.replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

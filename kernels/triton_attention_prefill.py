@@ -1,0 +1,144 @@
+"""Triton paged attention for prefill and chunked prefill, varlen across the batch.
+
+Reference: attention.paged_attention_ref (same arguments). Correct for any mix of query
+lengths, decodes (query_len 1) included.
+
+Flash-attention tiling: a program takes BLOCK_M query rows and walks the sequence's keys
+BLOCK_N at a time through the block table with an online softmax, float32 accumulators.
+GQA: the rows of a tile are BLOCK_Q consecutive tokens x the GROUP query heads of one kv head
+(row r is token r // GROUP, head r % GROUP), so each K/V tile is read once for the whole group
+and short queries (decodes, small chunks) still fill the tile's rows.
+
+The grid is (query tiles across the flat batch, kv heads). Sequence i owns tile indices
+query_start_loc[i] // BLOCK_Q + i onward (at least as many as its query needs); a program
+finds its sequence by binary search over query_start_loc, so the grid comes from host shapes
+alone and nothing is read back from the device.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention import AttentionMetadata
+from kernels.triton_paged_tile import LOG2E, attend_tile
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The last sequence i with query_start_loc[i] // BLOCK_Q + i <= tile."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+    scale_log2, num_seqs,
+    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
+    stride_c_block, stride_c_tok, stride_c_head,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Highest tile first: a sequence's last query tiles see the most keys, so the longest
+    # programs start early instead of forming the tail.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_tile = tile - (q_start // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + seq)
+    first_pos = ctx - q_len + q_tile * BLOCK_Q  # position of the tile's first query token
+
+    r = tl.arange(0, BLOCK_M)
+    q_local = q_tile * BLOCK_Q + r // GROUP
+    row_valid = (r // GROUP < BLOCK_Q) & (q_local < q_len)
+    head = kv_head * GROUP + r % GROUP
+    d = tl.arange(0, HEAD_DIM)
+    q_tok = (q_start + q_local).to(tl.int64)
+    q = tl.load(q_ptr + q_tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + d[None, :],
+                mask=row_valid[:, None], other=0.0).to(k_cache_ptr.dtype.element_ty)
+    q_pos = first_pos + r // GROUP
+    table = block_tables_ptr + seq.to(tl.int64) * stride_table
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Keys before the tile's first query are visible to every row: no causal mask there.
+    # Every row sees at least key first_pos, so no row's sum stays 0.
+    kv_end = tl.minimum(first_pos + BLOCK_Q, ctx)
+    unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
+    for start in range(0, unmasked_end, BLOCK_N):
+        acc, m, l = attend_tile(
+            acc, m, l, q, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head,
+            stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+        )
+    for start in range(unmasked_end, kv_end, BLOCK_N):
+        acc, m, l = attend_tile(
+            acc, m, l, q, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head,
+            stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+        )
+
+    o = acc / l[:, None]
+    tl.store(out_ptr + q_tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+def paged_prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float, *, block_m: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None, num_stages: int = 3,
+) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size,
+    num_kv_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]. Reads
+    meta.query_start_loc, context_lens, block_tables on the device; meta.max_query_len
+    (host) only picks the tile shape.
+
+    Defaults measured on an H100 (benchmarks/kernel_bench.py --sweep, 4096-token prompt,
+    head_dim 128, bf16): 128 x 128 tiles, 8 warps, 3 stages, 20% faster than 128 x 64.
+    block_m: query rows (tokens x group heads) per program; 128, or fewer when the longest
+    query needs fewer rows. block_n: keys per step, a power of two; 128 where
+    three stages of K and V fit in shared memory (rows of at most 256 bytes), else 64.
+    num_warps: 8 for 128-row tiles, else 4.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    assert num_heads == group * num_kv_heads and head_dim == triton.next_power_of_2(head_dim) >= 16
+    if block_n is None:
+        block_n = 128 if head_dim * k_cache.element_size() <= 256 else 64
+    assert k_cache.stride() == v_cache.stride()
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
+    out = torch.empty_like(q)
+    num_seqs = meta.block_tables.shape[0]
+    if num_tokens == 0:
+        return out
+    if block_m is None:
+        block_m = min(128, max(16, triton.next_power_of_2(meta.max_query_len * group)))
+    block_m = max(block_m, triton.next_power_of_2(group))
+    block_q = block_m // group
+    if num_warps is None:
+        num_warps = 8 if block_m >= 128 else 4
+    _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
+        q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start_loc,
+        scale * LOG2E, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

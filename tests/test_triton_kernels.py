@@ -1,0 +1,280 @@
+"""The Triton kernels against their PyTorch references.
+
+Runs under Triton's interpreter on CPU tensors by default. With TRITON_INTERPRET=0 and a GPU
+the same tests run the compiled kernels on CUDA, bfloat16 attention included (the interpreter
+cannot run a bfloat16 tl.dot: it multiplies the raw bit patterns).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: first
+
+import pytest
+import torch
+
+from kernels.activation import silu_and_mul_ref
+from kernels.attention import AttentionMetadata, paged_attention_ref
+from kernels.dispatch import REFERENCE_OPS, ops_for
+from kernels.kv_write import write_kv_ref
+from kernels.norm import add_rms_norm_ref, rms_norm_ref
+from kernels.rotary import apply_rotary_ref, rope_cos_sin
+from kernels.triton_activation import silu_and_mul_triton
+from kernels.triton_attention import paged_attention_triton
+from kernels.triton_attention_decode import paged_decode_attention, paged_decode_attention_ref
+from kernels.triton_attention_prefill import paged_prefill_attention
+from kernels.triton_kv_write import write_kv_triton
+from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+from kernels.triton_rotary import apply_rotary_triton
+
+ON_GPU = os.environ["TRITON_INTERPRET"] != "1"
+
+
+def _interpreter_loop_bounds_fix():
+    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array there) into a loop
+    bound with int(array), which numpy >= 2.4 refuses (triton-lang/triton#9171, fixed after
+    3.6): take the element explicitly."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if not ON_GPU:
+    _interpreter_loop_bounds_fix()
+DEVICE = "cuda" if ON_GPU else "cpu"
+ELEMENTWISE_DTYPES = [torch.float32, torch.bfloat16]
+ATTENTION_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+# Elementwise ops round like their references; a last-bit flip in an intermediate (the
+# statistics' summation order differs) still moves a bfloat16 output by a few units.
+ELEMENTWISE_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+# ||out - ref|| / ||ref|| bounds: fp32 (exact or tf32-free dots), then half-precision operands.
+REL_ERR = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+
+def rand(*shape, dtype=torch.float32, gen):
+    return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+
+def assert_rel_close(out, ref, dtype):
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or read past the context)"
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < REL_ERR[dtype], f"relative error {err:.2e}"
+
+
+# ---- KV write ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(2, 64), (3, 128)])
+def test_write_kv_matches_ref_and_skips_negative_slots(dtype, num_kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(0)
+    num_tokens, num_blocks, block_size = 21, 6, 16
+    # k and v as strided views of one fused projection, as the model passes them.
+    kv = rand(num_tokens, 3, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    k, v = kv[:, 0], kv[:, 2]
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[5] = -1
+    cache = rand(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    want = cache.clone()
+    keep = slots >= 0
+    write_kv_ref(k[keep], v[keep], want[0], want[1], slots[keep].to(DEVICE))
+    write_kv_triton(k, v, cache[0], cache[1], slots.to(DEVICE))
+    assert torch.equal(cache, want)  # the skipped token's slot kept its old contents too
+
+
+# ---- norms, rotary, SwiGLU ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("hidden", [100, 256])
+def test_rms_norm(dtype, hidden):
+    gen = torch.Generator().manual_seed(1)
+    x, w = rand(7, hidden, dtype=dtype, gen=gen), rand(hidden, dtype=dtype, gen=gen)
+    out = rms_norm_triton(x, w, 1e-5)
+    torch.testing.assert_close(out, rms_norm_ref(x, w, 1e-5), **ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("hidden", [100, 256])
+def test_add_rms_norm_in_place(dtype, hidden):
+    gen = torch.Generator().manual_seed(2)
+    x, res, w = rand(7, hidden, dtype=dtype, gen=gen), rand(7, hidden, dtype=dtype, gen=gen), rand(hidden, dtype=dtype, gen=gen)
+    want_out, want_res = add_rms_norm_ref(x, res, w, 1e-5)
+    out, new_res = add_rms_norm_triton(x, res, w, 1e-5)
+    assert out.data_ptr() == x.data_ptr() and new_res.data_ptr() == res.data_ptr()  # documented
+    torch.testing.assert_close(out, want_out, **ELEMENTWISE_TOL[dtype])
+    torch.testing.assert_close(new_res, want_res, **ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (4, 1, 128)])
+def test_rotary_in_place_on_views(dtype, num_heads, num_kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(3)
+    n, table = 11, rope_cos_sin(head_dim, 10000.0, None, 300).to(DEVICE)
+    qkv = rand(n, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, gen=gen)
+    q = qkv[:, : num_heads * head_dim].view(n, num_heads, head_dim)
+    k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(n, num_kv_heads, head_dim)
+    v_before = qkv[:, (num_heads + num_kv_heads) * head_dim :].clone()
+    positions = torch.randint(0, 300, (n,), generator=gen).to(DEVICE)
+    want_q, want_k = apply_rotary_ref(q, k, positions, table)
+    out_q, out_k = apply_rotary_triton(q, k, positions, table)
+    assert out_q.data_ptr() == q.data_ptr()
+    torch.testing.assert_close(out_q, want_q, **ELEMENTWISE_TOL[dtype])
+    torch.testing.assert_close(out_k, want_k, **ELEMENTWISE_TOL[dtype])
+    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before)
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("inter", [100, 1500])
+def test_silu_and_mul(dtype, inter):
+    gen = torch.Generator().manual_seed(4)
+    gate_up = rand(5, 2 * inter, dtype=dtype, gen=gen) * 3
+    torch.testing.assert_close(silu_and_mul_triton(gate_up), silu_and_mul_ref(gate_up), **ELEMENTWISE_TOL[dtype])
+
+
+# ---- paged attention ---------------------------------------------------------------------
+def paged_batch(query_lens, context_lens, num_heads, num_kv_heads, head_dim, dtype, block_size=16, seed=0):
+    """(q, k_cache, v_cache, meta): each sequence's blocks scattered over the pool; every slot
+    outside a context (block 0, which padded table entries point at, included) holds NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_needed = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(blocks_needed) + 4
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    free = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    tables = []
+    for ctx, nb in zip(context_lens, blocks_needed):
+        table = [free.pop() for _ in range(nb)]
+        tables.append(table)
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(ctx)], device=DEVICE)
+        k = rand(ctx, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+        v = rand(ctx, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+        write_kv_ref(k, v, k_cache, v_cache, slots)
+    width = max(map(len, tables)) + 1  # one spare column: padding the kernels must not follow
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long, device=DEVICE),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=DEVICE),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        query_lens=list(query_lens),
+        context_lens_host=list(context_lens),
+    )
+    q = rand(sum(query_lens), num_heads, head_dim, dtype=dtype, gen=gen)
+    return q, k_cache, v_cache, meta
+
+
+def reference(q, k_cache, v_cache, meta, scale):
+    """paged_attention_ref on float32 copies: the kernels' half-precision rounding is the
+    only error measured."""
+    return paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+
+
+GQA = [(4, 4), (4, 2), (8, 2), (8, 1), (9, 3)]
+DECODE_CONTEXTS = [1, 15, 16, 17, 33, 100, 300]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_gqa_head_dims_default_splits(num_heads, num_kv_heads, head_dim):
+    q, kc, vc, meta = paged_batch([1] * 7, DECODE_CONTEXTS, num_heads, num_kv_heads, head_dim, torch.float32)
+    scale = head_dim**-0.5
+    out = paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, scale)
+    assert_rel_close(out, reference(q, kc, vc, meta, scale), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
+@pytest.mark.parametrize("tile_tokens,num_splits", [(16, 1), (32, 3), (64, 8), (16, 32)])
+def test_decode_tiles_and_splits(dtype, tile_tokens, num_splits):
+    # 3 splits: not a power of two; 32 splits of 16 tokens: many splits empty for short contexts.
+    q, kc, vc, meta = paged_batch([1] * 4, [17, 300, 1, 129], 8, 2, 64, dtype, seed=5)
+    out = paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, 0.125,
+                                 tile_tokens=tile_tokens, num_splits=num_splits)
+    assert_rel_close(out, reference(q, kc, vc, meta, 0.125), dtype)
+
+
+def test_decode_tiles_smaller_than_blocks_and_its_reference():
+    q, kc, vc, meta = paged_batch([1] * 3, [31, 32, 95], 4, 2, 64, torch.float32, block_size=32, seed=6)
+    out = paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, 0.125, tile_tokens=16)
+    want = paged_decode_attention_ref(q, kc, vc, meta.block_tables, meta.context_lens, 0.125)
+    assert_rel_close(out, want, torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_empty_context_gives_zeros(num_splits):
+    # CUDA-graph padding rows have context 0: they must come out finite, not NaN.
+    q, kc, vc, meta = paged_batch([1, 1], [20, 5], 4, 2, 64, torch.float32, seed=7)
+    lens = torch.tensor([20, 0], dtype=torch.int32, device=DEVICE)
+    out = paged_decode_attention(q, kc, vc, meta.block_tables, lens, 0.125, num_splits=num_splits)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert_rel_close(out[:1], reference(q, kc, vc, meta, 0.125)[:1], torch.float32)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_decode_in_cuda_graph_follows_device_lengths():
+    q, kc, vc, meta = paged_batch([1] * 3, [300, 40, 17], 8, 2, 128, torch.bfloat16, seed=11)
+    lens = meta.context_lens.clone()
+    paged_decode_attention(q, kc, vc, meta.block_tables, lens, 0.125)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, kc, vc, meta.block_tables, lens, 0.125)
+    lens.copy_(torch.tensor([129, 1, 16]))  # shorter contexts, changed on the device only
+    graph.replay()
+    meta = AttentionMetadata(meta.slot_mapping, meta.block_tables, lens, meta.query_start_loc,
+                             [1] * 3, [129, 1, 16])
+    assert_rel_close(out, reference(q, kc, vc, meta, 0.125), torch.bfloat16)
+
+
+MIXED_QUERY_LENS = [1, 17, 1, 5, 16, 1, 70]
+MIXED_CONTEXTS = [33, 17, 16, 40, 64, 1, 150]  # decodes, whole prompts, chunks over a prefix
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_mixed_batch_gqa_head_dims(num_heads, num_kv_heads, head_dim):
+    q, kc, vc, meta = paged_batch(MIXED_QUERY_LENS, MIXED_CONTEXTS, num_heads, num_kv_heads, head_dim, torch.float32)
+    scale = head_dim**-0.5
+    out = paged_prefill_attention(q, kc, vc, meta, scale)
+    assert_rel_close(out, reference(q, kc, vc, meta, scale), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 64), (128, 32)])
+def test_prefill_tile_shapes(dtype, block_m, block_n):
+    q, kc, vc, meta = paged_batch(MIXED_QUERY_LENS, MIXED_CONTEXTS, 8, 2, 64, dtype, seed=8)
+    out = paged_prefill_attention(q, kc, vc, meta, 0.125, block_m=block_m, block_n=block_n)
+    assert_rel_close(out, reference(q, kc, vc, meta, 0.125), dtype)
+
+
+def test_prefill_decode_only_rows():
+    q, kc, vc, meta = paged_batch([1] * 5, [1, 16, 17, 100, 33], 9, 3, 64, torch.float32, seed=9)
+    out = paged_prefill_attention(q, kc, vc, meta, 0.125)
+    assert_rel_close(out, reference(q, kc, vc, meta, 0.125), torch.float32)
+
+
+@pytest.mark.parametrize("query_lens,context_lens", [([1, 1, 1], [5, 40, 17]), (MIXED_QUERY_LENS, MIXED_CONTEXTS)])
+def test_attention_entry_point(query_lens, context_lens):
+    q, kc, vc, meta = paged_batch(query_lens, context_lens, 8, 2, 64, torch.float32, seed=10)
+    out = paged_attention_triton(q, kc, vc, meta, 0.125)
+    assert_rel_close(out, reference(q, kc, vc, meta, 0.125), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
+@pytest.mark.parametrize("head_dim", [16, 256])
+@pytest.mark.parametrize("query_lens,context_lens", [([1, 1], [40, 17]), ([3, 1, 20], [40, 17, 20])])
+def test_head_dims_16_and_256(dtype, head_dim, query_lens, context_lens):
+    q, kc, vc, meta = paged_batch(query_lens, context_lens, 4, 2, head_dim, dtype, seed=12)
+    out = paged_attention_triton(q, kc, vc, meta, head_dim**-0.5)
+    assert_rel_close(out, reference(q, kc, vc, meta, head_dim**-0.5), dtype)
+
+
+# ---- dispatch ------------------------------------------------------------------------------
+def test_dispatch(monkeypatch):
+    assert ops_for(torch.device("cpu")) is REFERENCE_OPS
+    monkeypatch.setenv("WATTSERVE_OPS", "reference")
+    assert ops_for(torch.device("cuda")) is REFERENCE_OPS
+    monkeypatch.delenv("WATTSERVE_OPS")
+    assert ops_for(torch.device("cuda")).paged_attention is paged_attention_triton
