@@ -28,6 +28,7 @@ import re
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +37,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.activation import silu_and_mul_ref
 from kernels.attention import AttentionMetadata, paged_attention_ref
+from kernels.kv_format import FORMATS, LayerKVCache
 from kernels.kv_write import write_kv_ref
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
 from kernels.rotary import apply_rotary_ref, rope_cos_sin
 from kernels.triton_activation import silu_and_mul_triton
 from kernels.triton_attention_decode import default_num_splits, paged_decode_attention, paged_decode_attention_ref
 from kernels.triton_attention_prefill import paged_prefill_attention
-from kernels.triton_kv_write import write_kv_triton
+from kernels.triton_kv_write import write_kv_unquantized
 from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
 from kernels.triton_rotary import apply_rotary_triton
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, HIDDEN, INTER = 32, 8, 128, 16, 4096, 14336  # Llama-3.1-8B
 DTYPE = torch.bfloat16
+AUTO = FORMATS["auto"]
 REL_ERR_BOUND = 1e-2  # bf16 operands, float32 accumulation
 DEV = "cuda"
 
@@ -198,7 +201,7 @@ def mixed_case(gen) -> dict:
     k_cache, v_cache, tables = layers[0]
     meta = attention_meta(query_lens, lens, tables)
     out = paged_prefill_attention(q, k_cache, v_cache, meta, scale)
-    err = check("mixed batch", out, paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, scale))
+    err = check("mixed batch", out, paged_attention_ref(q.float(), LayerKVCache(AUTO, k_cache.float(), v_cache.float()), meta, scale))
     whole = [(k, v, attention_meta(query_lens, lens, tb)) for k, v, tb in layers]
     dec_lens = meta.context_lens[:decodes]
     parts = [(k, v, tb[:decodes], attention_meta([chunk], [ctx], tb[decodes:])) for k, v, tb in layers]
@@ -219,7 +222,7 @@ def prefill_case(length: int, gen, sweep: bool) -> dict:
     meta = attention_meta([length], [length], tables)
     scale = HEAD_DIM**-0.5
     out = paged_prefill_attention(q, k_cache, v_cache, meta, scale)
-    err = check(f"prefill {length}", out, paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, scale))
+    err = check(f"prefill {length}", out, paged_attention_ref(q.float(), LayerKVCache(AUTO, k_cache.float(), v_cache.float()), meta, scale))
     flops = 2 * 2 * HEADS * HEAD_DIM * length * (length + 1) / 2
 
     def run(**tunables):
@@ -275,8 +278,8 @@ def elementwise_cases(gen) -> dict:
 
     def write_kv_both(k, v, cache, slots):
         want = cache.clone()
-        write_kv_ref(k, v, want[0], want[1], slots)
-        write_kv_triton(k, v, cache[0], cache[1], slots)
+        write_kv_ref(k, v, LayerKVCache(AUTO, want[0], want[1]), SimpleNamespace(slot_mapping=slots))
+        write_kv_unquantized(k, v, cache[0], cache[1], slots)
         return (cache,), (want,)
 
     e = DTYPE.itemsize
@@ -297,7 +300,7 @@ def elementwise_cases(gen) -> dict:
         "silu_and_mul": (lambda: (r(n, 2 * INTER),), silu_and_mul_triton,
                          lambda gu: ((silu_and_mul_triton(gu),), (silu_and_mul_ref(gu),)),
                          3 * n * INTER * e),
-        "write_kv": (kv_write_inputs, lambda k, v, cache, slots: write_kv_triton(k, v, cache[0], cache[1], slots),
+        "write_kv": (kv_write_inputs, lambda k, v, cache, slots: write_kv_unquantized(k, v, cache[0], cache[1], slots),
                      write_kv_both, 4 * n * KV_HEADS * HEAD_DIM * e),
     }
     out = {}

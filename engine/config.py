@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kernels.kv_format import default_block_size, kv_format
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -35,7 +37,7 @@ class ModelConfig:
     torch_dtype: str | None = None  # dtype the checkpoint was saved in, if known
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else _ARCH_BY_MODEL_TYPE.get(cfg.get("model_type", ""), "")
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -87,10 +89,15 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
 @dataclass
 class CacheConfig:
-    block_size: int = 16
+    block_size: int | None = None  # None: 16, or 64 for int4 and int2 (see kernels/kv_format.py)
     kv_cache_memory: int | None = None  # bytes; None: a fraction of free memory
     memory_fraction: float = 0.9
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # one of kernels.kv_format.KV_CACHE_DTYPES
+
+    def __post_init__(self):
+        kv_format(self.kv_cache_dtype)  # rejects an unknown name
+        if self.block_size is None:
+            self.block_size = default_block_size(self.kv_cache_dtype)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.slo import SLO
 from engine.stats import RequestStats, StatsObserver, StepStats
+from kernels.kv_format import kv_format
 
 log = logging.getLogger("wattserve.engine")
 
@@ -55,13 +56,17 @@ class EngineCore:
         self.tokenizer = ckpt.tokenizer
         self.dtype = _pick_dtype(config.dtype, self.device, mc.torch_dtype)
         max_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        self.runner = ModelRunner(mc, self.dtype, self.device, max_len)
+        fmt = kv_format(config.cache.kv_cache_dtype)
+        self.runner = ModelRunner(mc, self.dtype, self.device, max_len, fmt)
         if ckpt.weights is None:
             self.runner.model.init_random(config.seed)
         else:
             self.runner.model.load_weights(ckpt.weights)
         cache = config.cache
-        num_blocks = self.runner.num_blocks_for(cache)
+        # int4 and int2 (KIVI) keep each running sequence's partial block in full precision: one slot each
+        # (forks beyond max_num_seqs wait for a free one, see _fork_siblings).
+        num_residual = config.scheduler.max_num_seqs if fmt.kivi else 0
+        num_blocks = self.runner.num_blocks_for(cache, num_residual)
         capacity = num_blocks * cache.block_size
         if capacity < max_len:
             # Every sequence must fit in the cache alone, or preemption could loop forever.
@@ -70,10 +75,10 @@ class EngineCore:
         if max_len < 1:
             raise ValueError(f"the KV cache budget fits no block of {cache.block_size} tokens")
         self.max_model_len = max_len
-        self.runner.allocate_kv_cache(num_blocks, cache.block_size)
+        self.runner.allocate_kv_cache(num_blocks, cache.block_size, num_residual)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, max_len)
-        self.kv = KVCacheManager(num_blocks, cache.block_size)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, num_residual)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.max_queue_len = config.scheduler.max_queue_len
@@ -84,8 +89,8 @@ class EngineCore:
         self.energy_meter: EnergyMeter | None = None
         self.step_pause_s = 0.0
         log.info(
-            "model %s | %s on %s | KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB) | context %d",
-            self.model_name, str(self.dtype).removeprefix("torch."), self.device, num_blocks,
+            "model %s | %s on %s | KV cache %s: %d blocks x %d tokens = %d tokens (%.1f MiB) | context %d",
+            self.model_name, str(self.dtype).removeprefix("torch."), self.device, fmt.name, num_blocks,
             cache.block_size, capacity, num_blocks * self.runner.bytes_per_block(cache.block_size) / 2**20,
             max_len,
         )
@@ -161,7 +166,8 @@ class EngineCore:
         if not batch.seqs:
             return []
         tables = [self.kv.tables[s.seq_id] for s in batch.seqs]
-        logits = self.runner.execute(batch.seqs, batch.num_new_tokens, tables)
+        residual = [self.kv.residual_slots[s.seq_id] for s in batch.seqs] if self.kv.uses_residual else None
+        logits = self.runner.execute(batch.seqs, batch.num_new_tokens, tables, residual)
         samplers = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -212,11 +218,14 @@ class EngineCore:
         if req is None or not req.unforked or seq.index != 0:
             return []
         forked = []
-        while req.unforked and self.kv.can_allocate(1):
+        while req.unforked and self.kv.can_fork():
             child = req.unforked.pop(0)
             copy = self.kv.fork(seq.seq_id, child.seq_id, req.prompt_len)
             if copy is not None:
                 self.runner.copy_block(*copy)
+                if self.kv.uses_residual:  # KIVI: the partial block's tokens are in the residual
+                    self.runner.copy_residual(self.kv.residual_slots[seq.seq_id],
+                                              self.kv.residual_slots[child.seq_id])
             child.num_computed_tokens = req.prompt_len
             self.scheduler.add_running(child)
             forked.append(child)
@@ -233,9 +242,7 @@ class EngineCore:
         p = seq.params
         seq.detokenizer.add(token)
         reason = None
-        if (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            reason = FinishReason.STOP
-        elif seq.detokenizer.stopped_by is not None:
+        if (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or seq.detokenizer.stopped_by is not None:
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH

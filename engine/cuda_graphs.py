@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import bisect
 import logging
+from dataclasses import fields
 
 import torch
 
-from kernels.attention import AttentionMetadata
+from kernels.attention import AttentionMetadata, KiviPlan
+from kernels.kv_format import LayerKVCache
 
 log = logging.getLogger("wattserve.engine")
+
+
+def _fields(plan: KiviPlan) -> list[torch.Tensor]:
+    return [getattr(plan, f.name) for f in fields(plan)]
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -25,7 +31,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, max_blocks_per_seq: int,
+    def __init__(self, model, kv_caches: list[LayerKVCache], max_num_seqs: int, max_blocks_per_seq: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device):
         self.model = model
         self.kv_caches = kv_caches
@@ -39,6 +45,15 @@ class DecodeGraphs:
             self.context_lens = torch.ones(n, dtype=torch.int32)
             self.query_start_loc = torch.arange(n + 1, dtype=torch.int32)
             self.hidden = torch.zeros(n, hidden_size, dtype=dtype)
+            # KIVI formats: a decode step fills at most one block per sequence (flush rows padded -1).
+            self.kivi = None if not kv_caches[0].fmt.kivi else KiviPlan(
+                residual_slots=torch.zeros(n, dtype=torch.int32),
+                residual_mapping=torch.full((n,), -1, dtype=torch.long),
+                flush_blocks=torch.full((n,), -1, dtype=torch.long),
+                flush_residual=torch.zeros(n, dtype=torch.long),
+                flush_prior=torch.zeros(n, dtype=torch.long),
+                flush_start=torch.zeros(n, dtype=torch.long),
+            )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -46,6 +61,7 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
             context_lens=self.context_lens[:bs], query_start_loc=self.query_start_loc[: bs + 1],
             query_lens=[1] * bs, context_lens_host=[1] * bs,
+            kivi=None if self.kivi is None else KiviPlan(*(t[:bs] for t in _fields(self.kivi))),
         )
 
     @torch.inference_mode()
@@ -81,5 +97,17 @@ class DecodeGraphs:
             self.slot_mapping[n:bs].fill_(-1)
             self.context_lens[n:bs].fill_(1)
             self.block_tables[n:bs, 0].fill_(0)
+        if self.kivi is not None:
+            self._copy_kivi(meta.kivi, n, bs)
         self.graphs[bs].replay()
         return self.hidden[:n]
+
+    def _copy_kivi(self, plan: KiviPlan, n: int, bs: int) -> None:
+        static, flushes = self.kivi, plan.flush_blocks.shape[0]
+        static.residual_slots[:n].copy_(plan.residual_slots, non_blocking=True)
+        static.residual_mapping[:n].copy_(plan.residual_mapping, non_blocking=True)
+        for name in ("flush_blocks", "flush_residual", "flush_prior", "flush_start"):
+            getattr(static, name)[:flushes].copy_(getattr(plan, name), non_blocking=True)
+        static.flush_blocks[flushes:bs].fill_(-1)
+        static.residual_mapping[n:bs].fill_(-1)
+        static.residual_slots[n:bs].fill_(0)

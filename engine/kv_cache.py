@@ -44,12 +44,18 @@ class BlockPool:
 
 
 class KVCacheManager:
-    """Maps sequences to blocks: grow a table to hold more tokens, fork it, free it."""
+    """Maps sequences to blocks: grow a table to hold more tokens, fork it, free it.
 
-    def __init__(self, num_blocks: int, block_size: int):
+    With `num_residual_slots` (a KIVI cache: int4, int2; kernels/kv_format.py) every sequence holding
+    blocks also holds one residual slot, for its partly filled last block."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_residual_slots: int = 0):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.tables: dict[int, list[int]] = {}
+        self.uses_residual = num_residual_slots > 0
+        self._free_residual: deque[int] = deque(range(num_residual_slots))
+        self.residual_slots: dict[int, int] = {}
 
     def blocks_needed(self, seq_id: int, num_tokens: int) -> int:
         """Extra blocks a sequence needs to hold `num_tokens` tokens in all."""
@@ -65,6 +71,17 @@ class KVCacheManager:
         table = self.tables.setdefault(seq_id, [])
         if need:
             table.extend(self.pool.allocate(need))
+        self._take_residual(seq_id)
+
+    def _take_residual(self, seq_id: int) -> None:
+        if self.uses_residual and seq_id not in self.residual_slots:
+            if not self._free_residual:
+                raise MemoryError("no free residual slot")
+            self.residual_slots[seq_id] = self._free_residual.popleft()
+
+    def can_fork(self) -> bool:
+        """Room for one more sequence sharing a running one's blocks."""
+        return self.can_allocate(1) and (not self.uses_residual or bool(self._free_residual))
 
     def fork(self, parent_id: int, child_id: int, num_tokens: int) -> tuple[int, int] | None:
         """Give `child_id` the parent's first `num_tokens` tokens. Full blocks are shared
@@ -81,10 +98,14 @@ class KVCacheManager:
             copy = (parent[full], dst)
             child.append(dst)
         self.tables[child_id] = child
+        self._take_residual(child_id)
         return copy
 
     def free(self, seq_id: int) -> None:
         self.pool.release(self.tables.pop(seq_id, []))
+        slot = self.residual_slots.pop(seq_id, None)
+        if slot is not None:
+            self._free_residual.append(slot)
 
     @property
     def num_free_blocks(self) -> int:

@@ -7,16 +7,25 @@ from engine.config import CacheConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.models.llama import LlamaModel
 from engine.sequence import Sequence
-from kernels.attention import AttentionMetadata
+from kernels.attention import AttentionMetadata, KiviPlan
 from kernels.dispatch import ops_for
+from kernels.kv_format import (
+    KVFormat,
+    LayerKVCache,
+    allocate_layer,
+    bytes_per_block,
+    bytes_per_residual_slot,
+)
 
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
 _ACTIVATION_RESERVE = 2 << 30
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int):
+    def __init__(self, model_config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
+                 kv_format: KVFormat):
         self.model_config = model_config
+        self.kv_format = kv_format
         self.dtype = dtype
         self.device = device
         previous = torch.get_default_dtype()
@@ -27,20 +36,26 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         self.model.eval()
-        self.kv_caches: list[torch.Tensor] = []
+        self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
         self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache ----------------------------------------------------------------------
     def bytes_per_block(self, block_size: int) -> int:
+        """All layers' K and V of one block, in the cache's format, scales included."""
         c = self.model_config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * elem
+        return c.num_layers * bytes_per_block(self.kv_format, block_size, c.num_kv_heads, c.head_dim, self.dtype)
 
-    def num_blocks_for(self, cache: CacheConfig) -> int:
+    def bytes_per_residual_slot(self, block_size: int) -> int:
+        c = self.model_config
+        return c.num_layers * bytes_per_residual_slot(self.kv_format, block_size, c.num_kv_heads, c.head_dim,
+                                                      self.dtype)
+
+    def num_blocks_for(self, cache: CacheConfig, num_residual_slots: int = 0) -> int:
         """Blocks that fit in `--kv-cache-memory`; unset, on CUDA, what is left of
         `memory_fraction` of the device's memory once the weights are in (vLLM's rule), and
-        on CPU a fixed default, since host memory is shared with everything else."""
+        on CPU a fixed default, since host memory is shared with everything else. KIVI's
+        residual slots come out of the same budget."""
         budget = cache.kv_cache_memory
         if budget is None and self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -48,14 +63,15 @@ class ModelRunner:
             budget = int(total * cache.memory_fraction) - (total - free) - _ACTIVATION_RESERVE
         elif budget is None:
             budget = CPU_DEFAULT_KV_CACHE_BYTES
+        budget -= num_residual_slots * self.bytes_per_residual_slot(cache.block_size)
         return max(0, budget // self.bytes_per_block(cache.block_size))
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, num_residual_slots: int = 0) -> None:
         c = self.model_config
         self.block_size = block_size
-        # One tensor per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim].
         self.kv_caches = [
-            torch.zeros(2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device)
+            allocate_layer(self.kv_format, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype,
+                           self.device, num_residual_slots)
             for _ in range(c.num_layers)
         ]
 
@@ -68,21 +84,27 @@ class ModelRunner:
 
     def copy_block(self, src: int, dst: int) -> None:
         for cache in self.kv_caches:
-            cache[:, dst] = cache[:, src]
+            cache.copy_block(src, dst)
+
+    def copy_residual(self, src: int, dst: int) -> None:
+        for cache in self.kv_caches:
+            cache.copy_residual(src, dst)
 
     # ---- a step ------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, seqs: list[Sequence], num_new: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def execute(self, seqs: list[Sequence], num_new: list[int], tables: list[list[int]],
+                residual_slots: list[int] | None = None) -> torch.Tensor:
         """Run the scheduled tokens; return logits [num_sampling, vocab] for the sequences whose
-        scheduled tokens reach their end (those sample next), in batch order."""
-        input_ids, positions, meta, sample_rows = self._prepare(seqs, num_new, tables)
+        scheduled tokens reach their end (those sample next), in batch order. residual_slots:
+        each sequence's residual slot, for a KIVI (int4, int2) cache."""
+        input_ids, positions, meta, sample_rows = self._prepare(seqs, num_new, tables, residual_slots)
         if self.graphs is not None and meta.max_query_len == 1 and self.graphs.fits(len(seqs)):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return self.model.compute_logits(hidden[sample_rows])
 
-    def _prepare(self, seqs, num_new, tables):
+    def _prepare(self, seqs, num_new, tables, residual_slots):
         bs = self.block_size
         ids, pos, slots, starts, ctx_lens, sample_rows = [], [], [], [0], [], []
         for seq, n, table in zip(seqs, num_new, tables):
@@ -109,5 +131,28 @@ class ModelRunner:
             query_lens=list(num_new),
             context_lens_host=ctx_lens,
         )
+        if self.kv_format.kivi:
+            meta.kivi = self._kivi_plan(seqs, num_new, tables, residual_slots, starts)
         return t(ids), t(pos), meta, t(sample_rows)
+
+    def _kivi_plan(self, seqs, num_new, tables, residual_slots, starts) -> KiviPlan:
+        """Which blocks fill up this step (quantized whole) and which tokens wait in their
+        sequence's residual slot: see KiviPlan."""
+        bs = self.block_size
+        mapping, blocks, slots, prior, first = [], [], [], [], []
+        for i, (seq, n, table) in enumerate(zip(seqs, num_new, tables)):
+            start, slot = seq.num_computed_tokens, residual_slots[i]
+            full_end = (start + n) // bs * bs
+            for b in range(start // bs, full_end // bs):
+                blocks.append(table[b])
+                slots.append(slot)
+                prior.append(max(0, start - b * bs))
+                first.append(starts[i] + max(b * bs, start) - start)
+            mapping.extend(-1 if p < full_end else slot * bs + p % bs for p in range(start, start + n))
+
+        def t(x, dtype=torch.long):
+            return torch.tensor(x, dtype=dtype, device=self.device)
+
+        return KiviPlan(residual_slots=t(residual_slots, torch.int32), residual_mapping=t(mapping),
+                        flush_blocks=t(blocks), flush_residual=t(slots), flush_prior=t(prior), flush_start=t(first))
 

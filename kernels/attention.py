@@ -12,6 +12,35 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from kernels.kv_format import LayerKVCache
+from kernels.kv_quant import (
+    dequantize_fp8,
+    dequantize_per_channel,
+    dequantize_per_token,
+)
+
+
+@dataclass
+class KiviPlan:
+    """Where this step's K/V go in a KIVI (int4, int2) cache, and where attention finds the
+    full-precision residual; see kernels/kv_format.py.
+
+    residual_slots: [num_seqs] int32, each sequence's residual slot
+    residual_mapping: [num_tokens] residual row (slot * block_size + offset) of each new token
+        that lands in a block still partial after this step, else -1
+    flush_blocks: [F] blocks that fill up this step (-1: padding, skipped)
+    flush_residual / flush_prior / flush_start: [F] the block's sequence's residual slot, how
+        many of its tokens were written in earlier steps (they are in the residual), and the
+        flat-batch index of its first token written this step
+    """
+
+    residual_slots: torch.Tensor
+    residual_mapping: torch.Tensor
+    flush_blocks: torch.Tensor
+    flush_residual: torch.Tensor
+    flush_prior: torch.Tensor
+    flush_start: torch.Tensor
+
 
 @dataclass
 class AttentionMetadata:
@@ -31,6 +60,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     query_lens: list[int]
     context_lens_host: list[int]
+    kivi: KiviPlan | None = None
 
     @property
     def is_decode_only(self) -> bool:
@@ -43,25 +73,19 @@ class AttentionMetadata:
         return max(self.query_lens, default=0)
 
 
-def paged_attention_ref(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """q: [num_tokens, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size,
-    num_kv_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]."""
+def paged_attention_ref(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]. A
+    quantized cache is dequantized block by block as it is gathered, into q's dtype."""
     out = torch.empty_like(q)
     decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
     if decode:
-        _decode_batch(q, k_cache, v_cache, meta, decode, scale, out)
+        _decode_batch(q, cache, meta, decode, scale, out)
     starts = meta.query_start_loc.tolist() if len(decode) < len(meta.query_lens) else []
     for i, n in enumerate(meta.query_lens):
         if n == 1:
             continue
         ctx = meta.context_lens_host[i]
-        k, v = _gather(k_cache, v_cache, meta.block_tables[i : i + 1], ctx)
+        k, v = _gather(cache, meta, [i], ctx, q.dtype)
         qi = q[starts[i] : starts[i] + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         # Query j sits at position ctx - n + j and sees keys up to and including it.
         mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
@@ -72,16 +96,16 @@ def paged_attention_ref(
     return out
 
 
-def _decode_batch(q, k_cache, v_cache, meta, rows: list[int], scale: float, out) -> None:
+def _decode_batch(q, cache, meta, rows: list[int], scale: float, out) -> None:
     """All single-token queries at once: gather their blocks, mask past each context."""
     ctx = [meta.context_lens_host[i] for i in rows]
     max_ctx = max(ctx)
     if len(rows) == len(meta.query_lens):
-        tokens, tables, lens = slice(None), meta.block_tables, meta.context_lens
+        tokens, lens = slice(None), meta.context_lens
     else:
         idx = torch.tensor(rows, device=q.device)
-        tokens, tables, lens = meta.query_start_loc[idx], meta.block_tables[idx], meta.context_lens[idx]
-    k, v = _gather(k_cache, v_cache, tables, max_ctx)  # [B, T, KVH, D]
+        tokens, lens = meta.query_start_loc[idx], meta.context_lens[idx]
+    k, v = _gather(cache, meta, rows, max_ctx, q.dtype)  # [B, T, KVH, D]
     mask = None
     if min(ctx) < max_ctx:  # ragged: mask each sequence's tail (batch 1 never is)
         valid = torch.arange(max_ctx, device=q.device)[None, :] < lens[:, None]  # [B, T]
@@ -97,12 +121,46 @@ def _decode_batch(q, k_cache, v_cache, meta, rows: list[int], scale: float, out)
     out[tokens] = o.squeeze(2)
 
 
-def _gather(k_cache, v_cache, tables: torch.Tensor, num_tokens: int):
-    """[B, num_tokens, KVH, D] views of K and V for sequences given their block tables."""
-    block_size = k_cache.shape[1]
-    nb = -(-num_tokens // block_size)
-    blocks = tables[:, :nb].reshape(-1)
-    shape = (tables.shape[0], nb * block_size, *k_cache.shape[2:])
-    k = k_cache.index_select(0, blocks).view(shape)[:, :num_tokens]
-    v = v_cache.index_select(0, blocks).view(shape)[:, :num_tokens]
-    return k, v
+def _gather(cache: LayerKVCache, meta: AttentionMetadata, rows: list[int], num_tokens: int, dtype):
+    """[B, num_tokens, KVH, D] K and V of sequences `rows`, dequantized to `dtype`."""
+    bs = cache.block_size
+    nb = -(-num_tokens // bs)
+    tables = meta.block_tables[rows, :nb].long()  # [B, nb]
+    k, v = _dequantize_blocks(cache, tables.reshape(-1), dtype)
+    shape = (len(rows), nb * bs, *k.shape[2:])
+    k, v = k.reshape(shape), v.reshape(shape)
+    if cache.fmt.kivi:
+        k, v = _overlay_residual(cache, meta, rows, k, v)
+    return k[:, :num_tokens], v[:, :num_tokens]
+
+
+def _dequantize_blocks(cache: LayerKVCache, blocks: torch.Tensor, dtype):
+    """[n, block_size, KVH, D] K and V of the given blocks."""
+    fmt = cache.fmt
+    if not fmt.quantized:
+        return cache.k[blocks].to(dtype), cache.v[blocks].to(dtype)
+    if fmt.fp8:
+        k = dequantize_fp8(cache.k[blocks], cache.k_scale[blocks])
+        v = dequantize_fp8(cache.v[blocks], cache.v_scale[blocks])
+    else:
+        v = dequantize_per_token(cache.v[blocks], cache.v_scale[blocks], cache.v_zero[blocks], fmt.bits)
+        if fmt.kivi:
+            k = dequantize_per_channel(cache.k[blocks], cache.k_scale[blocks], cache.k_zero[blocks], fmt.bits)
+        else:
+            k = dequantize_per_token(cache.k[blocks], cache.k_scale[blocks], cache.k_zero[blocks], fmt.bits)
+    return k.to(dtype), v.to(dtype)
+
+
+def _overlay_residual(cache: LayerKVCache, meta: AttentionMetadata, rows: list[int], k, v):
+    """Positions past each sequence's last full block come from its residual slot."""
+    bs = cache.block_size
+    idx = torch.tensor(rows, device=k.device)
+    full = (meta.context_lens[idx].long() // bs) * bs  # [B]
+    pos = torch.arange(k.shape[1], device=k.device)
+    in_res = (pos[None, :] >= full[:, None]) & (pos[None, :] < full[:, None] + bs)  # [B, T]
+    slots = meta.kivi.residual_slots[idx].long()
+    offset = (pos[None, :] - full[:, None]).clamp(0, bs - 1)  # [B, T]
+    res_k = cache.k_residual[slots[:, None], offset].to(k.dtype)  # [B, T, KVH, D]
+    res_v = cache.v_residual[slots[:, None], offset].to(v.dtype)
+    sel = in_res[:, :, None, None]
+    return torch.where(sel, res_k, k), torch.where(sel, res_v, v)

@@ -13,6 +13,9 @@ written for memory bandwidth:
 - FlashDecoding: the context is split over `num_splits` programs when sequences x kv heads
   alone would leave SMs idle; a second, small kernel combines their partial
   (max, sum, acc), all float32.
+- Quantized caches: the tiles are codes, dequantized in registers (triton_paged_tile.py), so
+  the bytes read shrink with the codes; with int4/int2 (KIVI) keys each sequence's positions
+  past its last full block come from its full-precision residual slot.
 The number of splits comes from host-side shapes only (batch size, block-table width), and
 each program reads its sequence's length on the device, so the launch never syncs and can be
 captured in a CUDA graph. Each split takes an equal share of its own sequence's tiles.
@@ -24,19 +27,30 @@ import triton
 import triton.language as tl
 
 from kernels.attention import AttentionMetadata, paged_attention_ref
-from kernels.triton_paged_tile import LOG2E, attend_tile
+from kernels.kv_format import FORMATS, LayerKVCache
+from kernels.triton_paged_tile import (
+    LOG2E,
+    attend_tile,
+    attend_tile_quantized,
+    cache_kernel_args,
+    kv_codes,
+)
 
 
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, k_res_ptr, v_res_ptr, res_slots_ptr,
+    stride_m_block, stride_m_tok, stride_kc_block, stride_r_slot, stride_r_tok, stride_r_head,
     scale_log2, num_splits,
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head, stride_table,
     stride_c_block, stride_c_tok, stride_c_head,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
+    CODE_BIAS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -51,19 +65,43 @@ def _decode_kernel(
     head = kv_head * GROUP + g
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_q_seq + head[:, None] * stride_q_head + d[None, :],
-                mask=(g < GROUP)[:, None], other=0.0).to(k_cache_ptr.dtype.element_ty)
+                mask=(g < GROUP)[:, None], other=0.0)
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     last_pos = tl.zeros([BLOCK_H], tl.int32) + ctx - 1  # the query sits at the context's end
-    for t in range(tile_lo, tile_hi):
-        acc, m, l = attend_tile(
-            acc, m, l, q, last_pos, t * TILE_N, ctx, table, k_cache_ptr, v_cache_ptr, kv_head,
-            stride_c_block, stride_c_tok, stride_c_head, scale_log2,
-            HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
-        )
+    if KV_BITS == 0:
+        q = q.to(k_cache_ptr.dtype.element_ty)
+        for t in range(tile_lo, tile_hi):
+            acc, m, l = attend_tile(
+                acc, m, l, q, last_pos, t * TILE_N, ctx, table, k_cache_ptr, v_cache_ptr, kv_head,
+                stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+                HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
+            )
+    else:
+        q_sum = tl.sum(q.to(tl.float32), axis=1)
+        coded_tiles = num_tiles
+        if KIVI:  # positions from the last full block's end on are in the residual
+            full = ctx // BLOCK_SIZE * BLOCK_SIZE
+            coded_tiles = full // TILE_N
+        for t in range(tile_lo, tl.minimum(tile_hi, coded_tiles)):
+            acc, m, l = attend_tile_quantized(
+                acc, m, l, q, q_sum, last_pos, t * TILE_N, ctx, table,
+                k_cache_ptr, v_cache_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+                stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok, stride_kc_block,
+                scale_log2, HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
+                KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+            )
+        if KIVI:
+            # The residual slot as a one-block table; positions relative to the slot's start.
+            for t in range(tl.maximum(tile_lo, coded_tiles), tile_hi):
+                acc, m, l = attend_tile(
+                    acc, m, l, q, last_pos - full, t * TILE_N - full, ctx - full, res_slots_ptr + seq,
+                    k_res_ptr, v_res_ptr, kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
+                    HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
+                )
 
     row_mask = (g < GROUP)[:, None]
     if SPLIT:
@@ -115,27 +153,42 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_tiles: int, device:
 
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-    *, tile_tokens: int = 64, num_splits: int | None = None,
-    num_warps: int = 4, num_stages: int = 3,
+    block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, **tunables,
 ) -> torch.Tensor:
-    """q: [num_seqs, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size,
-    num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks] int32; context_lens:
-    [num_seqs] int32 (device; never read on the host). Returns [num_seqs, num_heads, head_dim].
+    """`paged_decode_attention_cache` on a cache in the model dtype given as its two tensors
+    [num_blocks, block_size, num_kv_heads, head_dim]."""
+    return paged_decode_attention_cache(q, LayerKVCache(FORMATS["auto"], k_cache, v_cache), block_tables,
+                                        context_lens, scale, **tunables)
+
+
+def paged_decode_attention_cache(
+    q: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
+    scale: float, residual_slots: torch.Tensor | None = None,
+    *, tile_tokens: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+) -> torch.Tensor:
+    """q: [num_seqs, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
+    (kernels/kv_format.py); block_tables: [num_seqs, max_blocks] int32; context_lens:
+    [num_seqs] int32 (device; never read on the host); residual_slots: [num_seqs] int32, each
+    sequence's residual slot (int4/int2 caches only). Returns [num_seqs, num_heads, head_dim].
 
     tile_tokens: tokens per K/V tile, a power of two, larger or smaller than block_size
-    (64 x 128 dims x bf16: 16 KB of K and 16 KB of V per pipeline stage). num_splits: context
-    splits per sequence; default from `default_num_splits`, with the block-table width as the
-    bound on context length. Defaults (64 tokens, 4 warps, 3 stages) from a sweep on an H100
-    (benchmarks/kernel_bench.py --sweep, 54 configurations): within 1% of the best at both
-    batch 64 x 4k and batch 1 x 32k.
+    (64 x 128 dims x bf16: 16 KB of K and 16 KB of V per pipeline stage); with per-channel
+    keys (int4/int2) at most block_size. num_splits: context splits per sequence; default from
+    `default_num_splits`, with the block-table width as the bound on context length. Defaults
+    (64 tokens, 4 warps, 3 stages) from a sweep on an H100 (benchmarks/kernel_bench.py
+    --sweep, 54 configurations, bf16): within 1% of the best at both batch 64 x 4k and batch
+    1 x 32k.
     """
     num_seqs, num_heads, head_dim = q.shape
+    k_cache, v_cache = kv_codes(cache)
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     assert num_heads == group * num_kv_heads and head_dim == triton.next_power_of_2(head_dim) >= 16
     assert k_cache.stride() == v_cache.stride()
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
+    if cache.fmt.kivi:  # a tile must lie in one block: one key range per channel
+        tile_tokens = min(tile_tokens, block_size)
+        assert block_size % tile_tokens == 0
     out = torch.empty_like(q)
     if num_seqs == 0:
         return out
@@ -147,14 +200,16 @@ def paged_decode_attention(
     part_max = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty((*part_shape, head_dim) if split else (0,), dtype=torch.float32, device=q.device)
+    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, residual_slots)
+    dot_dtype = q.dtype if cache.fmt.quantized else k_cache.dtype
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_max, part_sum,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_max, part_sum, *fmt_args,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE_N=tile_tokens, SPLIT=split,
-        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", **fmt_constexprs,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:
@@ -180,4 +235,4 @@ def paged_decode_attention_ref(
         query_lens=[1] * n,
         context_lens_host=context_lens.tolist(),
     )
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    return paged_attention_ref(q, LayerKVCache(FORMATS["auto"], k_cache, v_cache), meta, scale)

@@ -13,6 +13,10 @@ The grid is (query tiles across the flat batch, kv heads). Sequence i owns tile 
 query_start_loc[i] // BLOCK_Q + i onward (at least as many as its query needs); a program
 finds its sequence by binary search over query_start_loc, so the grid comes from host shapes
 alone and nothing is read back from the device.
+
+A quantized cache is read as codes and dequantized per tile in registers
+(triton_paged_tile.py); with int4/int2 (KIVI) keys, positions past a sequence's last full
+block come from its full-precision residual slot.
 """
 from __future__ import annotations
 
@@ -21,7 +25,14 @@ import triton
 import triton.language as tl
 
 from kernels.attention import AttentionMetadata
-from kernels.triton_paged_tile import LOG2E, attend_tile
+from kernels.kv_format import FORMATS, LayerKVCache
+from kernels.triton_paged_tile import (
+    LOG2E,
+    attend_tile,
+    attend_tile_quantized,
+    cache_kernel_args,
+    kv_codes,
+)
 
 
 @triton.jit
@@ -41,11 +52,15 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+    k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, k_res_ptr, v_res_ptr, res_slots_ptr,
+    stride_m_block, stride_m_tok, stride_kc_block, stride_r_slot, stride_r_tok, stride_r_head,
     scale_log2, num_seqs,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
     stride_c_block, stride_c_tok, stride_c_head,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
+    CODE_BIAS: tl.constexpr,
 ):
     # Highest tile first: a sequence's last query tiles see the most keys, so the longest
     # programs start early instead of forming the tail.
@@ -67,7 +82,7 @@ def _prefill_kernel(
     d = tl.arange(0, HEAD_DIM)
     q_tok = (q_start + q_local).to(tl.int64)
     q = tl.load(q_ptr + q_tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + d[None, :],
-                mask=row_valid[:, None], other=0.0).to(k_cache_ptr.dtype.element_ty)
+                mask=row_valid[:, None], other=0.0)
     q_pos = first_pos + r // GROUP
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
 
@@ -78,18 +93,57 @@ def _prefill_kernel(
     # Every row sees at least key first_pos, so no row's sum stays 0.
     kv_end = tl.minimum(first_pos + BLOCK_Q, ctx)
     unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
-    for start in range(0, unmasked_end, BLOCK_N):
-        acc, m, l = attend_tile(
-            acc, m, l, q, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head,
-            stride_c_block, stride_c_tok, stride_c_head, scale_log2,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
-        )
-    for start in range(unmasked_end, kv_end, BLOCK_N):
-        acc, m, l = attend_tile(
-            acc, m, l, q, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head,
-            stride_c_block, stride_c_tok, stride_c_head, scale_log2,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
-        )
+    if KV_BITS == 0:
+        q = q.to(k_cache_ptr.dtype.element_ty)
+        for start in range(0, unmasked_end, BLOCK_N):
+            acc, m, l = attend_tile(
+                acc, m, l, q, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head,
+                stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+            )
+        for start in range(unmasked_end, kv_end, BLOCK_N):
+            acc, m, l = attend_tile(
+                acc, m, l, q, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head,
+                stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+            )
+    else:
+        q_sum = tl.sum(q.to(tl.float32), axis=1)
+        coded_end = kv_end
+        if KIVI:  # positions from the last full block's end on are in the residual
+            full = ctx // BLOCK_SIZE * BLOCK_SIZE
+            coded_end = tl.minimum(kv_end, full)
+        for start in range(0, tl.minimum(unmasked_end, coded_end), BLOCK_N):
+            acc, m, l = attend_tile_quantized(
+                acc, m, l, q, q_sum, q_pos, start, kv_end, table,
+                k_cache_ptr, v_cache_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+                stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok, stride_kc_block,
+                scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+                KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+            )
+        for start in range(unmasked_end, coded_end, BLOCK_N):
+            acc, m, l = attend_tile_quantized(
+                acc, m, l, q, q_sum, q_pos, start, kv_end, table,
+                k_cache_ptr, v_cache_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+                stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok, stride_kc_block,
+                scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+                KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+            )
+        if KIVI:
+            # The residual slot as a one-block table; positions relative to the slot's start.
+            res_table = res_slots_ptr + seq
+            for start in range(tl.minimum(unmasked_end, coded_end), unmasked_end, BLOCK_N):
+                acc, m, l = attend_tile(
+                    acc, m, l, q, q_pos - full, start - full, kv_end - full, res_table, k_res_ptr, v_res_ptr,
+                    kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
+                    HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+                )
+            for start in range(tl.maximum(unmasked_end, coded_end), kv_end, BLOCK_N):
+                acc, m, l = attend_tile(
+                    acc, m, l, q, q_pos - full, start - full, kv_end - full, res_table, k_res_ptr, v_res_ptr,
+                    kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
+                    HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+                )
 
     o = acc / l[:, None]
     tl.store(out_ptr + q_tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :],
@@ -98,27 +152,41 @@ def _prefill_kernel(
 
 def paged_prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float, **tunables,
+) -> torch.Tensor:
+    """`paged_prefill_attention_cache` on a cache in the model dtype given as its two tensors
+    [num_blocks, block_size, num_kv_heads, head_dim]."""
+    return paged_prefill_attention_cache(q, LayerKVCache(FORMATS["auto"], k_cache, v_cache), meta, scale, **tunables)
+
+
+def paged_prefill_attention_cache(
+    q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata,
     scale: float, *, block_m: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int = 3,
 ) -> torch.Tensor:
-    """q: [num_tokens, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size,
-    num_kv_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]. Reads
-    meta.query_start_loc, context_lens, block_tables on the device; meta.max_query_len
-    (host) only picks the tile shape.
+    """q: [num_tokens, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
+    (kernels/kv_format.py). Returns [num_tokens, num_heads, head_dim]. Reads
+    meta.query_start_loc, context_lens, block_tables (and meta.kivi.residual_slots) on the
+    device; meta.max_query_len (host) only picks the tile shape.
 
     Defaults measured on an H100 (benchmarks/kernel_bench.py --sweep, 4096-token prompt,
     head_dim 128, bf16): 128 x 128 tiles, 8 warps, 3 stages, 20% faster than 128 x 64.
     block_m: query rows (tokens x group heads) per program; 128, or fewer when the longest
     query needs fewer rows. block_n: keys per step, a power of two; 128 where
-    three stages of K and V fit in shared memory (rows of at most 256 bytes), else 64.
-    num_warps: 8 for 128-row tiles, else 4.
+    three stages of K and V fit in shared memory (rows of at most 256 bytes), else 64; with
+    per-channel keys (int4/int2) at most block_size. num_warps: 8 for 128-row tiles, else 4.
     """
     num_tokens, num_heads, head_dim = q.shape
+    k_cache, v_cache = kv_codes(cache)
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     assert num_heads == group * num_kv_heads and head_dim == triton.next_power_of_2(head_dim) >= 16
+    dot_dtype = q.dtype if cache.fmt.quantized else k_cache.dtype
     if block_n is None:
-        block_n = 128 if head_dim * k_cache.element_size() <= 256 else 64
+        block_n = 128 if head_dim * dot_dtype.itemsize <= 256 else 64
+    if cache.fmt.kivi:  # a tile must lie in one block: one key range per channel
+        block_n = min(block_n, block_size)
+        assert block_size % block_n == 0
     assert k_cache.stride() == v_cache.stride()
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
     out = torch.empty_like(q)
@@ -131,14 +199,16 @@ def paged_prefill_attention(
     block_q = block_m // group
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
+    residual_slots = meta.kivi.residual_slots if cache.fmt.kivi else None
+    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, residual_slots)
     _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start_loc,
+        q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start_loc, *fmt_args,
         scale * LOG2E, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", **fmt_constexprs,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

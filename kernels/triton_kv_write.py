@@ -1,8 +1,21 @@
-"""Triton KV write: the new tokens' K and V into their cache slots. Reference: kv_write.write_kv_ref.
+"""Triton KV write: the new tokens' K and V into their cache slots, quantized on the way.
+Reference: kv_write.write_kv_ref (the encodings: kernels/kv_quant.py).
 
-One program per token stores that token's whole [num_kv_heads, head_dim] row of K and of V,
-so a quantizing variant only changes `_to_cache`: it can take a per-(token, head) absmax
-along the last axis right there and store a scale beside the codes.
+- auto: one program per token stores its [num_kv_heads, head_dim] rows of K and V.
+- fp8_e4m3, int8 (per-token formats): the same program also takes each head's range over
+  head_dim and stores codes, fp16 scale (and uint8 zero) beside them. Channels are loaded as
+  [heads, bytes, codes per byte], so packing sub-byte codes is a shift and a sum over the
+  last axis.
+- int4, int2 (KIVI): a block is quantized only when it fills up, one program per (flushed
+  block, kv head), from the residual (its earlier tokens) and this step's K/V (the rest);
+  then the tokens of still-partial blocks go to the residual with the unquantized kernel.
+  Flush first: the residual rows it reads may be overwritten by the same step's residual
+  writes.
+
+Codes match the reference bit for bit: division is IEEE (div_rn, not the approximate '/'),
+rounding half to even as torch.round, and the fp16-rounded scale is the one encoded with.
+fp8 codes are built from the float's bits (round to nearest even, subnormals included)
+rather than by Triton's cast, which the interpreter rounds differently from torch.
 """
 from __future__ import annotations
 
@@ -10,10 +23,23 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention import AttentionMetadata
+from kernels.kv_format import LayerKVCache
+from kernels.kv_quant import FP8_MAX
+
+# 1.5 * 2**23: adding then subtracting it rounds a float32 of magnitude < 2**22 to an integer,
+# half to even (the hardware's rounding of the add), as torch.round does.
+_ROUND_MAGIC = tl.constexpr(12582912.0)
+_FP8_MAX = tl.constexpr(FP8_MAX)
+
+
+@triton.jit
+def _round_half_even(x):
+    return (x + _ROUND_MAGIC) - _ROUND_MAGIC
+
 
 @triton.jit
 def _to_cache(x, cache_ptr):
-    # The one place that encodes a value for the cache (fp8/int8/int4 with scales goes here).
     return x.to(cache_ptr.dtype.element_ty)
 
 
@@ -39,7 +65,219 @@ def _write_kv_kernel(
     tl.store(v_cache_ptr + dst, _to_cache(v, v_cache_ptr), mask=store)
 
 
-def write_kv_triton(
+# ---- encodings (kv_quant's, on float32 tiles) -------------------------------------------------
+@triton.jit
+def _fp16_scale(s):
+    """The fp16 scale stored, as float32; a zero range gets scale 1 (kv_quant._scale16)."""
+    s = s.to(tl.float16).to(tl.float32)
+    return tl.where(s > 0, s, 1.0)
+
+
+@triton.jit
+def _fp8_e4m3_bits(y):
+    """float32 y, |y| <= 448 -> float8_e4m3fn bit pattern (uint8), round to nearest even."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = tl.abs(y)
+    ab = a.to(tl.int32, bitcast=True)
+    # Normal: round the 23-bit mantissa to 3 bits (a carry moves into the exponent, as it
+    # should), then rebias the exponent from 127 to 7.
+    r = (ab + 0x7FFFF + ((ab >> 20) & 1)) >> 20
+    normal = r - ((127 - 7) << 3)
+    # Subnormal (below 2**-6): multiples of 2**-9; code 8 is 2**-6, the smallest normal.
+    sub = _round_half_even(a * 512.0).to(tl.int32)
+    return (tl.where(a < 0.015625, sub, normal) | sign).to(tl.uint8)
+
+
+@triton.jit
+def _pack(q, BITS: tl.constexpr):
+    """codes [R, NB, PER] (float32 integers < 2**BITS) -> bytes [R, NB]: code j of a byte at
+    bit j * BITS."""
+    shift = tl.arange(0, 8 // BITS)[None, None, :] * BITS
+    return tl.sum(q.to(tl.int32) << shift, axis=2).to(tl.uint8)
+
+
+@triton.jit
+def _quantize_rows(x, BITS: tl.constexpr, FP8: tl.constexpr):
+    """x [R, NB, PER] float32 (a row's channels; padding 0) -> (bytes [R, NB], scale fp16 [R],
+    zero uint8 [R]): per row, kv_quant.quantize_per_token or quantize_fp8."""
+    if FP8:
+        amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+        s = _fp16_scale(tl.math.div_rn(amax, _FP8_MAX))
+        y = tl.math.div_rn(x, s[:, None, None])
+        y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
+        codes = _fp8_e4m3_bits(tl.reshape(y, (y.shape[0], y.shape[1])))  # PER is 1
+        return codes, s.to(tl.float16), tl.zeros_like(s).to(tl.uint8)
+    qmax: tl.constexpr = (1 << BITS) - 1
+    lo = tl.minimum(tl.min(tl.min(x, axis=2), axis=1), 0.0)
+    hi = tl.maximum(tl.max(tl.max(x, axis=2), axis=1), 0.0)
+    s = _fp16_scale(tl.math.div_rn(hi - lo, qmax * 1.0))
+    z = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(-lo, s)), 0.0), qmax)
+    q = _round_half_even(tl.math.div_rn(x, s[:, None, None])) + z[:, None, None]
+    q = tl.minimum(tl.maximum(q, 0.0), qmax)
+    return _pack(q, BITS), s.to(tl.float16), z.to(tl.uint8)
+
+
+@triton.jit
+def _quantize_columns(x, BITS: tl.constexpr):
+    """x [T, NB, PER] float32, one block's tokens -> (bytes [T, NB], scale fp16 [NB, PER],
+    min fp16 [NB, PER]): per channel over the tokens, kv_quant.quantize_per_channel."""
+    qmax: tl.constexpr = (1 << BITS) - 1
+    m = tl.min(x, axis=0).to(tl.float16).to(tl.float32)
+    s = _fp16_scale(tl.math.div_rn(tl.max(x, axis=0) - m, qmax * 1.0))
+    q = _round_half_even(tl.math.div_rn(x - m[None, :, :], s[None, :, :]))
+    q = tl.minimum(tl.maximum(q, 0.0), qmax)
+    return _pack(q, BITS), s.to(tl.float16), m.to(tl.float16)
+
+
+# ---- per-token formats: fp8_e4m3, int8 ---------------------------------------------------------
+@triton.jit
+def _write_kv_quant_kernel(
+    k_ptr, v_ptr, k_codes_ptr, v_codes_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, slot_ptr,
+    stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr, BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    PER: tl.constexpr = 1 if FP8 else 8 // BITS
+    h = tl.arange(0, BLOCK_HEADS)
+    byte = tl.arange(0, BLOCK_BYTES)
+    c = byte[None, :, None] * PER + tl.arange(0, PER)[None, None, :]  # [1, NB, PER] channel
+    h3 = h[:, None, None]
+    mask = (h3 < NUM_KV_HEADS) & (c < HEAD_DIM)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    # Padding channels read 0: inside every range (per-token ranges include 0).
+    k = tl.load(k_ptr + tok * stride_k_tok + h3 * stride_k_head + c, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + tok * stride_v_tok + h3 * stride_v_head + c, mask=mask, other=0.0).to(tl.float32)
+    block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    keep = slot >= 0
+    codes_dst = block * stride_c_block + offset * stride_c_tok + h[:, None] * stride_c_head + byte[None, :]
+    codes_mask = keep & (h[:, None] < NUM_KV_HEADS) & (byte[None, :] < HEAD_DIM // PER)
+    meta_dst = block * stride_m_block + offset * stride_m_tok + h
+    meta_mask = keep & (h < NUM_KV_HEADS)
+    kq, ks, kz = _quantize_rows(k, BITS, FP8)
+    vq, vs, vz = _quantize_rows(v, BITS, FP8)
+    tl.store(k_codes_ptr + codes_dst, kq, mask=codes_mask)
+    tl.store(v_codes_ptr + codes_dst, vq, mask=codes_mask)
+    tl.store(k_scale_ptr + meta_dst, ks, mask=meta_mask)
+    tl.store(v_scale_ptr + meta_dst, vs, mask=meta_mask)
+    if not FP8:
+        tl.store(k_zero_ptr + meta_dst, kz, mask=meta_mask)
+        tl.store(v_zero_ptr + meta_dst, vz, mask=meta_mask)
+
+
+# ---- int4, int2 (KIVI): quantize the blocks that fill up this step ---------------------------
+@triton.jit
+def _kivi_flush_kernel(
+    k_ptr, v_ptr, k_res_ptr, v_res_ptr, k_codes_ptr, v_codes_ptr, k_scale_ptr, k_min_ptr, v_scale_ptr, v_zero_ptr,
+    flush_blocks_ptr, flush_residual_ptr, flush_prior_ptr, flush_start_ptr,
+    stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_r_slot, stride_r_tok, stride_r_head,
+    stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok, stride_kc_block, stride_kc_head,
+    HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    block = tl.load(flush_blocks_ptr + row).to(tl.int64)
+    if block < 0:  # padding row of a CUDA-graph batch
+        return
+    slot = tl.load(flush_residual_ptr + row).to(tl.int64)
+    prior = tl.load(flush_prior_ptr + row)
+    start = tl.load(flush_start_ptr + row).to(tl.int64)
+    PER: tl.constexpr = 8 // BITS
+    t = tl.arange(0, BLOCK_SIZE)
+    byte = tl.arange(0, BLOCK_BYTES)
+    c = byte[None, :, None] * PER + tl.arange(0, PER)[None, None, :]  # [1, NB, PER]
+    t3 = t[:, None, None]
+    cmask = c < HEAD_DIM
+    old = (t3 < prior) & cmask  # the block's first `prior` tokens: in the residual
+    new = (t3 >= prior) & cmask  # the rest: this step's tokens from flat index `start`
+    res = slot * stride_r_slot + t3 * stride_r_tok + h * stride_r_head + c
+    src = start + t3 - prior
+    res_ty = k_res_ptr.dtype.element_ty  # new tokens pass through the model dtype, as in the ref
+    k = tl.where(old, tl.load(k_res_ptr + res, mask=old, other=0.0).to(tl.float32),
+                 tl.load(k_ptr + src * stride_k_tok + h * stride_k_head + c, mask=new, other=0.0)
+                 .to(res_ty).to(tl.float32))
+    v = tl.where(old, tl.load(v_res_ptr + res, mask=old, other=0.0).to(tl.float32),
+                 tl.load(v_ptr + src * stride_v_tok + h * stride_v_head + c, mask=new, other=0.0)
+                 .to(res_ty).to(tl.float32))
+
+    codes_dst = block * stride_c_block + t[:, None] * stride_c_tok + h * stride_c_head + byte[None, :]
+    codes_mask = byte[None, :] < HEAD_DIM // PER
+    kq, ks, km = _quantize_columns(k, BITS)
+    tl.store(k_codes_ptr + codes_dst, kq, mask=codes_mask)
+    kc = block * stride_kc_block + h * stride_kc_head + c.reshape(BLOCK_BYTES, PER)
+    tl.store(k_scale_ptr + kc, ks, mask=cmask.reshape(BLOCK_BYTES, PER))
+    tl.store(k_min_ptr + kc, km, mask=cmask.reshape(BLOCK_BYTES, PER))
+    vq, vs, vz = _quantize_rows(v, BITS, False)
+    tl.store(v_codes_ptr + codes_dst, vq, mask=codes_mask)
+    meta_dst = block * stride_m_block + t * stride_m_tok + h
+    tl.store(v_scale_ptr + meta_dst, vs)
+    tl.store(v_zero_ptr + meta_dst, vz)
+
+
+def write_kv_triton(k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
+    """The Ops entry point, same arguments as kv_write.write_kv_ref: k, v [num_tokens,
+    num_kv_heads, head_dim] (any token/head strides, last dim contiguous)."""
+    fmt = cache.fmt
+    if not fmt.quantized:
+        write_kv_unquantized(k, v, cache.k, cache.v, meta.slot_mapping)
+    elif fmt.kivi:
+        plan = meta.kivi
+        _kivi_flush(k, v, cache, plan.flush_blocks, plan.flush_residual, plan.flush_prior, plan.flush_start)
+        write_kv_unquantized(k, v, cache.k_residual, cache.v_residual, plan.residual_mapping)
+    else:
+        _write_kv_per_token(k, v, cache, meta.slot_mapping)
+
+
+def _check_layout(k, v, cache: LayerKVCache) -> None:
+    assert k.stride(-1) == 1 and v.stride(-1) == 1
+    assert cache.k.is_contiguous() and cache.v.is_contiguous()
+    assert cache.v_scale.is_contiguous() and (cache.v_zero is None or cache.v_zero.is_contiguous())
+
+
+def _write_kv_per_token(k, v, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
+    num_tokens, num_kv_heads, head_dim = k.shape
+    fmt = cache.fmt
+    _check_layout(k, v, cache)
+    if num_tokens == 0:
+        return
+    # fp8 codes are stored as their bit patterns (see _fp8_e4m3_bits).
+    k_codes, v_codes = (cache.k.view(torch.uint8), cache.v.view(torch.uint8)) if fmt.fp8 else (cache.k, cache.v)
+    zeros = (cache.k_scale, cache.v_scale) if fmt.fp8 else (cache.k_zero, cache.v_zero)  # unused for fp8
+    nbytes = fmt.codes_dim(head_dim)
+    _write_kv_quant_kernel[(num_tokens,)](
+        k, v, k_codes, v_codes, cache.k_scale, zeros[0], cache.v_scale, zeros[1], slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v_scale.stride(0), cache.v_scale.stride(1),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_HEADS=triton.next_power_of_2(num_kv_heads),
+        BLOCK_BYTES=triton.next_power_of_2(nbytes), BLOCK_SIZE=cache.block_size, BITS=fmt.bits, FP8=fmt.fp8,
+        num_warps=4,
+    )
+
+
+def _kivi_flush(k, v, cache: LayerKVCache, blocks, residual, prior, start) -> None:
+    """Quantize blocks `blocks` (< 0: skipped) whole; see KiviPlan for the other arguments."""
+    num_kv_heads, head_dim = k.shape[1:]
+    _check_layout(k, v, cache)
+    assert cache.k_residual.stride() == cache.v_residual.stride() and cache.k_scale.is_contiguous()
+    if blocks.shape[0] == 0:
+        return
+    res = cache.k_residual
+    _kivi_flush_kernel[(blocks.shape[0], num_kv_heads)](
+        k, v, cache.k_residual, cache.v_residual, cache.k, cache.v, cache.k_scale, cache.k_zero,
+        cache.v_scale, cache.v_zero, blocks, residual, prior, start,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        res.stride(0), res.stride(1), res.stride(2),
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v_scale.stride(0), cache.v_scale.stride(1),
+        cache.k_scale.stride(0), cache.k_scale.stride(1),
+        HEAD_DIM=head_dim, BLOCK_BYTES=triton.next_power_of_2(cache.fmt.codes_dim(head_dim)),
+        BLOCK_SIZE=cache.block_size, BITS=cache.fmt.bits, num_warps=4,
+    )
+
+
+def write_kv_unquantized(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:

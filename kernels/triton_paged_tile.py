@@ -1,13 +1,29 @@
 """One online-softmax step over a tile of paged K/V: shared by the decode and prefill kernels.
 
-A tile of one sequence's token positions is gathered through its block-table row; a
-dequantizing variant of the KV cache changes only `_load_kv`. Scores are in the log2 domain
-(the softmax scale carries log2(e)) so the kernels use exp2.
+A tile of one sequence's token positions is gathered through its block-table row. Scores are
+in the log2 domain (the softmax scale carries log2(e)) so the kernels use exp2.
+
+`attend_tile` reads a cache in the model dtype (and an int2/int4 cache's full-precision
+residual); `attend_tile_quantized` reads codes (kernels/kv_format.py) and never builds a
+dequantized K or V tile: the codes go to the tensor cores as small integers (exact in
+16-bit floats) and each affine dequantization is folded into the dot's other operand or its
+result, so per element the tile only costs an unpack:
+- per-token K (x = (c - z) * s[n]): scores = (q . c - z[n] * sum(q)) * s[n], on [M, N];
+- per-channel K (KIVI, x = c * s[d] + m[d], one range per block): scores = (q * s) . c +
+  q . m, q scaled once per tile on [M, D];
+- per-token V: acc += (p * s[n]) . c - (p * s[n]) . z, on [M, N];
+- fp8: codes convert to the dot's dtype, the scale is applied like the int ones.
+Codes in a 16-bit dtype are made without an int-to-float conversion: OR-ing a code into the
+bits of 1024.0 (fp16) or 128.0 (bf16, codes < 128) gives the float CODE_BIAS + code, and
+CODE_BIAS is subtracted with the zero point.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from kernels.kv_format import LayerKVCache
 
 LOG2E = 1.4426950408889634  # the launchers pass scale * LOG2E
 
@@ -58,3 +74,133 @@ def attend_tile(
     l = l * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l
+
+
+@triton.jit
+def _softmax_step(acc, m, l, s, tok, valid, q_pos, CAUSAL: tl.constexpr):
+    """attend_tile's softmax update for scores s [M, N]: (acc rescaled, max, sum, p)."""
+    if CAUSAL:
+        s = tl.where(valid[None, :] & (tok[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    return acc * alpha[:, None], m_new, l, p
+
+
+@triton.jit
+def _widen(c, dtype: tl.constexpr, CODE_MAGIC: tl.constexpr):
+    """int16 codes -> dtype, plus CODE_BIAS when CODE_MAGIC (the bits of CODE_BIAS)."""
+    if CODE_MAGIC:
+        return (c | CODE_MAGIC).to(dtype, bitcast=True)
+    else:
+        return c.to(dtype)
+
+
+@triton.jit
+def _unpack(b, dtype: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr, CODE_MAGIC: tl.constexpr):
+    """Codes [N, HEAD_DIM * KV_BITS // 8] (bytes; fp8 values) -> [N, HEAD_DIM] in dtype.
+    Channel c is in byte c // (8 // bits) at bit (c % (8 // bits)) * bits (kv_quant.pack)."""
+    if FP8:  # bytes: a masked load's `other` cannot be an fp8 in the interpreter
+        return b.to(tl.float8e4nv, bitcast=True).to(dtype)
+    x = b.to(tl.int16)
+    if KV_BITS == 8:
+        return _widen(x, dtype, CODE_MAGIC)
+    elif KV_BITS == 4:
+        return tl.interleave(_widen(x & 15, dtype, CODE_MAGIC), _widen(x >> 4, dtype, CODE_MAGIC))
+    else:
+        even = tl.interleave(_widen(x & 3, dtype, CODE_MAGIC), _widen((x >> 4) & 3, dtype, CODE_MAGIC))
+        odd = tl.interleave(_widen((x >> 2) & 3, dtype, CODE_MAGIC), _widen(x >> 6, dtype, CODE_MAGIC))
+        return tl.interleave(even, odd)
+
+
+@triton.jit
+def attend_tile_quantized(
+    acc, m, l, q, q_sum, q_pos, start, kv_end, table_ptr,
+    k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+    stride_block, stride_tok, stride_head, stride_m_block, stride_m_tok, stride_kc_block, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
+    CODE_BIAS: tl.constexpr,
+):
+    """`attend_tile` over a quantized cache (codes [num_blocks, block_size, kvh, bytes], per-token
+    metadata [num_blocks, block_size, kvh], KIVI key metadata [num_blocks, kvh, head_dim]).
+    q: [M, HEAD_DIM] in the model dtype, q_sum: [M] float32 its row sums. KIVI: the tile lies
+    in one block (BLOCK_N divides BLOCK_SIZE) before the sequence's last full block's end."""
+    tok = start + tl.arange(0, BLOCK_N)
+    valid = tok < kv_end
+    block = tl.load(table_ptr + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    in_block = tok % BLOCK_SIZE
+    NUM_BYTES: tl.constexpr = HEAD_DIM if FP8 else HEAD_DIM * KV_BITS // 8
+    codes = (block * stride_block + in_block * stride_tok + kv_head * stride_head)[:, None] \
+        + tl.arange(0, NUM_BYTES)[None, :]
+    meta = block * stride_m_block + in_block * stride_m_tok + kv_head
+    # Invalid positions: codes and scales 0, so their values are 0 (never NaN) before masking.
+    kb = tl.load(k_ptr + codes, mask=valid[:, None], other=0)
+    vb = tl.load(v_ptr + codes, mask=valid[:, None], other=0)
+    v_scale = tl.load(v_scale_ptr + meta, mask=valid, other=0.0).to(tl.float32)
+    if not FP8:
+        v_zero = tl.load(v_zero_ptr + meta, mask=valid, other=0).to(tl.float32)
+    if KIVI:
+        kc = (tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64) * stride_kc_block + kv_head * HEAD_DIM
+              + tl.arange(0, HEAD_DIM))
+        k_scale = tl.load(k_scale_ptr + kc).to(tl.float32)
+        k_min = tl.load(k_zero_ptr + kc).to(tl.float32)
+        qf = q.to(tl.float32)
+        q_scaled = (qf * k_scale[None, :]).to(q.dtype)
+        bias = tl.sum(qf * k_min[None, :] - CODE_BIAS * q_scaled.to(tl.float32), axis=1)  # one reduction
+        s = tl.dot(q_scaled, tl.trans(_unpack(kb, q.dtype, KV_BITS, FP8, CODE_MAGIC)),
+                   input_precision=DOT_PRECISION)
+        s = (s + bias[:, None]) * scale_log2
+    else:
+        k_scale = tl.load(k_scale_ptr + meta, mask=valid, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(_unpack(kb, q.dtype, KV_BITS, FP8, CODE_MAGIC)), input_precision=DOT_PRECISION)
+        if not FP8:
+            k_zero = tl.load(k_zero_ptr + meta, mask=valid, other=0).to(tl.float32)
+            s -= q_sum[:, None] * (CODE_BIAS + k_zero)[None, :]
+        s *= (k_scale * scale_log2)[None, :]
+    acc, m, l, p = _softmax_step(acc, m, l, s, tok, valid, q_pos, CAUSAL)
+    p_scaled = (p * v_scale[None, :]).to(q.dtype)
+    acc += tl.dot(p_scaled, _unpack(vb, q.dtype, KV_BITS, FP8, CODE_MAGIC), input_precision=DOT_PRECISION)
+    if not FP8:
+        acc -= tl.sum(p_scaled.to(tl.float32) * (CODE_BIAS + v_zero)[None, :], axis=1)[:, None]
+    return acc, m, l
+
+
+def kv_codes(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V tensors the kernels take: fp8 codes as their bytes (see `_unpack`)."""
+    if cache.fmt.fp8:
+        return cache.k.view(torch.uint8), cache.v.view(torch.uint8)
+    return cache.k, cache.v
+
+
+def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, residual_slots: torch.Tensor | None):
+    """What the decode and prefill kernels pass through to the tile functions for `cache`'s
+    format, queries in `dtype`: (tensors and strides, constexprs). Absent tensors are
+    stand-ins (cache.k) that the format's constexpr branches never read."""
+    fmt = cache.fmt
+    if not fmt.quantized:
+        return [cache.k] * 7 + [0] * 6, {"KV_BITS": 0, "FP8": False, "KIVI": False, "CODE_MAGIC": 0, "CODE_BIAS": 0.0}
+    assert cache.k.is_contiguous() and cache.v.is_contiguous() and cache.k.stride() == cache.v.stride()
+    assert cache.v_scale.is_contiguous() and cache.k_scale.is_contiguous()
+    if fmt.fp8 or dtype == torch.float32:
+        magic, bias = 0, 0.0
+    elif dtype == torch.float16:
+        magic, bias = 0x6400, 1024.0  # 1024 + c, c < 1024: fp16 has 10 mantissa bits
+    elif dtype == torch.bfloat16 and fmt.bits <= 4:
+        magic, bias = 0x4300, 128.0  # 128 + c, c < 128: bf16 has 7
+    else:
+        magic, bias = 0, 0.0
+    zeros = (cache.k, cache.k) if fmt.fp8 else (cache.k_zero, cache.v_zero)
+    if fmt.kivi:
+        res = cache.k_residual
+        assert res.stride() == cache.v_residual.stride() and res.dtype == dtype and residual_slots is not None
+        kivi = [cache.k_residual, cache.v_residual, residual_slots, cache.k_scale.stride(0),
+                res.stride(0), res.stride(1), res.stride(2)]
+    else:
+        kivi = [cache.k, cache.k, cache.k, 0, 0, 0, 0]
+    tensors = [cache.k_scale, zeros[0], cache.v_scale, zeros[1], *kivi[:3],
+               cache.v_scale.stride(0), cache.v_scale.stride(1), *kivi[3:]]
+    constexprs = {"KV_BITS": fmt.bits, "FP8": fmt.fp8, "KIVI": fmt.kivi, "CODE_MAGIC": magic, "CODE_BIAS": bias}
+    return tensors, constexprs

@@ -15,6 +15,7 @@ import sys
 import uvicorn
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from kernels.kv_format import KV_CACHE_DTYPES
 from server.config_file import PresetError, load_preset
 from server.state import ServerConfig
 
@@ -85,15 +86,21 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "CUDA graphs captured at startup (slower; for debugging)")
     group = parser.add_argument_group("KV cache")
     group.add_argument("--block-size", type=int, default=cache.block_size,
-                       help="tokens per KV cache block (the unit of allocation)")
+                       help="tokens per KV cache block (the unit of allocation and of prefix "
+                            "caching); default 16, and 64 for --kv-cache-dtype int4 and int2, "
+                            "whose keys share one quantization range per channel per block")
     group.add_argument("--kv-cache-memory", type=parse_size, default=cache.kv_cache_memory,
                        help="bytes for the KV cache, e.g. 64MiB or 2GiB; unset: "
                             "--gpu-memory-utilization of the memory left after the weights")
     group.add_argument("--gpu-memory-utilization", type=float, default=cache.memory_fraction,
                        help="fraction of device memory that weights, activations and KV cache "
                             "may use together, when --kv-cache-memory is unset")
-    group.add_argument("--kv-cache-dtype", default=cache.kv_cache_dtype,
-                       help="dtype of cached keys and values; auto: the model's dtype")
+    group.add_argument("--kv-cache-dtype", default=cache.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                       help="storage of cached keys and values: auto (the model's dtype), "
+                            "fp8_e4m3 (scaled per token and head), int8 (asymmetric, per token and "
+                            "head), int4 or int2 (KIVI: keys per channel, values per token, each "
+                            "sequence's last partial block kept in full precision); quantized "
+                            "caches hold 1.9x (8-bit) to 6.5x (int2) the tokens of bf16")
     group = parser.add_argument_group("scheduler")
     group.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs,
                        help="most sequences decoded together in one step")

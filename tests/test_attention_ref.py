@@ -1,10 +1,12 @@
 """The paged attention reference against plain causal attention over contiguous K/V."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kernels.attention import AttentionMetadata, paged_attention_ref
+from kernels.kv_format import FORMATS, LayerKVCache
 from kernels.kv_write import write_kv_ref
 
 
@@ -34,7 +36,7 @@ def build_batch(query_lens, context_lens, num_heads, num_kv_heads, head_dim, blo
         k = torch.randn(ctx, num_kv_heads, head_dim, generator=gen)
         v = torch.randn(ctx, num_kv_heads, head_dim, generator=gen)
         seq_slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(ctx)])
-        write_kv_ref(k, v, k_cache, v_cache, seq_slots)
+        write_kv_ref(k, v, LayerKVCache(FORMATS["auto"], k_cache, v_cache), SimpleNamespace(slot_mapping=seq_slots))
         slots.append(seq_slots[ctx - qlen:])
         full_k.append(k)
         full_v.append(v)
@@ -51,7 +53,7 @@ def build_batch(query_lens, context_lens, num_heads, num_kv_heads, head_dim, blo
         query_lens=list(query_lens),
         context_lens_host=list(context_lens),
     )
-    return torch.cat(qs), k_cache, v_cache, meta, full_k, full_v
+    return torch.cat(qs), LayerKVCache(FORMATS["auto"], k_cache, v_cache), meta, full_k, full_v
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (9, 3), (8, 1)])
@@ -60,9 +62,9 @@ def test_mixed_prefill_and_decode_batch(num_heads, num_kv_heads, head_dim):
     # Decodes, a whole prompt, a chunk over a cached prefix, block-boundary and odd lengths.
     query_lens = [1, 17, 1, 5, 16, 1]
     context_lens = [33, 17, 16, 40, 64, 1]
-    q, kc, vc, meta, ks, vs = build_batch(query_lens, context_lens, num_heads, num_kv_heads, head_dim, 16)
+    q, cache, meta, ks, vs = build_batch(query_lens, context_lens, num_heads, num_kv_heads, head_dim, 16)
     scale = head_dim**-0.5
-    out = paged_attention_ref(q, kc, vc, meta, scale)
+    out = paged_attention_ref(q, cache, meta, scale)
     for i, (n, s) in enumerate(zip(query_lens, meta.query_start_loc.tolist())):
         want = dense_causal(q[s : s + n], ks[i], vs[i], scale)
         torch.testing.assert_close(out[s : s + n], want, rtol=1e-5, atol=1e-5)
@@ -71,16 +73,16 @@ def test_mixed_prefill_and_decode_batch(num_heads, num_kv_heads, head_dim):
 def test_decode_only_batch_long_contexts():
     query_lens = [1] * 5
     context_lens = [1, 15, 16, 17, 300]
-    q, kc, vc, meta, ks, vs = build_batch(query_lens, context_lens, 8, 2, 64, 16, seed=1)
-    out = paged_attention_ref(q, kc, vc, meta, 0.125)
+    q, cache, meta, ks, vs = build_batch(query_lens, context_lens, 8, 2, 64, 16, seed=1)
+    out = paged_attention_ref(q, cache, meta, 0.125)
     for i in range(5):
         torch.testing.assert_close(out[i : i + 1], dense_causal(q[i : i + 1], ks[i], vs[i], 0.125),
                                    rtol=1e-5, atol=1e-5)
 
 
 def test_decode_batch_of_equal_contexts_needs_no_mask():
-    q, kc, vc, meta, ks, vs = build_batch([1, 1, 1], [40, 40, 40], 8, 2, 64, 16, seed=2)
-    out = paged_attention_ref(q, kc, vc, meta, 0.125)
+    q, cache, meta, ks, vs = build_batch([1, 1, 1], [40, 40, 40], 8, 2, 64, 16, seed=2)
+    out = paged_attention_ref(q, cache, meta, 0.125)
     for i in range(3):
         torch.testing.assert_close(out[i : i + 1], dense_causal(q[i : i + 1], ks[i], vs[i], 0.125),
                                    rtol=1e-5, atol=1e-5)

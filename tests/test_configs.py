@@ -117,7 +117,7 @@ def test_unknown_keys_are_named(tmp_path, capsys):
     ("kv-cache-memory: lots\n", "argument --kv-cache-memory: not a size: 'lots'"),
     ("port: [8000, 8001]\n", "port: [8000, 8001] is not a value this option takes"),
     ("enforce-eager: 1\n", "enforce-eager is a switch: true or false, not 1"),
-    ("block-size: null\n", "block-size cannot be null (its default is 16)"),
+    ("max-num-seqs: null\n", "max-num-seqs cannot be null (its default is 64)"),
     ("prot: 1\n", "unknown option prot;"),
     ("max-num-seqs: 1\nmax_num_seqs: 2\n", "max-num-seqs and max_num_seqs set the same option"),
     ("- port\n", "expected option: value lines, found list"),

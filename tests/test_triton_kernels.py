@@ -5,6 +5,7 @@ the same tests run the compiled kernels on CUDA, bfloat16 attention included (th
 cannot run a bfloat16 tl.dot: it multiplies the raw bit patterns).
 """
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: first
 
@@ -14,6 +15,7 @@ import torch
 from kernels.activation import silu_and_mul_ref
 from kernels.attention import AttentionMetadata, paged_attention_ref
 from kernels.dispatch import REFERENCE_OPS, ops_for
+from kernels.kv_format import FORMATS, LayerKVCache
 from kernels.kv_write import write_kv_ref
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
 from kernels.rotary import apply_rotary_ref, rope_cos_sin
@@ -24,6 +26,8 @@ from kernels.triton_attention_prefill import paged_prefill_attention
 from kernels.triton_kv_write import write_kv_triton
 from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
 from kernels.triton_rotary import apply_rotary_triton
+
+AUTO = FORMATS["auto"]
 
 ON_GPU = os.environ["TRITON_INTERPRET"] != "1"
 
@@ -78,9 +82,8 @@ def test_write_kv_matches_ref_and_skips_negative_slots(dtype, num_kv_heads, head
     slots[5] = -1
     cache = rand(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, gen=gen)
     want = cache.clone()
-    keep = slots >= 0
-    write_kv_ref(k[keep], v[keep], want[0], want[1], slots[keep].to(DEVICE))
-    write_kv_triton(k, v, cache[0], cache[1], slots.to(DEVICE))
+    write_kv_ref(k, v, LayerKVCache(AUTO, want[0], want[1]), SimpleNamespace(slot_mapping=slots.to(DEVICE)))
+    write_kv_triton(k, v, LayerKVCache(AUTO, cache[0], cache[1]), SimpleNamespace(slot_mapping=slots.to(DEVICE)))
     assert torch.equal(cache, want)  # the skipped token's slot kept its old contents too
 
 
@@ -150,7 +153,7 @@ def paged_batch(query_lens, context_lens, num_heads, num_kv_heads, head_dim, dty
         slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(ctx)], device=DEVICE)
         k = rand(ctx, num_kv_heads, head_dim, dtype=dtype, gen=gen)
         v = rand(ctx, num_kv_heads, head_dim, dtype=dtype, gen=gen)
-        write_kv_ref(k, v, k_cache, v_cache, slots)
+        write_kv_ref(k, v, LayerKVCache(AUTO, k_cache, v_cache), SimpleNamespace(slot_mapping=slots))
     width = max(map(len, tables)) + 1  # one spare column: padding the kernels must not follow
     starts = [0]
     for n in query_lens:
@@ -170,7 +173,7 @@ def paged_batch(query_lens, context_lens, num_heads, num_kv_heads, head_dim, dty
 def reference(q, k_cache, v_cache, meta, scale):
     """paged_attention_ref on float32 copies: the kernels' half-precision rounding is the
     only error measured."""
-    return paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+    return paged_attention_ref(q.float(), LayerKVCache(AUTO, k_cache.float(), v_cache.float()), meta, scale)
 
 
 GQA = [(4, 4), (4, 2), (8, 2), (8, 1), (9, 3)]
@@ -258,7 +261,7 @@ def test_prefill_decode_only_rows():
 @pytest.mark.parametrize("query_lens,context_lens", [([1, 1, 1], [5, 40, 17]), (MIXED_QUERY_LENS, MIXED_CONTEXTS)])
 def test_attention_entry_point(query_lens, context_lens):
     q, kc, vc, meta = paged_batch(query_lens, context_lens, 8, 2, 64, torch.float32, seed=10)
-    out = paged_attention_triton(q, kc, vc, meta, 0.125)
+    out = paged_attention_triton(q, LayerKVCache(AUTO, kc, vc), meta, 0.125)
     assert_rel_close(out, reference(q, kc, vc, meta, 0.125), torch.float32)
 
 
@@ -267,7 +270,7 @@ def test_attention_entry_point(query_lens, context_lens):
 @pytest.mark.parametrize("query_lens,context_lens", [([1, 1], [40, 17]), ([3, 1, 20], [40, 17, 20])])
 def test_head_dims_16_and_256(dtype, head_dim, query_lens, context_lens):
     q, kc, vc, meta = paged_batch(query_lens, context_lens, 4, 2, head_dim, dtype, seed=12)
-    out = paged_attention_triton(q, kc, vc, meta, head_dim**-0.5)
+    out = paged_attention_triton(q, LayerKVCache(AUTO, kc, vc), meta, head_dim**-0.5)
     assert_rel_close(out, reference(q, kc, vc, meta, head_dim**-0.5), dtype)
 
 

@@ -6,7 +6,7 @@ sequences side by side, with K/V read from and written to the paged cache.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch import nn
 from engine.config import ModelConfig
 from kernels.attention import AttentionMetadata
 from kernels.dispatch import Ops
+from kernels.kv_format import LayerKVCache
 from kernels.rotary import rope_cos_sin
 
 
@@ -37,14 +38,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
-        """x: [num_tokens, hidden]; kv_cache: [2, num_blocks, block_size, kv_heads, head_dim]."""
+        """x: [num_tokens, hidden]; kv_cache: this layer's LayerKVCache."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.ops.apply_rotary(q, k, positions, cos_sin)
-        self.ops.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        o = self.ops.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        self.ops.write_kv(k, v, kv_cache, meta)
+        o = self.ops.paged_attention(q, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -93,7 +94,7 @@ class LlamaModel(nn.Module):
             persistent=False,
         )
 
-    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata):
+    def forward(self, input_ids, positions, kv_caches: list[LayerKVCache], meta: AttentionMetadata):
         """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden]."""
         x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):

@@ -1,0 +1,313 @@
+"""The Triton kernels on quantized KV caches (fp8_e4m3, int8, int4, int2) against the references.
+
+Write: codes and metadata equal write_kv_ref's. Attention: decode (split-K) and prefill over
+a cache the reference wrote, against paged_attention_ref in float32 on the same cache, so
+the kernels' own rounding is the only error measured. Caches are poisoned (random code
+bytes, NaN scales and residuals) wherever nothing was written: a read of such a slot shows.
+
+Runs under Triton's interpreter on CPU tensors by default (small shapes: it is slow); with
+TRITON_INTERPRET=0 and a GPU, on CUDA, bfloat16 included.
+"""
+import os
+from dataclasses import fields
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: first
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention import AttentionMetadata, KiviPlan, paged_attention_ref
+from kernels.kv_format import FORMATS, LayerKVCache, allocate_layer
+from kernels.kv_quant import unpack
+from kernels.kv_write import write_kv_ref
+from kernels.triton_attention import paged_attention_triton
+from kernels.triton_attention_decode import paged_decode_attention_cache
+from kernels.triton_attention_prefill import paged_prefill_attention_cache
+from kernels.triton_kv_write import write_kv_triton
+from kernels.triton_paged_tile import _unpack, cache_kernel_args
+
+# Importing it applies its interpreter fix. Error bounds as there: the kernels' rounding of q,
+# p (and q * scale, p * scale) to the model dtype is the error measured.
+from tests.test_triton_kernels import DEVICE, ON_GPU, assert_rel_close, rand
+
+QUANTIZED = ["fp8_e4m3", "int8", "int4", "int2"]
+
+
+# ---- building caches ---------------------------------------------------------------------------
+def poisoned_layer(name, num_blocks, block_size, num_kv_heads, head_dim, dtype, num_slots, gen):
+    """A cache whose every byte reads as garbage: random codes, NaN scales and residuals."""
+    cache = allocate_layer(FORMATS[name], num_blocks, block_size, num_kv_heads, head_dim, dtype,
+                           torch.device(DEVICE), num_slots)
+    for t in (cache.k, cache.v, cache.k_zero, cache.v_zero, cache.k_scale, cache.v_scale,
+              cache.k_residual, cache.v_residual):
+        if t is None:
+            continue
+        if t.dtype in (torch.uint8, torch.float8_e4m3fn):
+            t.view(torch.uint8).copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
+        else:
+            t.fill_(float("nan"))
+    return cache
+
+
+def step_meta(computed, new, tables, residual_slots, block_size, kivi, flush_padding=0):
+    """AttentionMetadata for a step writing new[i] tokens after computed[i] of sequence i (the
+    engine's layout, engine/model_runner.py), with `flush_padding` extra flush rows of -1 as
+    a CUDA-graph batch has."""
+    bs = block_size
+    slots, starts = [], [0]
+    mapping, blocks, res, prior, first = [], [], [], [], []
+    for i, (start, n, table) in enumerate(zip(computed, new, tables)):
+        slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+        full_end = (start + n) // bs * bs
+        for b in range(start // bs, full_end // bs):
+            blocks.append(table[b])
+            res.append(residual_slots[i])
+            prior.append(max(0, start - b * bs))
+            first.append(starts[i] + max(b * bs, start) - start)
+        mapping += [-1 if p < full_end else residual_slots[i] * bs + p % bs for p in range(start, start + n)]
+        starts.append(starts[-1] + n)
+    blocks += [-1] * flush_padding
+    res, prior, first = (x + [0] * flush_padding for x in (res, prior, first))
+    width = max(map(len, tables)) + 1  # a spare column: padding the kernels must not follow
+
+    def t(x, dtype=torch.long):
+        return torch.tensor(x, dtype=dtype, device=DEVICE)
+
+    ctx = [c + n for c, n in zip(computed, new)]
+    return AttentionMetadata(
+        slot_mapping=t(slots), block_tables=t([tb + [0] * (width - len(tb)) for tb in tables], torch.int32),
+        context_lens=t(ctx, torch.int32), query_start_loc=t(starts, torch.int32),
+        query_lens=list(new), context_lens_host=ctx,
+        kivi=KiviPlan(t(residual_slots, torch.int32), t(mapping), t(blocks), t(res), t(prior), t(first))
+        if kivi else None,
+    )
+
+
+def quantized_batch(name, query_lens, context_lens, num_heads, num_kv_heads, head_dim, dtype, block_size,
+                    seed=0):
+    """(q, cache, meta): each sequence's cached prefix, then its query tokens, written by
+    write_kv_ref as two engine steps; blocks scattered over the pool (block 0, which padded
+    table entries point at, never used); residual slots shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    fmt = FORMATS[name]
+    n = len(context_lens)
+    blocks_needed = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(blocks_needed) + 3
+    cache = poisoned_layer(name, num_blocks, block_size, num_kv_heads, head_dim, dtype, n + 2, gen)
+    free = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    tables = [[free.pop() for _ in range(nb)] for nb in blocks_needed]
+    residual_slots = torch.randperm(n + 2, generator=gen)[:n].tolist()
+    prefix = [c - q for c, q in zip(context_lens, query_lens)]
+    for computed, new in (([0] * n, prefix), (prefix, list(query_lens))):
+        meta = step_meta(computed, new, tables, residual_slots, block_size, fmt.kivi)
+        total = sum(new)
+        k, v = rand(total, num_kv_heads, head_dim, dtype=dtype, gen=gen), rand(total, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+        k[..., 3] += 4.0  # an outlier channel, as real keys have
+        write_kv_ref(k, v, cache, meta)
+    q = rand(sum(query_lens), num_heads, head_dim, dtype=dtype, gen=gen)
+    return q, cache, meta
+
+
+def reference(q, cache, meta, scale):
+    """paged_attention_ref in float32 (it dequantizes into q's dtype)."""
+    return paged_attention_ref(q.float(), cache, meta, scale)
+
+
+def cache_tensors(cache: LayerKVCache) -> list:
+    return [getattr(cache, f.name) for f in fields(cache) if f.name != "fmt"]
+
+
+def clone_cache(cache: LayerKVCache) -> LayerKVCache:
+    return LayerKVCache(cache.fmt, *(None if t is None else t.clone() for t in cache_tensors(cache)))
+
+
+# ---- KV write ----------------------------------------------------------------------------------
+def assert_same_cache(got: LayerKVCache, want: LayerKVCache):
+    """Codes: at least 99.9% equal, all within 1 (a rounding tie may land either way); scales
+    and zeros equal; written residual rows equal. Compared byte-wise: NaN poison included."""
+    fmt = got.fmt
+    pairs = list(zip(got.block_tensors(), want.block_tensors()))
+    if fmt.kivi:
+        pairs += [(got.k_residual, want.k_residual), (got.v_residual, want.v_residual)]
+    for i, (a, b) in enumerate(pairs):
+        if i < 2 and not fmt.fp8:  # packed integer codes: compare the codes
+            ca, cb = unpack(a, fmt.bits), unpack(b, fmt.bits)
+            assert (ca - cb).abs().max() <= 1
+            assert (ca == cb).float().mean() >= 0.999
+        else:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"tensor {i} differs"
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_per_token_formats_match_ref_and_skip_negative_slots(name, dtype):
+    gen = torch.Generator().manual_seed(0)
+    num_tokens, num_blocks, block_size, num_kv_heads, head_dim = 21, 6, 16, 3, 64
+    # k and v as strided views of one fused projection, as the model passes them.
+    kv = rand(num_tokens, 3, num_kv_heads, head_dim, dtype=dtype, gen=gen) * 3
+    kv[4, 0, 1] = 0.0  # a zero row: scale 1, codes at the zero point
+    k, v = kv[:, 0], kv[:, 2]
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[5] = -1
+    meta = AttentionMetadata(slots.to(DEVICE), None, None, None, [], [])
+    want = poisoned_layer(name, num_blocks, block_size, num_kv_heads, head_dim, dtype, 0, gen)
+    got = clone_cache(want)
+    write_kv_ref(k, v, want, meta)
+    write_kv_triton(k, v, got, meta)
+    assert_same_cache(got, want)  # the skipped token's slot kept its poison too
+
+
+@pytest.mark.parametrize("name,block_size,dtype", [("int4", 16, torch.float32), ("int2", 64, torch.bfloat16),
+                                                   ("int4", 64, torch.float16)])
+def test_write_kivi_flushes_full_blocks_and_fills_residuals(name, block_size, dtype):
+    gen = torch.Generator().manual_seed(1)
+    bs, num_kv_heads, head_dim = block_size, 2, 64
+    # Sequence 0: `prior` tokens already in its residual, this step fills that block and the
+    # next and leaves 3 in the residual; 1: a decode that fills a block; 2: a decode that does
+    # not; plus a padding flush row (-1).
+    computed = [5, bs - 1, 2 * bs + 2]
+    new = [2 * bs - 5 + 3, 1, 1]
+    tables = [[1, 7, 3], [5], [4, 8, 6]]
+    residual_slots = [3, 1, 4]
+    cache = poisoned_layer(name, 9, bs, num_kv_heads, head_dim, dtype, 5, gen)
+    # Earlier steps' tokens in the residual slots (a flushed block reads them).
+    for seq, c in enumerate(computed):
+        slot, keep = residual_slots[seq], c % bs
+        cache.k_residual[slot, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+        cache.v_residual[slot, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    meta = step_meta(computed, new, tables, residual_slots, bs, kivi=True, flush_padding=1)
+    assert meta.kivi.flush_prior.tolist() == [5, 0, bs - 1, 0]
+    fused = rand(sum(new), 2, num_kv_heads, head_dim, dtype=dtype, gen=gen) * 2
+    fused[..., 0, :, 3] += 6.0
+    k, v = fused[:, 0], fused[:, 1]
+    got = clone_cache(cache)
+    write_kv_ref(k, v, cache, meta)
+    write_kv_triton(k, v, got, meta)
+    assert_same_cache(got, cache)
+
+
+# ---- attention ---------------------------------------------------------------------------------
+DECODE_CONTEXTS = [1, 15, 17, 64, 100, 130]
+
+
+# None: the default splits, many for so few programs (an H100's 132 SMs), some empty.
+@pytest.mark.parametrize("name,num_heads,num_kv_heads,head_dim,block_size,dtype,num_splits", [
+    ("fp8_e4m3", 8, 2, 64, 16, torch.float16, None),
+    ("int8", 9, 3, 128, 16, torch.float32, 1),
+    ("int8", 8, 2, 64, 16, torch.float16, 3),
+    ("int4", 8, 2, 128, 64, torch.float16, 2),
+    ("int4", 9, 3, 64, 16, torch.float32, 3),
+    ("int2", 8, 2, 64, 64, torch.float32, None),
+    ("int2", 9, 3, 128, 16, torch.float16, 4),
+])
+def test_decode_split_k(name, num_heads, num_kv_heads, head_dim, block_size, dtype, num_splits):
+    q, cache, meta = quantized_batch(name, [1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS, num_heads, num_kv_heads,
+                                     head_dim, dtype, block_size, seed=2)
+    scale = head_dim**-0.5
+    residual_slots = meta.kivi.residual_slots if cache.fmt.kivi else None
+    out = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, residual_slots,
+                                       tile_tokens=32, num_splits=num_splits)
+    assert_rel_close(out, reference(q, cache, meta, scale), dtype)
+
+
+MIXED_QUERY_LENS = [1, 17, 5, 16, 1, 40]
+MIXED_CONTEXTS = [33, 17, 40, 80, 1, 150]  # decodes, whole prompts, chunks over a cached prefix
+
+
+# block_n 16 < block_size 64: residual tiles before a query tile's first position (no mask).
+@pytest.mark.parametrize("name,num_heads,num_kv_heads,head_dim,block_size,dtype,block_n", [
+    ("fp8_e4m3", 9, 3, 128, 16, torch.float32, None),
+    ("int8", 8, 2, 64, 16, torch.float16, None),
+    ("int4", 8, 2, 64, 16, torch.float16, None),
+    ("int2", 9, 3, 64, 64, torch.float16, 16),
+    ("int2", 8, 2, 128, 16, torch.float32, None),
+])
+def test_prefill_mixed_batch(name, num_heads, num_kv_heads, head_dim, block_size, dtype, block_n):
+    q, cache, meta = quantized_batch(name, MIXED_QUERY_LENS, MIXED_CONTEXTS, num_heads, num_kv_heads, head_dim,
+                                     dtype, block_size, seed=3)
+    scale = head_dim**-0.5
+    if block_n is None:  # through the entry point
+        out = paged_attention_triton(q, cache, meta, scale)
+    else:
+        out = paged_prefill_attention_cache(q, cache, meta, scale, block_n=block_n)
+    assert_rel_close(out, reference(q, cache, meta, scale), dtype)
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_decode_entry_point_and_write_kernel_together(name):
+    """A decode step as the model runs it: the write kernel stores the new token (flushing a
+    block for the int4/int2 sequence whose block fills), then attention reads it back."""
+    gen = torch.Generator().manual_seed(4)
+    bs = 16
+    q, cache, meta = quantized_batch(name, [1, 1, 1], [bs - 1, 40, 2 * bs - 1], 8, 2, 64, torch.float16, bs, seed=4)
+    # No context is a multiple of bs: each new token lands in its sequence's last block.
+    tables = [row[: -(-c // bs)] for row, c in zip(meta.block_tables.tolist(), meta.context_lens_host)]
+    residual = meta.kivi.residual_slots.tolist() if meta.kivi else [0, 0, 0]
+    step = step_meta(meta.context_lens_host, [1, 1, 1], tables, residual, bs, cache.fmt.kivi)
+    k, v = rand(3, 2, 64, dtype=torch.float16, gen=gen), rand(3, 2, 64, dtype=torch.float16, gen=gen)
+    want = clone_cache(cache)
+    write_kv_ref(k, v, want, step)
+    write_kv_triton(k, v, cache, step)
+    assert_same_cache(cache, want)
+    q = rand(3, 8, 64, dtype=torch.float16, gen=gen)
+    assert_rel_close(paged_attention_triton(q, cache, step, 0.125), reference(q, want, step, 0.125), torch.float16)
+
+
+@triton.jit
+def _unpack_kernel(b_ptr, out_ptr, N: tl.constexpr, NUM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   KV_BITS: tl.constexpr, CODE_MAGIC: tl.constexpr):
+    n = tl.arange(0, N)[:, None]
+    b = tl.load(b_ptr + n * NUM_BYTES + tl.arange(0, NUM_BYTES)[None, :])
+    x = _unpack(b, out_ptr.dtype.element_ty, KV_BITS, False, CODE_MAGIC)
+    tl.store(out_ptr + n * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], x)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_unpack_gives_bias_plus_code_in_the_dot_dtype(bits, dtype):
+    """The bit trick that makes codes floats without a conversion (bfloat16 included, whose
+    dot the interpreter cannot run): each code, in pack's channel order, plus CODE_BIAS."""
+    if dtype == torch.bfloat16 and bits == 8 and not ON_GPU:  # no bias trick there: a conversion
+        pytest.skip("the interpreter casts integers to bfloat16 as raw bits")
+    codes = torch.randint(0, 1 << bits, (16, 64), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    packed = codes.view(16, 64 * bits // 8, 8 // bits).to(torch.int32) << (torch.arange(8 // bits) * bits)
+    packed = packed.sum(-1).to(torch.uint8).to(DEVICE)
+    cache = allocate_layer(FORMATS[{2: "int2", 4: "int4", 8: "int8"}[bits]], 1, 16, 1, 64, dtype, torch.device("meta"), 1)
+    constexprs = cache_kernel_args(cache, dtype, torch.empty(0))[1]
+    out = torch.empty(16, 64, dtype=dtype, device=DEVICE)
+    _unpack_kernel[(1,)](packed, out, 16, packed.shape[1], 64, bits, constexprs["CODE_MAGIC"])
+    assert torch.equal(out.float().cpu(), codes.float() + constexprs["CODE_BIAS"])
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_write_and_decode_in_a_cuda_graph(name):
+    """The write (flushing a block, padded flush rows) and attention captured in one graph:
+    both read their lengths and plans on the device only."""
+    bs = 64 if FORMATS[name].kivi else 16
+    q, cache, meta = quantized_batch(name, [1, 1], [200, 64], 8, 2, 128, torch.bfloat16, bs, seed=6)
+    gen = torch.Generator().manual_seed(6)
+    tables = [row[: -(-c // bs)] for row, c in zip(meta.block_tables.tolist(), meta.context_lens_host)]
+    residual = meta.kivi.residual_slots.tolist() if meta.kivi else [0, 0]
+    # Rewrites each sequence's last token: sequence 1's fills its block (int4/int2: a flush).
+    step = step_meta([199, 63], [1, 1], tables, residual, bs, cache.fmt.kivi, flush_padding=2)
+    k, v = rand(2, 2, 128, dtype=torch.bfloat16, gen=gen), rand(2, 2, 128, dtype=torch.bfloat16, gen=gen)
+    want = clone_cache(cache)
+
+    def run():
+        write_kv_triton(k, v, cache, step)
+        return paged_attention_triton(q, cache, step, 128**-0.5)
+
+    run()  # compile outside the capture, then start again from the same cache
+    for t, w in zip(cache_tensors(cache), cache_tensors(want)):
+        if t is not None:
+            t.copy_(w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    write_kv_ref(k, v, want, step)
+    assert_same_cache(cache, want)
+    assert_rel_close(out, reference(q, want, step, 128**-0.5), torch.bfloat16)
