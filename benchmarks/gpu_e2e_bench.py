@@ -19,55 +19,23 @@ import argparse
 import gc
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _roofline import (
+    copy_bandwidth,
+    cuda_time,
+    matmul_flops,
+    prefill_flops,
+    weight_bytes_per_step,
+)
+from llama8b_config import LLAMA31_8B, write_checkpoint_dir
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.core import EngineCore
 from engine.loader import load_tokenizer_only
 from engine.request import SamplingParams
-
-LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
-}
-
-
-def cuda_time(fn, warmup: int = 10, iters: int = 30) -> float:
-    """Median seconds of fn() with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read and written."""
-    src = torch.randn(2**29, device="cuda")  # 2 GiB of float32
-    dst = torch.empty_like(src)
-    t = cuda_time(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / t
-
-
-def matmul_flops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192**3 / cuda_time(lambda: a @ b)
 
 
 def generate(engine: EngineCore, prompt: list[int], n: int, min_tokens: int = 0) -> tuple[list[int], float]:
@@ -151,8 +119,7 @@ def dummy_engine(workdir: Path, dtype: str, tokenizer: str | None) -> EngineCore
 def llama8b_section(args, results: dict) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    workdir = Path(tempfile.mkdtemp())
-    (workdir / "config.json").write_text(json.dumps(LLAMA31_8B))
+    workdir = write_checkpoint_dir()
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 128000, (n,), generator=gen).tolist() for n in (7, 100, 531)]
     torch.manual_seed(0)
@@ -169,9 +136,7 @@ def llama8b_section(args, results: dict) -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
-    embed = engine.runner.model.embed_tokens.weight
-    read_per_token = weight_bytes - embed.numel() * embed.element_size()  # one embedding row only
+    read_per_token = weight_bytes_per_step(engine.runner.model)
     bw = copy_bandwidth()
     flops = matmul_flops()
     roofline = bw / read_per_token
@@ -193,11 +158,7 @@ def llama8b_section(args, results: dict) -> None:
     }
 
     prompt = torch.randint(0, 128000, (4096,), generator=gen).tolist()
-    c = engine.model_config
-    layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
-    attn_flops = 4 * c.num_layers * c.num_heads * c.head_dim * 4096 * 4097 / 2  # causal QK^T + PV
-    # Linear layers for every token, attention, and the lm_head for the one sampled token.
-    total_flops = 2 * layer_params * 4096 + attn_flops + 2 * c.hidden_size * c.vocab_size
+    total_flops = prefill_flops(model, engine.model_config, len(prompt))
 
     def prefill():
         engine.add_request("p", prompt, SamplingParams(max_tokens=1))

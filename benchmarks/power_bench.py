@@ -21,12 +21,12 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from llama8b_config import write_checkpoint_dir
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.energy import EnergyMeter
@@ -35,7 +35,6 @@ from engine.power_cap import PowerCapController
 from engine.power_sources import open_power_source
 from engine.request import FinishReason, SamplingParams
 from engine.stats import StatsObserver
-from gpu_e2e_bench import LLAMA31_8B  # the shapes every GPU benchmark here uses
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -133,10 +132,8 @@ def main() -> None:
                  "nothing was measured")
     from engine.core import EngineCore
 
-    workdir = Path(tempfile.mkdtemp())
-    (workdir / "config.json").write_text(json.dumps(LLAMA31_8B))
     core = EngineCore(EngineConfig(
-        model=str(workdir), load_format="dummy", dtype="bfloat16", tokenizer=args.tokenizer,
+        model=str(write_checkpoint_dir()), load_format="dummy", dtype="bfloat16", tokenizer=args.tokenizer,
         cache=CacheConfig(kv_cache_memory=8 << 30),
         scheduler=SchedulerConfig(max_num_seqs=args.concurrency, max_num_batched_tokens=4096,
                                   max_model_len=8192)))

@@ -194,7 +194,8 @@ class EngineCore:
         # could stay under the cap.
         energy = None if self.energy_meter is None else self.energy_meter.step_energy(begin, end)
         step = StepStats(start, end, sum(batch.num_new_tokens),
-                         num_preemptions=len(batch.preempted), energy_j=energy)
+                         num_preemptions=len(batch.preempted), energy_j=energy,
+                         gpu_busy_s=self.runner.gpu_timer.take())
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             stats = self.requests[seq.request_id].stats
             if stats.scheduled_time is None:

@@ -5,6 +5,7 @@ import torch
 
 from engine.config import CacheConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.gpu_timer import GpuBusyTimer
 from engine.models.llama import LlamaModel
 from engine.sequence import Sequence
 from kernels.attention import AttentionMetadata, KiviPlan
@@ -39,6 +40,7 @@ class ModelRunner:
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
         self.graphs: DecodeGraphs | None = None
+        self.gpu_timer = GpuBusyTimer(device)
 
     # ---- KV cache ----------------------------------------------------------------------
     def bytes_per_block(self, block_size: int) -> int:
@@ -98,11 +100,14 @@ class ModelRunner:
         scheduled tokens reach their end (those sample next), in batch order. residual_slots:
         each sequence's residual slot, for a KIVI (int4, int2) cache."""
         input_ids, positions, meta, sample_rows = self._prepare(seqs, num_new, tables, residual_slots)
+        self.gpu_timer.start()  # after _prepare: building inputs on the host is GPU idle time
         if self.graphs is not None and meta.max_query_len == 1 and self.graphs.fits(len(seqs)):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden[sample_rows])
+        logits = self.model.compute_logits(hidden[sample_rows])
+        self.gpu_timer.stop()
+        return logits
 
     def _prepare(self, seqs, num_new, tables, residual_slots):
         bs = self.block_size

@@ -22,6 +22,7 @@ class StepStats:
     num_scheduled_tokens: int  # prompt chunks and decodes the model processed
     num_preemptions: int = 0
     energy_j: float | None = None  # None: no power source
+    gpu_busy_s: float | None = None  # GPU time of the forward pass (CUDA only; see gpu_timer.py)
     # A prompt counts once, when its request's first token comes (as vLLM counts it), so a
     # prompt prefilled again after a preemption is not counted twice.
     num_prompt_tokens: int = 0

@@ -46,7 +46,9 @@ def one_two_five(low: float, high: float) -> list[float]:
 
 class Metrics(StatsObserver):
     def __init__(self, engine, model_name: str, window_s: float = 60.0, slo: SLO | None = None,
-                 power: PowerSampler | None = None, power_cap: PowerCapController | None = None):
+                 power: PowerSampler | None = None, power_cap: PowerCapController | None = None,
+                 gpu_timed: bool = False):
+        """`gpu_timed`: the engine times its forward passes on a GPU (StepStats.gpu_busy_s)."""
         self.registry = CollectorRegistry()
         self._model = model_name
         now = time.monotonic()
@@ -66,6 +68,13 @@ class Metrics(StatsObserver):
                                      "Prompt tokens of requests that began answering.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.preemptions = counter("num_preemptions", "Sequences preempted to free KV blocks.")
+        self.step_seconds = counter("engine_step_seconds",
+                                    "Wall time of engine steps: scheduling, forward pass, sampling "
+                                    "(power-cap pauses excluded).")
+        self.gpu_busy = counter("gpu_busy_seconds",
+                                "GPU time of the forward passes of engine steps (CUDA events); "
+                                "1 - its increase / engine_step_seconds' increase is the share "
+                                "of step time the GPU sat idle.") if gpu_timed else None
         # Prefix caching comes later; the series exist now so dashboards can rely on them.
         counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
@@ -121,6 +130,9 @@ class Metrics(StatsObserver):
         self.prompt_tokens.inc(step.num_prompt_tokens)
         self.generation_tokens.inc(step.num_generation_tokens)
         self.preemptions.inc(step.num_preemptions)
+        self.step_seconds.inc(step.end - step.start)
+        if self.gpu_busy is not None and step.gpu_busy_s is not None:
+            self.gpu_busy.inc(step.gpu_busy_s)
         for seconds in step.time_to_first_tokens:
             self.ttft.observe(seconds)
         for seconds in step.inter_token_latencies:

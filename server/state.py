@@ -66,7 +66,8 @@ class ServerState:
             power_source, config.power_sample_interval_ms / 1e3)
         power_cap = self._attach_power(engine.core, config.power_cap_watts)
         self.metrics = Metrics(engine, self.model_names[0], config.metrics_window_seconds,
-                               self.slo, self.power, power_cap)
+                               self.slo, self.power, power_cap,
+                               gpu_timed=engine.core.runner.gpu_timer.enabled)
         engine.core.observers.append(self.metrics)
         self.created = int(time.time())
         # Changes when anything that changes outputs for a fixed seed changes.

@@ -126,6 +126,7 @@ def test_counters_equal_usage_and_histograms_count_requests(server, client):
     assert delta("request_energy_joules_sum") == pytest.approx(energy, rel=1e-9)
     busy = delta("request_inference_time_seconds_sum")
     assert WATTS * busy * 0.8 < energy <= WATTS * wall
+    assert 0 < delta("engine_step_seconds_total") <= wall
 
 
 def test_an_aborted_request_counts_as_abort_only(server, client):
@@ -240,5 +241,6 @@ def test_without_power_readings_power_metrics_are_absent_and_the_log_says_why(li
     names = {line.split("{")[0] for line in httpx.get(live_server.url + "/metrics").text.splitlines()}
     assert "wattserve:device_power_watts" not in names
     assert "wattserve:inference_energy_joules_total" not in names
+    assert "wattserve:gpu_busy_seconds_total" not in names  # CUDA events only on a GPU
     assert "wattserve:time_to_first_token_seconds_bucket" in names
     assert live_server.log().count("no power metrics: ") == 1

@@ -1,0 +1,55 @@
+"""The limits a GPU benchmark sets its results against, measured in the same run: a large
+bf16 matmul (FLOP/s, the ceiling of prefill) and a device-to-device copy (bytes/s, the
+ceiling of reading the weights in decode); and the work a Llama-family model does per token,
+counted from its parameters."""
+from __future__ import annotations
+
+import torch
+
+from engine.config import ModelConfig
+
+
+def cuda_time(fn, warmup: int = 10, iters: int = 30) -> float:
+    """Median seconds of fn() with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read and written."""
+    src = torch.randn(2**29, device="cuda")  # 2 GiB of float32
+    dst = torch.empty_like(src)
+    t = cuda_time(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / t
+
+
+def matmul_flops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192**3 / cuda_time(lambda: a @ b)
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step must read, whatever its batch: every matrix once, of the
+    embedding table only the rows looked up (negligible, so none counted)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.embed_tokens.weight
+    return weight_bytes - embed.numel() * embed.element_size()
+
+
+def prefill_flops(model: torch.nn.Module, config: ModelConfig, prompt_len: int) -> float:
+    """FLOPs of one prompt's prefill: the layers' matrices for every token, causal attention
+    (QK^T and PV over the lower triangle), and the lm_head for the one sampled token."""
+    layer_params = sum(p.numel() for n, p in model.named_parameters()
+                       if n.startswith("layers.") and p.dim() == 2)
+    attention = 4 * config.num_layers * config.num_heads * config.head_dim * prompt_len * (prompt_len + 1) / 2
+    return 2 * layer_params * prompt_len + attention + 2 * config.hidden_size * config.vocab_size

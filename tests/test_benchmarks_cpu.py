@@ -1,0 +1,62 @@
+"""The serving and offline benchmarks at CI size on CPU, so they cannot rot: a few requests
+each, run as their command lines run them; counts and the JSON's shape, never timings."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+INPUT_LEN, OUTPUT_LEN, REQUESTS = 16, 8, 4
+
+
+def bench(script: str, *args: str) -> None:
+    # The checkout under test first, whichever one the environment has installed.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, env=env, check=True,
+                   timeout=300)
+
+
+def assert_ordered(stats: dict) -> None:
+    assert stats["p50"] <= stats["p90"] <= stats["p99"], stats
+
+
+def test_serve_bench_at_a_rate_and_all_at_once(live_server, tmp_path):
+    out = tmp_path / "serve.json"
+    bench("serve_bench.py", "--base-url", live_server.url, "--request-rates", "20,inf",
+          "--num-prompts", str(REQUESTS), "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN),
+          "--label", "ci", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [r["load"] for r in result["runs"]] == ["rate 20/s", "all at once"]
+    for run in result["runs"]:
+        assert (run["completed"], run["failed"], run["errors"]) == (REQUESTS, 0, [])
+        assert run["output_tokens"] == REQUESTS * OUTPUT_LEN  # exact, thanks to ignore_eos
+        assert run["input_tokens"] == REQUESTS * INPUT_LEN
+        for name in ("ttft_ms", "tpot_ms", "itl_ms"):
+            assert_ordered(run[name])
+        assert run["goodput_req_s"] <= run["request_throughput"]
+        assert 0 <= run["slo_attainment"] <= 1
+        assert run["engine_step_s"] > 0  # our server's step counter moved
+        assert run["gpu_idle_fraction"] is None  # no GPU, no GPU timing
+    assert (tmp_path / "serve.png").stat().st_size > 0
+
+
+def test_serve_bench_closed_loop_with_sampled_lengths(live_server, tmp_path):
+    out = tmp_path / "serve.json"
+    bench("serve_bench.py", "--base-url", live_server.url, "--concurrency", "2",
+          "--len-distribution", "uniform", "--num-prompts", str(REQUESTS), "--input-len", str(INPUT_LEN),
+          "--output-len", str(OUTPUT_LEN), "--warmup-requests", "0", "--label", "ci", "--out", str(out))
+    (run,) = json.loads(out.read_text())["runs"]
+    assert (run["load"], run["completed"]) == ("concurrency 2", REQUESTS)
+    assert run["output_tokens"] == run["expected_output_tokens"]
+
+
+def test_offline_bench_with_the_hf_peer(tmp_path):
+    out = tmp_path / "offline.json"
+    bench("offline_bench.py", "--num-requests", str(REQUESTS), "--input-len", str(INPUT_LEN),
+          "--output-len", str(OUTPUT_LEN), "--hf-peer", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["wattserve"]["output_tokens"] == REQUESTS * OUTPUT_LEN
+    assert result["hf_generate_batch"]["output_tokens"] == REQUESTS * OUTPUT_LEN
+    assert result["bound"] is None and result["wattserve"]["gpu_idle_fraction_of_step_time"] is None
+    assert result["vs_hf"] > 0
