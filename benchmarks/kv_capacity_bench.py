@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from gpu_e2e_bench import LLAMA31_8B  # benchmarks/ is the script's directory
+from llama8b_config import (  # benchmarks/ is the script's directory
+    LLAMA31_8B,
+    write_checkpoint_dir,
+)
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.core import EngineCore
@@ -87,8 +89,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--dtypes", default=",".join(KV_CACHE_DTYPES))
     args = ap.parse_args()
-    workdir = Path(tempfile.mkdtemp())
-    (workdir / "config.json").write_text(json.dumps(LLAMA31_8B))
+    workdir = write_checkpoint_dir()
     rows = {}
     for dtype in args.dtypes.split(","):
         batch = largest_batch(dtype, args)
