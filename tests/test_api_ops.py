@@ -17,7 +17,8 @@ class NeverStartedEngine:
     started = False
     is_alive = False
     max_model_len = 2048
-    core = SimpleNamespace(model_name="smol", dtype="float32", device="cpu", observers=[])
+    core = SimpleNamespace(model_name="smol", dtype="float32", device="cpu", observers=[],
+                           runner=SimpleNamespace(gpu_timer=SimpleNamespace(enabled=False)))
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=0, num_waiting=0, num_total_blocks=10, num_free_blocks=10,

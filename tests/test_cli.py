@@ -40,7 +40,7 @@ def test_every_flag_reaches_its_config(monkeypatch):
     args = parse(
         "model.gguf", "--load-format", "gguf", "--dtype", "bfloat16", "--device", "cuda:1",
         "--tokenizer", "tok", "--seed", "7", "--block-size", "32", "--kv-cache-memory", "2GiB",
-        "--gpu-memory-utilization", "0.5", "--kv-cache-dtype", "fp8", "--max-num-seqs", "8",
+        "--gpu-memory-utilization", "0.5", "--kv-cache-dtype", "fp8_e4m3", "--max-num-seqs", "8",
         "--max-num-batched-tokens", "512", "--max-model-len", "4096", "--max-queue-len", "3",
         "--host", "127.0.0.1", "--port", "9000", "--served-model-name", "a", "b",
         "--request-timeout", "2.5", "--max-request-bytes", "4MiB",
@@ -49,7 +49,7 @@ def test_every_flag_reaches_its_config(monkeypatch):
         model="model.gguf", load_format="gguf", dtype="bfloat16", device="cuda:1",
         tokenizer="tok", seed=7,
         cache=CacheConfig(block_size=32, kv_cache_memory=2 << 30, memory_fraction=0.5,
-                          kv_cache_dtype="fp8"),
+                          kv_cache_dtype="fp8_e4m3"),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512,
                                   max_model_len=4096, max_queue_len=3))
     assert server_config(args) == ServerConfig(
@@ -73,7 +73,7 @@ def test_every_flag_is_explained():
 
 def test_startup_log_tells_what_is_served(live_server):
     log = live_server.log()
-    for needle in ("SmolLM2-135M-Instruct", "float32", "on cpu", "KV cache: ",
+    for needle in ("SmolLM2-135M-Instruct", "float32", "on cpu", "KV cache auto: ",
                    " blocks x 16 tokens", "context ", f"curl http://127.0.0.1:{live_server.port}/v1/models"):
         assert needle in log
 
