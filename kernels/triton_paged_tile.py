@@ -66,13 +66,8 @@ def attend_tile(
     k = _load_kv(k_cache_ptr, offsets, valid)
     v = _load_kv(v_cache_ptr, offsets, valid)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    if CAUSAL:
-        s = tl.where(valid[None, :] & (tok[None, :] <= q_pos[:, None]), s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l = l * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc, m_new, l, p = _softmax_step(acc, m, l, s, tok, valid, q_pos, CAUSAL)
+    acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l
 
 
