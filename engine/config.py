@@ -117,5 +117,8 @@ class EngineConfig:
     tokenizer: str | None = None
     seed: int = 0
     enforce_eager: bool = False  # CUDA: run decode steps op by op instead of replaying graphs
+    # Launch each step before reading the last one's tokens (engine/core.py): auto | on | off;
+    # auto is on for CUDA, off for CPU.
+    launch_ahead: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -17,9 +17,11 @@ from engine.request import (
     ContextLengthExceeded, FinishReason, InvalidRequestError, RequestOutput, SamplingParams,
     SequenceOutput,
 )
-from engine.sampler import Sampler
+from engine.gpu_timer import GpuSpan
+from engine.host_to_device import device_tensor
+from engine.sampler import SampledTokens, Sampler, reads_own_tokens
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import Sequence
+from engine.sequence import PLACEHOLDER, Sequence
 from engine.slo import SLO
 from engine.stats import RequestStats, StatsObserver, StepStats
 from kernels.kv_format import kv_format
@@ -36,6 +38,19 @@ class EngineStats:
     block_size: int
     num_preemptions: int
     kv_cache_tokens: int
+
+
+@dataclass
+class _Launched:
+    """A step running on the device, its tokens not yet read by the host."""
+
+    batch: ScheduledBatch
+    samplers: list[Sequence]  # one per drawn token, in row order
+    positions: list[int]  # where each one's token goes in its token_ids (now a PLACEHOLDER)
+    sampled: SampledTokens
+    gpu_span: GpuSpan | None
+    begin: float  # time.monotonic() before a power cap's pause
+    start: float  # ... after it
 
 
 @dataclass
@@ -88,6 +103,9 @@ class EngineCore:
         self.observers: list[StatsObserver] = []
         self.energy_meter: EnergyMeter | None = None
         self.step_pause_s = 0.0
+        self.launch_ahead = _launch_ahead(config.launch_ahead, self.device)
+        self._in_flight: _Launched | None = None
+        self._last_step_end = 0.0
         log.info(
             "model %s | %s on %s | KV cache %s: %d blocks x %d tokens = %d tokens (%.1f MiB) | context %d",
             self.model_name, str(self.dtype).removeprefix("torch."), self.device, fmt.name, num_blocks,
@@ -146,7 +164,7 @@ class EngineCore:
             self.abort(rid)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -158,16 +176,39 @@ class EngineCore:
 
     # ---- a step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run a step; return the outputs of the oldest step not yet returned.
+
+        Launching ahead (on by default on CUDA): the next step is scheduled and launched
+        before this one's tokens are read, its inputs taken from this step's tokens on the
+        device, so the GPU does not wait while the host detokenizes, checks stops and hands
+        out outputs. A sequence that stops on this step's token has run one step more for
+        nothing; that step's token is dropped."""
+        if self._in_flight is None:
+            self._in_flight = self._launch()
+            if self._in_flight is None:
+                return []
+        ahead = self._launch() if self._can_launch_ahead(self._in_flight) else None
+        outputs = self._resolve(self._in_flight)
+        self._in_flight = ahead
+        return outputs
+
+    def _can_launch_ahead(self, launched: _Launched) -> bool:
+        return self.launch_ahead and not any(reads_own_tokens(s) for s in launched.samplers)
+
+    def _launch(self) -> _Launched | None:
+        """Schedule and run a step and draw its tokens, without waiting for them: each
+        sampling sequence gets a PLACEHOLDER token (see _resolve)."""
         begin = time.monotonic()
         if self.step_pause_s:
             time.sleep(self.step_pause_s)  # a power cap's pacing; see engine/power_cap.py
         start = time.monotonic()
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
+            return None
         tables = [self.kv.tables[s.seq_id] for s in batch.seqs]
         residual = [self.kv.residual_slots[s.seq_id] for s in batch.seqs] if self.kv.uses_residual else None
-        logits = self.runner.execute(batch.seqs, batch.num_new_tokens, tables, residual)
+        ahead_tokens = None if self._in_flight is None else self._in_flight.sampled.tokens
+        logits = self.runner.execute(batch.seqs, batch.num_new_tokens, tables, residual, ahead_tokens)
         samplers = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -179,29 +220,53 @@ class EngineCore:
             for child in self._fork_siblings(seq):
                 samplers.append(child)
                 rows.append(i)
-        tokens, logprobs = self.sampler(logits[rows], samplers)
+        if len(rows) > len(set(rows)):  # forks: their parent's row again (indexing by a list would sync)
+            logits = logits[device_tensor(rows, torch.long, logits.device)]
+        sampled = self.sampler.sample(logits, samplers)
+        positions = []
+        for row, seq in enumerate(samplers):
+            positions.append(seq.num_tokens)
+            seq.token_ids.append(PLACEHOLDER)
+            seq.ahead_row = row
+            if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+                # Its last token: whatever it is, the sequence is done, so it must not be
+                # scheduled again; _resolve sets its finish reason.
+                self.scheduler.finish(seq)
+        return _Launched(batch, samplers, positions, sampled, self.runner.last_gpu_span, begin, start)
+
+    def _resolve(self, launched: _Launched) -> list[RequestOutput]:
+        """Read a launched step's tokens, put them in place of its placeholders, detokenize,
+        check stops, and return the requests' outputs."""
+        tokens, logprobs = launched.sampled.resolve()
         sampled: dict[str, int] = {}  # request id -> tokens sampled this step
-        for seq, tok, lp in zip(samplers, tokens, logprobs):
-            self._append_token(seq, tok, lp)
+        for seq, position, tok, lp in zip(launched.samplers, launched.positions, tokens, logprobs):
+            if seq.request_id not in self.requests or seq.finish_reason is not None:
+                continue  # aborted, or stopped by the previous step's token: this one ran ahead for nothing
+            self._append_token(seq, position, tok, lp)
             sampled[seq.request_id] = sampled.get(seq.request_id, 0) + 1
-        self._record_step(batch, sampled, begin, start)
+        self._record_step(launched, sampled)
         return [self._output(rid) for rid in sampled if rid in self.requests]
 
-    def _record_step(self, batch: ScheduledBatch, sampled: dict[str, int], begin: float,
-                     start: float) -> None:
+    def _record_step(self, launched: _Launched, sampled: dict[str, int]) -> None:
         end = time.monotonic()
-        # The pause before the step is part of its cost: the GPU idled so that this step
-        # could stay under the cap.
+        # Steps launched ahead overlap in wall time: each counts from where the one before it
+        # ended, so step times (and energies) add up to the wall time, never more. The pause
+        # before a step is part of its cost: the GPU idled so that it could stay under the cap.
+        begin, start = max(launched.begin, self._last_step_end), max(launched.start, self._last_step_end)
+        self._last_step_end = end
         energy = None if self.energy_meter is None else self.energy_meter.step_energy(begin, end)
+        batch = launched.batch
         step = StepStats(start, end, sum(batch.num_new_tokens),
                          num_preemptions=len(batch.preempted), energy_j=energy,
-                         gpu_busy_s=self.runner.gpu_timer.take())
+                         gpu_busy_s=None if launched.gpu_span is None else launched.gpu_span.seconds())
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            stats = self.requests[seq.request_id].stats
-            if stats.scheduled_time is None:
-                stats.scheduled_time = start
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue  # aborted while the step ran
+            if req.stats.scheduled_time is None:
+                req.stats.scheduled_time = launched.start
             if energy is not None:  # split by tokens processed: see engine/energy.py
-                stats.energy_j += energy * n / step.num_scheduled_tokens
+                req.stats.energy_j += energy * n / step.num_scheduled_tokens
         for request_id, n in sampled.items():
             self.requests[request_id].stats.record_tokens(n, end, step)
         for observer in self.observers:
@@ -235,8 +300,9 @@ class EngineCore:
         req.unforked.clear()
         return forked
 
-    def _append_token(self, seq: Sequence, token: int, logprob) -> None:
-        seq.token_ids.append(token)
+    def _append_token(self, seq: Sequence, position: int, token: int, logprob) -> None:
+        """The token drawn for `position` of the sequence (its placeholder until now)."""
+        seq.token_ids[position] = token
         seq.pending_token_ids.append(token)
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
@@ -245,10 +311,11 @@ class EngineCore:
         reason = None
         if (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or seq.detokenizer.stopped_by is not None:
             reason = FinishReason.STOP
-        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif position + 1 - seq.prompt_len >= seq.max_tokens or position + 1 >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             seq.finish_reason = reason
+            del seq.token_ids[position + 1 :]  # a step launched ahead may have added a placeholder
             self.scheduler.finish(seq)
 
     def _output(self, request_id: str) -> RequestOutput:
@@ -257,14 +324,16 @@ class EngineCore:
         for seq in req.seqs:
             if not seq.pending_token_ids:
                 continue
-            text = seq.detokenizer.take(final=seq.is_finished)
+            text = seq.detokenizer.take(final=seq.finish_reason is not None)
             outs.append(SequenceOutput(
                 index=seq.index, text=text, token_ids=seq.pending_token_ids,
                 logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
                 finish_reason=seq.finish_reason, num_output_tokens=seq.num_output_tokens,
             ))
             seq.pending_token_ids, seq.pending_logprobs = [], []
-        finished = all(s.is_finished for s in req.seqs)
+        # A sequence finishes when its last token is read (finish_reason), which may be a step
+        # after the scheduler let it go (is_finished): its length was known at launch.
+        finished = all(s.finish_reason is not None for s in req.seqs)
         if finished:
             del self.requests[request_id]
             # n > 1 counts once, under its first choice's reason.
@@ -276,6 +345,12 @@ def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _launch_ahead(setting: str, device: torch.device) -> bool:
+    """auto: on CUDA, where it hides the host's work behind the GPU's; on CPU the host is the
+    device, so launching ahead would only delay each output by a step."""
+    return device.type == "cuda" if setting == "auto" else setting == "on"
 
 
 def _pick_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:

@@ -2,39 +2,36 @@
 
 Set beside the step's wall time, it shows the share of a step the GPU sits idle while the
 host schedules, prepares inputs, samples and hands out outputs. Events cost microseconds and
-never synchronize on their own: the step has already waited for its sampled tokens when the
-time is read.
+never synchronize on their own: a span is read once its step's tokens have reached the host.
+Each forward pass gets its own span, because with steps launched ahead (engine/core.py) the
+next one starts before the last one is read.
 """
 from __future__ import annotations
 
 import torch
 
 
+class GpuSpan:
+    """CUDA events around one forward pass (inputs copied in, logits out)."""
+
+    def __init__(self):
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._end = torch.cuda.Event(enable_timing=True)
+        self._start.record()
+
+    def stop(self) -> None:
+        self._end.record()
+
+    def seconds(self) -> float:
+        self._end.synchronize()  # already passed once the step's tokens are on the host
+        return self._start.elapsed_time(self._end) / 1e3
+
+
 class GpuBusyTimer:
-    """CUDA events around the forward pass (inputs copied in, logits out); on other devices
-    it records nothing and `take()` gives None."""
+    """Spans on CUDA; on other devices nothing is recorded and `start()` gives None."""
 
     def __init__(self, device: torch.device):
         self.enabled = device.type == "cuda"
-        if self.enabled:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
-        self._pending = False
 
-    def start(self) -> None:
-        if self.enabled:
-            self._start.record()
-
-    def stop(self) -> None:
-        if self.enabled:
-            self._end.record()
-            self._pending = True
-
-    def take(self) -> float | None:
-        """Seconds between the last start() and stop() on the GPU's clock, once; None when
-        nothing was timed since the last take()."""
-        if not self._pending:
-            return None
-        self._pending = False
-        self._end.synchronize()  # already passed once the sampler has read its tokens
-        return self._start.elapsed_time(self._end) / 1e3
+    def start(self) -> GpuSpan | None:
+        return GpuSpan() if self.enabled else None

@@ -5,9 +5,10 @@ import torch
 
 from engine.config import CacheConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
-from engine.gpu_timer import GpuBusyTimer
+from engine.gpu_timer import GpuBusyTimer, GpuSpan
+from engine.host_to_device import device_tensor
 from engine.models.llama import LlamaModel
-from engine.sequence import Sequence
+from engine.sequence import PLACEHOLDER, Sequence
 from kernels.attention import AttentionMetadata, KiviPlan
 from kernels.dispatch import ops_for
 from kernels.kv_format import (
@@ -41,6 +42,7 @@ class ModelRunner:
         self.block_size = 0
         self.graphs: DecodeGraphs | None = None
         self.gpu_timer = GpuBusyTimer(device)
+        self.last_gpu_span: GpuSpan | None = None  # the last execute()'s forward pass
 
     # ---- KV cache ----------------------------------------------------------------------
     def bytes_per_block(self, block_size: int) -> int:
@@ -95,25 +97,33 @@ class ModelRunner:
     # ---- a step ------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_new: list[int], tables: list[list[int]],
-                residual_slots: list[int] | None = None) -> torch.Tensor:
+                residual_slots: list[int] | None = None, ahead_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run the scheduled tokens; return logits [num_sampling, vocab] for the sequences whose
         scheduled tokens reach their end (those sample next), in batch order. residual_slots:
-        each sequence's residual slot, for a KIVI (int4, int2) cache."""
-        input_ids, positions, meta, sample_rows = self._prepare(seqs, num_new, tables, residual_slots)
-        self.gpu_timer.start()  # after _prepare: building inputs on the host is GPU idle time
+        each sequence's residual slot, for a KIVI (int4, int2) cache. ahead_tokens: the
+        device tokens of the step still in flight; a sequence whose last token is still a
+        PLACEHOLDER takes its input from row `seq.ahead_row` there, without the host reading it."""
+        input_ids, positions, meta, sample_rows = self._prepare(seqs, num_new, tables, residual_slots, ahead_tokens)
+        span = self.gpu_timer.start()  # after _prepare: building inputs on the host is GPU idle time
         if self.graphs is not None and meta.max_query_len == 1 and self.graphs.fits(len(seqs)):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[sample_rows])
-        self.gpu_timer.stop()
+        if span is not None:
+            span.stop()
+        self.last_gpu_span = span
         return logits
 
-    def _prepare(self, seqs, num_new, tables, residual_slots):
+    def _prepare(self, seqs, num_new, tables, residual_slots, ahead_tokens=None):
         bs = self.block_size
         ids, pos, slots, starts, ctx_lens, sample_rows = [], [], [], [0], [], []
+        ahead_at, ahead_rows = [], []  # flat positions of placeholder inputs, their rows in ahead_tokens
         for seq, n, table in zip(seqs, num_new, tables):
             start = seq.num_computed_tokens
+            if seq.token_ids[start + n - 1] == PLACEHOLDER:  # only ever the last token
+                ahead_at.append(len(ids) + n - 1)
+                ahead_rows.append(seq.ahead_row)
             ids.extend(seq.token_ids[start : start + n])
             pos.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
@@ -123,10 +133,9 @@ class ModelRunner:
                 sample_rows.append(starts[-1] - 1)
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
 
         def t(x, dtype=torch.long):
-            return torch.tensor(x, dtype=dtype, device=dev)
+            return device_tensor(x, dtype, self.device)
 
         meta = AttentionMetadata(
             slot_mapping=t(slots),
@@ -138,7 +147,10 @@ class ModelRunner:
         )
         if self.kv_format.kivi:
             meta.kivi = self._kivi_plan(seqs, num_new, tables, residual_slots, starts)
-        return t(ids), t(pos), meta, t(sample_rows)
+        input_ids = t(ids)
+        if ahead_at:
+            input_ids[t(ahead_at)] = ahead_tokens[t(ahead_rows)]
+        return input_ids, t(pos), meta, t(sample_rows)
 
     def _kivi_plan(self, seqs, num_new, tables, residual_slots, starts) -> KiviPlan:
         """Which blocks fill up this step (quantized whole) and which tokens wait in their
@@ -156,7 +168,7 @@ class ModelRunner:
             mapping.extend(-1 if p < full_end else slot * bs + p % bs for p in range(start, start + n))
 
         def t(x, dtype=torch.long):
-            return torch.tensor(x, dtype=dtype, device=self.device)
+            return device_tensor(x, dtype, self.device)
 
         return KiviPlan(residual_slots=t(residual_slots, torch.int32), residual_mapping=t(mapping),
                         flush_blocks=t(blocks), flush_residual=t(slots), flush_prior=t(prior), flush_start=t(first))

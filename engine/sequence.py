@@ -10,6 +10,10 @@ from engine.request import FinishReason, SamplingParams, SequenceStatus, TokenLo
 
 _ids = itertools.count()
 
+# A token drawn on the device by a step whose result the host has not read yet (engine/core.py
+# launches the next step first): it stands in `token_ids` until then.
+PLACEHOLDER = -1
+
 
 class Sequence:
     def __init__(
@@ -25,6 +29,7 @@ class Sequence:
         self.max_tokens = max_tokens
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.ahead_row: int | None = None  # the row of its last PLACEHOLDER in that step's tokens
         self.detokenizer = detokenizer
         self.finish_reason: FinishReason | None = None
         # Per-sequence generator: the same seed gives the same tokens whatever else is batched.

@@ -1,7 +1,8 @@
 """The one place that picks an implementation of each op for a device.
 
 The model calls `ops.<name>`; on CPU every op is the PyTorch reference, on CUDA the Triton
-kernel (kernels/triton_*.py), so no model code branches on the device. Setting
+kernel (kernels/triton_*.py), so no model code branches on the device. Matmuls are cuBLAS
+on CUDA except decode-sized ones (kernels/triton_gemv.py). Setting
 WATTSERVE_OPS=reference runs the references on CUDA too, for A/B checks.
 """
 from __future__ import annotations
@@ -14,28 +15,27 @@ import torch
 
 from kernels.activation import silu_and_mul_ref
 from kernels.attention import paged_attention_ref
-from kernels.kv_write import write_kv_ref
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
-from kernels.rotary import apply_rotary_ref
+from kernels.rotary import rotary_write_kv_ref
 
 
 @dataclass(frozen=True)
 class Ops:
     rms_norm: Callable
     add_rms_norm: Callable
-    apply_rotary: Callable
-    write_kv: Callable
+    rotary_write_kv: Callable
     paged_attention: Callable
     silu_and_mul: Callable
+    linear: Callable
 
 
 REFERENCE_OPS = Ops(
     rms_norm=rms_norm_ref,
     add_rms_norm=add_rms_norm_ref,
-    apply_rotary=apply_rotary_ref,
-    write_kv=write_kv_ref,
+    rotary_write_kv=rotary_write_kv_ref,
     paged_attention=paged_attention_ref,
     silu_and_mul=silu_and_mul_ref,
+    linear=torch.nn.functional.linear,
 )
 
 
@@ -49,15 +49,15 @@ def triton_ops() -> Ops:
     # Imported here: CPU-only installs have no triton.
     from kernels.triton_activation import silu_and_mul_triton
     from kernels.triton_attention import paged_attention_triton
-    from kernels.triton_kv_write import write_kv_triton
+    from kernels.triton_gemv import linear_triton
     from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
-    from kernels.triton_rotary import apply_rotary_triton
+    from kernels.triton_rotary import rotary_write_kv_triton
 
     return Ops(
         rms_norm=rms_norm_triton,
         add_rms_norm=add_rms_norm_triton,
-        apply_rotary=apply_rotary_triton,
-        write_kv=write_kv_triton,
+        rotary_write_kv=rotary_write_kv_triton,
         paged_attention=paged_attention_triton,
         silu_and_mul=silu_and_mul_triton,
+        linear=linear_triton,
     )

@@ -6,6 +6,10 @@ from typing import Any
 
 import torch
 
+from kernels.attention import AttentionMetadata
+from kernels.kv_format import LayerKVCache
+from kernels.kv_write import write_kv_ref
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """[head_dim // 2] inverse frequencies, float64 for an exact cache."""
@@ -46,3 +50,12 @@ def apply_rotary_ref(
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def rotary_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
+    """Rotate q and k, write k and v to the cache (kv_write.write_kv_ref); return rotated q.
+    One op because the CUDA path fuses the two (kernels/triton_rotary.py)."""
+    q, k = apply_rotary_ref(q, k, positions, cos_sin)
+    write_kv_ref(k, v, cache, meta)
+    return q

@@ -1,7 +1,11 @@
-"""Triton rotary embedding for q and k together. Reference: rotary.apply_rotary_ref.
+"""Triton rotary embedding for q and k together, and fused with the KV write for an
+unquantized cache. References: rotary.apply_rotary_ref, rotary.rotary_write_kv_ref.
 
 One program per token: the token's cos/sin row is read once and applied to all its query
-and key heads (HF "rotate half": x1, x2 are the two halves of each head).
+and key heads (HF "rotate half": x1, x2 are the two halves of each head). The fused kernel
+stores the rotated key straight into its cache slot, with the value beside it: in a batch-1
+decode step every kernel is a few microseconds of launch and latency, so one kernel instead
+of two per layer is worth ~1.5 us x 32 layers (benchmarks/results/decode_profile_*.json).
 """
 from __future__ import annotations
 
@@ -9,10 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention import AttentionMetadata
+from kernels.kv_format import LayerKVCache
+from kernels.triton_kv_write import write_kv_triton
+
 
 @triton.jit
-def _rotate_heads(ptr, stride_head, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
-                  BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotated_heads(ptr, stride_head, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The heads at ptr, rotated: (first halves, second halves, their [heads, half] mask)."""
     h = tl.arange(0, BLOCK_HEADS)[:, None]
     i = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < NUM_HEADS) & (i < HALF)
@@ -20,8 +29,26 @@ def _rotate_heads(ptr, stride_head, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.
     x1 = tl.load(p1, mask=mask, other=0.0)
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(p1, (a * cos - b * sin).to(x1.dtype), mask=mask)
-    tl.store(p1 + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
+    return (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype), mask
+
+
+@triton.jit
+def _rotate_heads(ptr, stride_head, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+                  BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotate the heads at ptr in place."""
+    y1, y2, mask = _rotated_heads(ptr, stride_head, cos, sin, NUM_HEADS, HALF, BLOCK_HEADS, BLOCK_HALF)
+    p1 = ptr + tl.arange(0, BLOCK_HEADS)[:, None] * stride_head + tl.arange(0, BLOCK_HALF)[None, :]
+    tl.store(p1, y1, mask=mask)
+    tl.store(p1 + HALF, y2, mask=mask)
+
+
+@triton.jit
+def _token_cos_sin(pos_ptr, cos_sin_ptr, tok, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    pos = tl.load(pos_ptr + tok)
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=i < HALF, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + i, mask=i < HALF, other=0.0)
+    return cos, sin
 
 
 @triton.jit
@@ -32,10 +59,7 @@ def _rotary_kernel(
     BLOCK_HEADS: tl.constexpr, BLOCK_KV_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + tok)
-    i = tl.arange(0, BLOCK_HALF)[None, :]
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=i < HALF, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + i, mask=i < HALF, other=0.0)
+    cos, sin = _token_cos_sin(pos_ptr, cos_sin_ptr, tok, stride_cs, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr + tok * stride_q_tok, stride_q_head, cos, sin, NUM_HEADS, HALF, BLOCK_HEADS, BLOCK_HALF)
     _rotate_heads(k_ptr + tok * stride_k_tok, stride_k_head, cos, sin, NUM_KV_HEADS, HALF, BLOCK_KV_HEADS, BLOCK_HALF)
 
@@ -64,3 +88,56 @@ def apply_rotary_triton(
         BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
     )
     return q, k
+
+
+@triton.jit
+def _rotary_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head, stride_cs,
+    stride_c_block, stride_c_tok, stride_c_head,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr, BLOCK_KV_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok)
+    cos, sin = _token_cos_sin(pos_ptr, cos_sin_ptr, tok, stride_cs, HALF, BLOCK_HALF)
+    _rotate_heads(q_ptr + tok * stride_q_tok, stride_q_head, cos, sin, NUM_HEADS, HALF, BLOCK_HEADS, BLOCK_HALF)
+    k1, k2, mask = _rotated_heads(k_ptr + tok * stride_k_tok, stride_k_head, cos, sin, NUM_KV_HEADS, HALF,
+                                  BLOCK_KV_HEADS, BLOCK_HALF)
+    h = tl.arange(0, BLOCK_KV_HEADS)[:, None]
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    v_src = v_ptr + tok * stride_v_tok + h * stride_v_head + i
+    v1 = tl.load(v_src, mask=mask)
+    v2 = tl.load(v_src + HALF, mask=mask)
+    dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_tok + h * stride_c_head + i
+    store = mask & (slot >= 0)  # slot < 0: a padding token (CUDA-graph batch), slot untouched
+    tl.store(k_cache_ptr + dst, k1.to(k_cache_ptr.dtype.element_ty), mask=store)
+    tl.store(k_cache_ptr + dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=store)
+    tl.store(v_cache_ptr + dst, v1.to(v_cache_ptr.dtype.element_ty), mask=store)
+    tl.store(v_cache_ptr + dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=store)
+
+
+def rotary_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                           cos_sin: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
+    """The Ops entry point, same arguments as rotary.rotary_write_kv_ref: rotate q (IN PLACE,
+    returned) and k, write k and v to the cache. An unquantized cache takes the fused kernel;
+    a quantized one rotates, then quantizes on write (kernels/triton_kv_write.py)."""
+    if cache.fmt.quantized:
+        q, k = apply_rotary_triton(q, k, positions, cos_sin)
+        write_kv_triton(k, v, cache, meta)
+        return q
+    num_tokens, num_heads, head_dim = q.shape
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos_sin.stride(-1) == 1
+    assert cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
+    if num_tokens == 0:
+        return q
+    half, num_kv_heads = head_dim // 2, k.shape[1]
+    _rotary_write_kv_kernel[(num_tokens,)](
+        q, k, v, positions, cos_sin, meta.slot_mapping, cache.k, cache.v,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_SIZE=cache.k.shape[1],
+        BLOCK_HEADS=triton.next_power_of_2(num_heads), BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+    )
+    return q

@@ -84,6 +84,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enforce-eager", action="store_true", default=engine.enforce_eager,
                        help="CUDA: run decode steps kernel by kernel instead of replaying the "
                             "CUDA graphs captured at startup (slower; for debugging)")
+    group.add_argument("--launch-ahead", choices=("auto", "on", "off"), default=engine.launch_ahead,
+                       help="launch each engine step before reading the previous step's tokens, "
+                            "so the GPU never waits for the host (a sequence that stops runs one "
+                            "step more, discarded); auto: on for CUDA, off for CPU")
     group = parser.add_argument_group("KV cache")
     group.add_argument("--block-size", type=int, default=cache.block_size,
                        help="tokens per KV cache block (the unit of allocation and of prefix "
@@ -170,6 +174,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
         tokenizer=args.tokenizer, seed=args.seed, enforce_eager=args.enforce_eager,
+        launch_ahead=args.launch_ahead,
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                           memory_fraction=args.gpu_memory_utilization,
                           kv_cache_dtype=args.kv_cache_dtype),

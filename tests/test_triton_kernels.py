@@ -15,17 +15,18 @@ import torch
 from kernels.activation import silu_and_mul_ref
 from kernels.attention import AttentionMetadata, paged_attention_ref
 from kernels.dispatch import REFERENCE_OPS, ops_for
-from kernels.kv_format import FORMATS, LayerKVCache
+from kernels.kv_format import FORMATS, LayerKVCache, allocate_layer
 from kernels.kv_write import write_kv_ref
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
-from kernels.rotary import apply_rotary_ref, rope_cos_sin
+from kernels.rotary import apply_rotary_ref, rope_cos_sin, rotary_write_kv_ref
 from kernels.triton_activation import silu_and_mul_triton
 from kernels.triton_attention import paged_attention_triton
 from kernels.triton_attention_decode import paged_decode_attention, paged_decode_attention_ref
 from kernels.triton_attention_prefill import paged_prefill_attention
+from kernels.triton_gemv import gemv_triton, linear_triton
 from kernels.triton_kv_write import write_kv_triton
 from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
-from kernels.triton_rotary import apply_rotary_triton
+from kernels.triton_rotary import apply_rotary_triton, rotary_write_kv_triton
 
 AUTO = FORMATS["auto"]
 
@@ -125,6 +126,69 @@ def test_rotary_in_place_on_views(dtype, num_heads, num_kv_heads, head_dim):
     torch.testing.assert_close(out_q, want_q, **ELEMENTWISE_TOL[dtype])
     torch.testing.assert_close(out_k, want_k, **ELEMENTWISE_TOL[dtype])
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before)
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_rotary_write_kv_fused(dtype, kv_dtype):
+    """The fused kernel (unquantized cache) and the rotate-then-quantize path (int8) leave
+    the same q and cache as the reference; skipped slots (-1) keep their old contents."""
+    if kv_dtype == "int8" and dtype == torch.float32:
+        pytest.skip("a quantized cache holds a half-precision model's K/V")
+    gen = torch.Generator().manual_seed(5)
+    n, num_heads, num_kv_heads, head_dim, num_blocks, block_size = 13, 6, 2, 64, 4, 16
+    table = rope_cos_sin(head_dim, 500000.0, None, 300).to(DEVICE)
+    qkv = rand(n, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, gen=gen)
+    split = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q, k, v = (t.view(n, -1, head_dim) for t in split)
+    positions = torch.randint(0, 300, (n,), generator=gen).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
+    slots[4] = -1
+    meta = SimpleNamespace(slot_mapping=slots.to(DEVICE))
+    fmt = FORMATS[kv_dtype]
+    caches = [_poisoned_cache(FORMATS[kv_dtype], num_blocks, block_size, num_kv_heads, head_dim, dtype)
+              for _ in range(2)]  # the same poison on both sides
+    want_q = rotary_write_kv_ref(q.clone(), k.clone(), v.clone(), positions, table, caches[0], meta)
+    out_q = rotary_write_kv_triton(q, k, v, positions, table, caches[1], meta)
+    assert out_q.data_ptr() == q.data_ptr()
+    torch.testing.assert_close(out_q, want_q, **ELEMENTWISE_TOL[dtype])
+    # A rotated key that rounds differently in its last bit moves its token's range: int8
+    # codes may then differ by a step or two.
+    tol = dict(atol=2, rtol=0.02) if kv_dtype == "int8" else ELEMENTWISE_TOL[dtype]
+    for want, got in zip(caches[0].block_tensors(), caches[1].block_tensors()):
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def _poisoned_cache(fmt, num_blocks, block_size, num_kv_heads, head_dim, dtype):
+    cache = allocate_layer(fmt, num_blocks, block_size, num_kv_heads, head_dim, dtype, DEVICE)
+    gen = torch.Generator().manual_seed(6)
+    for t in cache.block_tensors():
+        if t.dtype == torch.uint8:
+            t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
+        else:
+            t.copy_(torch.randn(t.shape, generator=gen))
+    return cache
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("n, k, bias", [(48, 512, False), (40, 300, True), (16, 1024, False)])
+def test_gemv_matches_linear(rows, n, k, bias):
+    """Odd column counts (a partial last program) and K not a multiple of the tile."""
+    gen = torch.Generator().manual_seed(7)
+    x = rand(rows, k, dtype=torch.float16, gen=gen)
+    w = rand(n, k, dtype=torch.float16, gen=gen)
+    b = rand(n, dtype=torch.float16, gen=gen) if bias else None
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    for config in [(16, 128, 4, 2), (32, 256, 4, 3)]:
+        got = gemv_triton(x, w, b, config)
+        assert got.shape == (rows, n) and got.dtype == torch.float16
+        assert_rel_close(got, want, torch.float16)
+
+
+def test_linear_entry_point_takes_cublas_beyond_decode_sizes():
+    gen = torch.Generator().manual_seed(8)
+    x, w = rand(17, 64, dtype=torch.float16, gen=gen), rand(32, 64, dtype=torch.float16, gen=gen)
+    torch.testing.assert_close(linear_triton(x, w), torch.nn.functional.linear(x, w))
 
 
 @pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)

@@ -39,14 +39,14 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
         """x: [num_tokens, hidden]; kv_cache: this layer's LayerKVCache."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.ops.apply_rotary(q, k, positions, cos_sin)
-        self.ops.write_kv(k, v, kv_cache, meta)
+        q = self.ops.rotary_write_kv(q, k, v, positions, cos_sin, kv_cache, meta)
         o = self.ops.paged_attention(q, kv_cache, meta, self.scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.ops.linear(o.reshape(-1, self.q_size), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -57,7 +57,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        h = self.ops.silu_and_mul(self.ops.linear(x, self.gate_up_proj.weight))
+        return self.ops.linear(h, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -105,7 +106,7 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> float32 logits [n, vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return self.ops.linear(hidden, weight).float()
 
     # ---- weights -----------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

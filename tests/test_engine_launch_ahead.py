@@ -1,0 +1,105 @@
+"""Launching each step before reading the last one's tokens changes nothing a client sees:
+the same tokens, texts, finish reasons and logprobs as stepping one at a time, every block
+freed, and the step statistics still add up. Run on CPU with launch_ahead="on" (its default
+there is off), where the device tokens are CPU tensors but the bookkeeping is the same."""
+import pytest
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.core import EngineCore
+from engine.request import SamplingParams
+from engine.sequence import PLACEHOLDER
+from test_engine_batching import QUESTIONS, assert_all_blocks_free, prompt
+
+
+def make(launch_ahead: str, kv_memory: int = 48 << 20) -> EngineCore:
+    return EngineCore(EngineConfig(launch_ahead=launch_ahead, cache=CacheConfig(kv_cache_memory=kv_memory),
+                                   scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8)))
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return {"off": make("off"), "on": make("on")}
+
+
+def collect(engine, requests, abort_after=None):
+    """requests: {id: (prompt_ids, params)}; returns {id: (text per choice, tokens per choice,
+    finish reasons, logprob token ids)}; `abort_after`: (request id, steps) aborts it then."""
+    for rid, (ids, params) in requests.items():
+        engine.add_request(rid, ids, params)
+    out = {rid: {"text": [""] * p.n, "tokens": [[] for _ in range(p.n)], "reasons": [None] * p.n,
+                 "logprobs": [[] for _ in range(p.n)]} for rid, (_, p) in requests.items()}
+    steps = 0
+    while engine.has_work():
+        for o in engine.step():
+            for s in o.outputs:
+                r = out[o.request_id]
+                r["text"][s.index] += s.text
+                r["tokens"][s.index] += s.token_ids
+                r["reasons"][s.index] = s.finish_reason or r["reasons"][s.index]
+                r["logprobs"][s.index] += [(lp.token_id, [t for t, _ in lp.top]) for lp in s.logprobs or []]
+        steps += 1
+        if abort_after and steps == abort_after[1]:
+            engine.abort(abort_after[0])
+    return out
+
+
+def mixed_requests(engine):
+    """Every way a sequence can end or be sampled, batched together."""
+    ask = [prompt(engine, q) for q in QUESTIONS]
+    return {
+        "greedy-eos": (ask[0], SamplingParams(temperature=0, max_tokens=64)),
+        "greedy-len": (ask[1], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)),
+        "one-token": (ask[2], SamplingParams(temperature=0, max_tokens=1)),
+        "stop-string": (ask[3], SamplingParams(temperature=0, max_tokens=40, stop=["4", "four"])),
+        "seeded-n3": (ask[4], SamplingParams(temperature=1.0, top_p=0.9, seed=7, n=3, max_tokens=12)),
+        "logprobs": (ask[5], SamplingParams(temperature=0, max_tokens=9, logprobs=3)),
+        "penalties": (ask[6], SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.3,
+                                             presence_penalty=0.5, ignore_eos=True)),
+        "min-tokens": (ask[7], SamplingParams(temperature=0, max_tokens=10, min_tokens=10)),
+    }
+
+
+def test_mixed_batch_same_outputs_as_one_step_at_a_time(engines):
+    off = collect(engines["off"], mixed_requests(engines["off"]))
+    on = collect(engines["on"], mixed_requests(engines["on"]))
+    assert on == off
+    assert off["greedy-len"]["reasons"] == ["length"] and off["one-token"]["tokens"][0].__len__() == 1
+    assert off["stop-string"]["reasons"] == ["stop"] and len(off["seeded-n3"]["tokens"]) == 3
+    for engine in engines.values():
+        assert_all_blocks_free(engine)
+
+
+def test_the_next_step_reads_its_input_from_the_device_before_the_host_has_it(engines):
+    """After the first call, a decoding sequence's last token is a placeholder and the step
+    that consumes it is already launched."""
+    engine = engines["on"]
+    engine.add_request("p", prompt(engine, "Name a planet."), SamplingParams(temperature=0, max_tokens=5,
+                                                                             ignore_eos=True))
+    engine.step()  # launches the prefill and, ahead of reading it, the first decode
+    (seq,) = engine.scheduler.running
+    assert seq.token_ids[-1] == PLACEHOLDER and PLACEHOLDER not in seq.token_ids[:-1]
+    assert engine._in_flight is not None
+    while engine.has_work():
+        engine.step()
+    assert_all_blocks_free(engine)
+
+
+def test_abort_while_a_step_is_in_flight_frees_everything(engines):
+    for engine in engines.values():
+        ids = prompt(engine, "Tell me a long story.")
+        out = collect(engine, {"x": (ids, SamplingParams(temperature=0, max_tokens=200)),
+                               "y": (ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))},
+                      abort_after=("x", 3))
+        assert len(out["y"]["tokens"][0]) == 6
+        assert_all_blocks_free(engine)
+
+
+def test_preemption_under_a_tiny_cache_keeps_outputs(engines):
+    tiny = make("on", kv_memory=24 * 16 * 30 * 2 * 3 * 64 * 4)  # 24 blocks of 16 tokens (fp32)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    requests = {q: (prompt(tiny, q), greedy) for q in QUESTIONS[:8]}
+    want = collect(engines["off"], requests)
+    got = collect(tiny, requests)
+    assert got == want
+    assert tiny.scheduler.num_preemptions > 0
+    assert_all_blocks_free(tiny)
