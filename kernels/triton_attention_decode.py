@@ -33,7 +33,9 @@ from kernels.triton_paged_tile import (
     attend_tile,
     attend_tile_quantized,
     cache_kernel_args,
+    join_planes,
     kv_codes,
+    split_planes,
 )
 
 
@@ -86,14 +88,17 @@ def _decode_kernel(
         if KIVI:  # positions from the last full block's end on are in the residual
             full = ctx // BLOCK_SIZE * BLOCK_SIZE
             coded_tiles = full // TILE_N
+        qs = split_planes(q, KV_BITS, FP8)
+        accs = split_planes(acc, KV_BITS, FP8)
         for t in range(tile_lo, tl.minimum(tile_hi, coded_tiles)):
-            acc, m, l = attend_tile_quantized(
-                acc, m, l, q, q_sum, last_pos, t * TILE_N, ctx, table,
+            accs, m, l = attend_tile_quantized(
+                accs, m, l, qs, q_sum, last_pos, t * TILE_N, ctx, table,
                 k_cache_ptr, v_cache_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
                 stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok, stride_kc_block,
                 scale_log2, HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
                 KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
             )
+        acc = join_planes(accs)
         if KIVI:
             # The residual slot as a one-block table; positions relative to the slot's start.
             for t in range(tl.maximum(tile_lo, coded_tiles), tile_hi):
