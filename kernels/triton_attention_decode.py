@@ -36,6 +36,8 @@ from kernels.triton_paged_tile import (
     join_planes,
     kv_codes,
     split_planes,
+    tile_blocks,
+    tile_scales,
 )
 
 
@@ -85,19 +87,33 @@ def _decode_kernel(
     else:
         q_sum = tl.sum(q.to(tl.float32), axis=1)
         coded_tiles = num_tiles
+        coded_end = ctx
         if KIVI:  # positions from the last full block's end on are in the residual
             full = ctx // BLOCK_SIZE * BLOCK_SIZE
             coded_tiles = full // TILE_N
+            coded_end = full
         qs = split_planes(q, KV_BITS, FP8)
         accs = split_planes(acc, KV_BITS, FP8)
+        # Scales come a tile ahead of their use, their block-table entries two: the pipeliner
+        # leaves such narrow gathers synchronous, and a tile would wait for two round trips.
+        blocks = tile_blocks(table, tile_lo * TILE_N, coded_end, BLOCK_SIZE, TILE_N)
+        scales = tile_scales(
+            blocks, tile_lo * TILE_N, coded_end, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+            stride_m_block, stride_m_tok, stride_kc_block, HEAD_DIM, BLOCK_SIZE, TILE_N, len(qs), FP8, KIVI,
+        )
+        blocks = tile_blocks(table, (tile_lo + 1) * TILE_N, coded_end, BLOCK_SIZE, TILE_N)
         for t in range(tile_lo, tl.minimum(tile_hi, coded_tiles)):
-            accs, m, l = attend_tile_quantized(
-                accs, m, l, qs, q_sum, last_pos, t * TILE_N, ctx, table,
-                k_cache_ptr, v_cache_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
-                stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok, stride_kc_block,
-                scale_log2, HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
-                KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+            next_scales = tile_scales(
+                blocks, (t + 1) * TILE_N, coded_end, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+                stride_m_block, stride_m_tok, stride_kc_block, HEAD_DIM, BLOCK_SIZE, TILE_N, len(qs), FP8, KIVI,
             )
+            blocks = tile_blocks(table, (t + 2) * TILE_N, coded_end, BLOCK_SIZE, TILE_N)
+            accs, m, l = attend_tile_quantized(
+                accs, m, l, qs, q_sum, last_pos, t * TILE_N, ctx, table, k_cache_ptr, v_cache_ptr, scales,
+                kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+                HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+            )
+            scales = next_scales
         acc = join_planes(accs)
         if KIVI:
             # The residual slot as a one-block table; positions relative to the slot's start.

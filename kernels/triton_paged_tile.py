@@ -146,58 +146,108 @@ def join_planes(planes):
 
 
 @triton.jit
+def tile_blocks(table_ptr, start, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The block-table entries of the tile of positions start.. (start a multiple of BLOCK_N):
+    one (a scalar) when the tile lies in one block, else [BLOCK_N], one per position; 0, a
+    block that exists, for positions from `end` on."""
+    if BLOCK_N <= BLOCK_SIZE:
+        return tl.load(table_ptr + start // BLOCK_SIZE, mask=start < end, other=0)
+    else:
+        tok = start + tl.arange(0, BLOCK_N)
+        return tl.load(table_ptr + tok // BLOCK_SIZE, mask=tok < end, other=0)
+
+
+@triton.jit
+def _tile_ptrs(ptr, blocks, start, stride_block, stride_tok, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers [BLOCK_N] to the tile's positions in the paged tensor at `ptr`, `blocks` from
+    `tile_blocks`. A tile in one block takes one 64-bit product and 32-bit offsets from there;
+    positions split into block and in-block parts without a per-position division."""
+    n = tl.arange(0, BLOCK_N)
+    if BLOCK_N <= BLOCK_SIZE:
+        return (ptr + blocks.to(tl.int64) * stride_block) + (start % BLOCK_SIZE + n) * stride_tok
+    else:
+        return ptr + blocks.to(tl.int64) * stride_block + (n % BLOCK_SIZE) * stride_tok
+
+
+@triton.jit
+def tile_scales(
+    blocks, start, end, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+    stride_m_block, stride_m_tok, stride_kc_block,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PLANES: tl.constexpr,
+    FP8: tl.constexpr, KIVI: tl.constexpr,
+):
+    """The scales and zero points `attend_tile_quantized` takes for the tile at `start`, whose
+    block-table entries are `blocks` (`tile_blocks`): (k_scale, k_zero, v_scale, v_zero),
+    float32, per token [BLOCK_N] (0 from position `end` on); KIVI keys' scale and minimum per
+    channel as tuples of PLANES planes [HEAD_DIM // PLANES]; fp8 has no zero points (v_scale
+    stands in). Separate from the tile so that the decode loop can load them a tile early."""
+    valid = start + tl.arange(0, BLOCK_N) < end
+    v_scale = tl.load(_tile_ptrs(v_scale_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
+                                 BLOCK_N), mask=valid, other=0.0).to(tl.float32)
+    v_zero = v_scale
+    if not FP8:
+        v_zero = tl.load(_tile_ptrs(v_zero_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
+                                    BLOCK_N), mask=valid, other=0).to(tl.float32)
+    if KIVI:  # the tile lies in one block: `blocks` is its entry
+        kc = (blocks.to(tl.int64) * stride_kc_block + kv_head * HEAD_DIM
+              + tl.arange(0, HEAD_DIM // PLANES) * PLANES)
+        k_scale = ()
+        k_zero = ()
+        for i in tl.static_range(PLANES):
+            k_scale = k_scale + (tl.load(k_scale_ptr + kc + i).to(tl.float32),)
+            k_zero = k_zero + (tl.load(k_zero_ptr + kc + i).to(tl.float32),)
+    else:
+        k_scale = tl.load(_tile_ptrs(k_scale_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
+                                     BLOCK_N), mask=valid, other=0.0).to(tl.float32)
+        k_zero = k_scale
+        if not FP8:
+            k_zero = tl.load(_tile_ptrs(k_zero_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok,
+                                        BLOCK_SIZE, BLOCK_N), mask=valid, other=0).to(tl.float32)
+    return k_scale, k_zero, v_scale, v_zero
+
+
+@triton.jit
 def attend_tile_quantized(
-    accs, m, l, qs, q_sum, q_pos, start, kv_end, table_ptr,
-    k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
-    stride_block, stride_tok, stride_head, stride_m_block, stride_m_tok, stride_kc_block, scale_log2,
+    accs, m, l, qs, q_sum, q_pos, start, kv_end, table_ptr, k_ptr, v_ptr, scales, kv_head,
+    stride_block, stride_tok, stride_head, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
     CODE_BIAS: tl.constexpr,
 ):
-    """`attend_tile` over a quantized cache (codes [num_blocks, block_size, kvh, bytes], per-token
-    metadata [num_blocks, block_size, kvh], KIVI key metadata [num_blocks, kvh, head_dim]), in
+    """`attend_tile` over a quantized cache (codes [num_blocks, block_size, kvh, bytes]), in
     planes (`split_planes`): qs and accs are q's and acc's planes, so each plane of codes goes
     to the tensor cores as it lies in the bytes, never interleaved into channel order.
-    qs: in the model dtype, q_sum: [M] float32 q's row sums. KIVI: the tile lies in one block
-    (BLOCK_N divides BLOCK_SIZE) before the sequence's last full block's end."""
+    qs: in the model dtype, q_sum: [M] float32 q's row sums; scales: `tile_scales` of this
+    tile. KIVI: the tile lies in one block (BLOCK_N divides BLOCK_SIZE) before the sequence's
+    last full block's end."""
     PLANES: tl.constexpr = len(qs)
-    NUM_BYTES: tl.constexpr = HEAD_DIM // PLANES
     dtype: tl.constexpr = qs[0].dtype
+    k_scale, k_zero, v_scale, v_zero = scales
     tok = start + tl.arange(0, BLOCK_N)
     valid = tok < kv_end
-    block = tl.load(table_ptr + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    in_block = tok % BLOCK_SIZE
-    codes = (block * stride_block + in_block * stride_tok + kv_head * stride_head)[:, None] \
-        + tl.arange(0, NUM_BYTES)[None, :]
-    meta = block * stride_m_block + in_block * stride_m_tok + kv_head
+    blocks = tile_blocks(table_ptr, start, kv_end, BLOCK_SIZE, BLOCK_N)
+    byte = tl.arange(0, HEAD_DIM // PLANES)[None, :]
+    k_rows = _tile_ptrs(k_ptr + kv_head * stride_head, blocks, start, stride_block, stride_tok, BLOCK_SIZE, BLOCK_N)
+    v_rows = _tile_ptrs(v_ptr + kv_head * stride_head, blocks, start, stride_block, stride_tok, BLOCK_SIZE, BLOCK_N)
     # Invalid positions: codes and scales 0, so their values are 0 (never NaN) before masking.
-    kb = tl.load(k_ptr + codes, mask=valid[:, None], other=0)
-    vb = tl.load(v_ptr + codes, mask=valid[:, None], other=0)
-    v_scale = tl.load(v_scale_ptr + meta, mask=valid, other=0.0).to(tl.float32)
-    if not FP8:
-        v_zero = tl.load(v_zero_ptr + meta, mask=valid, other=0).to(tl.float32)
+    kb = tl.load(k_rows[:, None] + byte, mask=valid[:, None], other=0)
+    vb = tl.load(v_rows[:, None] + byte, mask=valid[:, None], other=0)
     s = tl.zeros([qs[0].shape[0], BLOCK_N], tl.float32)
     if KIVI:
-        kc = (tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64) * stride_kc_block + kv_head * HEAD_DIM
-              + tl.arange(0, NUM_BYTES) * PLANES)
         bias = tl.zeros(qs[0].shape, tl.float32)
         for i in tl.static_range(PLANES):
-            k_scale = tl.load(k_scale_ptr + kc + i).to(tl.float32)
-            k_min = tl.load(k_zero_ptr + kc + i).to(tl.float32)
             qf = qs[i].to(tl.float32)
-            q_scaled = (qf * k_scale[None, :]).to(dtype)
-            bias += qf * k_min[None, :] - CODE_BIAS * q_scaled.to(tl.float32)
+            q_scaled = (qf * k_scale[i][None, :]).to(dtype)
+            bias += qf * k_zero[i][None, :] - CODE_BIAS * q_scaled.to(tl.float32)
             s = tl.dot(q_scaled, tl.trans(_plane(kb, i, dtype, KV_BITS, FP8, CODE_MAGIC)), s,
                        input_precision=DOT_PRECISION)
         s = (s + tl.sum(bias, axis=1)[:, None]) * scale_log2  # one reduction for all planes
     else:
-        k_scale = tl.load(k_scale_ptr + meta, mask=valid, other=0.0).to(tl.float32)
         for i in tl.static_range(PLANES):
             s = tl.dot(qs[i], tl.trans(_plane(kb, i, dtype, KV_BITS, FP8, CODE_MAGIC)), s,
                        input_precision=DOT_PRECISION)
         if not FP8:
-            k_zero = tl.load(k_zero_ptr + meta, mask=valid, other=0).to(tl.float32)
             s -= q_sum[:, None] * (CODE_BIAS + k_zero)[None, :]
         s *= (k_scale * scale_log2)[None, :]
     m, l, p, alpha = _softmax_step(m, l, s, tok, valid, q_pos, CAUSAL)
