@@ -185,7 +185,7 @@ def paged_decode_attention(
 def paged_decode_attention_cache(
     q: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
     scale: float, residual_slots: torch.Tensor | None = None,
-    *, tile_tokens: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+    *, tile_tokens: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
     (kernels/kv_format.py); block_tables: [num_seqs, max_blocks] int32; context_lens:
@@ -198,7 +198,11 @@ def paged_decode_attention_cache(
     `default_num_splits`, with the block-table width as the bound on context length. Defaults
     (64 tokens, 4 warps, 3 stages) from a sweep on an H100 (benchmarks/kernel_bench.py
     --sweep, 54 configurations, bf16): within 1% of the best at both batch 64 x 4k and batch
-    1 x 32k.
+    1 x 32k. num_stages: 3, or 5 for a quantized cache: Triton keeps (num_stages - 1) // 2
+    tiles of codes in flight behind their block-table entries, and with 3 a tile's codes are
+    only requested once the previous tile is done; a bf16 tile is 4x an int4 one, enough to
+    keep the memory busy from fewer programs that way (from the TTGIR; timing: the --sweep of
+    benchmarks/kv_quant_kernel_bench.py).
     """
     num_seqs, num_heads, head_dim = q.shape
     k_cache, v_cache = kv_codes(cache)
@@ -210,6 +214,8 @@ def paged_decode_attention_cache(
     if cache.fmt.kivi:  # a tile must lie in one block: one key range per channel
         tile_tokens = min(tile_tokens, block_size)
         assert block_size % tile_tokens == 0
+    if num_stages is None:
+        num_stages = 5 if cache.fmt.quantized else 3
     out = torch.empty_like(q)
     if num_seqs == 0:
         return out

@@ -279,6 +279,8 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, residual_slots: t
     if not fmt.quantized:
         return [cache.k] * 7 + [0] * 6, {"KV_BITS": 0, "FP8": False, "KIVI": False, "CODE_MAGIC": 0, "CODE_BIAS": 0.0}
     assert cache.k.is_contiguous() and cache.v.is_contiguous() and cache.k.stride() == cache.v.stride()
+    if cache.k.shape[-1] < 16:  # a row's bytes are a plane's channels: the dots' K, 16 at least
+        raise ValueError(f"the Triton kernels read a {fmt.name} KV cache at head_dim >= {16 * 8 // fmt.bits}")
     assert cache.v_scale.is_contiguous() and cache.k_scale.is_contiguous()
     if fmt.fp8 or dtype == torch.float32:
         magic, bias = 0, 0.0

@@ -293,6 +293,13 @@ def test_planes_give_bias_plus_code_in_the_dot_dtype(bits, dtype):
     assert torch.equal(resplit.float().cpu(), want.view(16, -1, 8 // bits).permute(2, 0, 1))
 
 
+@pytest.mark.parametrize("name,head_dim", [("int2", 32), ("int4", 16)])
+def test_planes_narrower_than_a_dot_are_refused(name, head_dim):
+    cache = allocate_layer(FORMATS[name], 1, 16, 1, head_dim, torch.float16, torch.device("meta"), 1)
+    with pytest.raises(ValueError, match=f"head_dim >= {2 * head_dim}"):
+        cache_kernel_args(cache, torch.float16, torch.empty(0))
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_write_and_decode_in_a_cuda_graph(name):
