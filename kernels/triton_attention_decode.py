@@ -33,7 +33,11 @@ from kernels.triton_paged_tile import (
     attend_tile,
     attend_tile_quantized,
     cache_kernel_args,
+    join_planes,
     kv_codes,
+    split_planes,
+    tile_blocks,
+    tile_scales,
 )
 
 
@@ -83,17 +87,34 @@ def _decode_kernel(
     else:
         q_sum = tl.sum(q.to(tl.float32), axis=1)
         coded_tiles = num_tiles
+        coded_end = ctx
         if KIVI:  # positions from the last full block's end on are in the residual
             full = ctx // BLOCK_SIZE * BLOCK_SIZE
             coded_tiles = full // TILE_N
+            coded_end = full
+        qs = split_planes(q, KV_BITS, FP8)
+        accs = split_planes(acc, KV_BITS, FP8)
+        # Scales come a tile ahead of their use, their block-table entries two: the pipeliner
+        # leaves such narrow gathers synchronous, and a tile would wait for two round trips.
+        blocks = tile_blocks(table, tile_lo * TILE_N, coded_end, BLOCK_SIZE, TILE_N)
+        scales = tile_scales(
+            blocks, tile_lo * TILE_N, coded_end, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+            stride_m_block, stride_m_tok, stride_kc_block, HEAD_DIM, BLOCK_SIZE, TILE_N, len(qs), FP8, KIVI,
+        )
+        blocks = tile_blocks(table, (tile_lo + 1) * TILE_N, coded_end, BLOCK_SIZE, TILE_N)
         for t in range(tile_lo, tl.minimum(tile_hi, coded_tiles)):
-            acc, m, l = attend_tile_quantized(
-                acc, m, l, q, q_sum, last_pos, t * TILE_N, ctx, table,
-                k_cache_ptr, v_cache_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
-                stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok, stride_kc_block,
-                scale_log2, HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
-                KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+            next_scales = tile_scales(
+                blocks, (t + 1) * TILE_N, coded_end, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+                stride_m_block, stride_m_tok, stride_kc_block, HEAD_DIM, BLOCK_SIZE, TILE_N, len(qs), FP8, KIVI,
             )
+            blocks = tile_blocks(table, (t + 2) * TILE_N, coded_end, BLOCK_SIZE, TILE_N)
+            accs, m, l = attend_tile_quantized(
+                accs, m, l, qs, q_sum, last_pos, t * TILE_N, ctx, table, k_cache_ptr, v_cache_ptr, scales,
+                kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+                HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+            )
+            scales = next_scales
+        acc = join_planes(accs)
         if KIVI:
             # The residual slot as a one-block table; positions relative to the slot's start.
             for t in range(tl.maximum(tile_lo, coded_tiles), tile_hi):
@@ -164,7 +185,7 @@ def paged_decode_attention(
 def paged_decode_attention_cache(
     q: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
     scale: float, residual_slots: torch.Tensor | None = None,
-    *, tile_tokens: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+    *, tile_tokens: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
     (kernels/kv_format.py); block_tables: [num_seqs, max_blocks] int32; context_lens:
@@ -177,7 +198,11 @@ def paged_decode_attention_cache(
     `default_num_splits`, with the block-table width as the bound on context length. Defaults
     (64 tokens, 4 warps, 3 stages) from a sweep on an H100 (benchmarks/kernel_bench.py
     --sweep, 54 configurations, bf16): within 1% of the best at both batch 64 x 4k and batch
-    1 x 32k.
+    1 x 32k. num_stages: 3, or 5 for a quantized cache: Triton keeps (num_stages - 1) // 2
+    tiles of codes in flight behind their block-table entries, and with 3 a tile's codes are
+    only requested once the previous tile is done; a bf16 tile is 4x an int4 one, enough to
+    keep the memory busy from fewer programs that way (from the TTGIR; timing: the --sweep of
+    benchmarks/kv_quant_kernel_bench.py).
     """
     num_seqs, num_heads, head_dim = q.shape
     k_cache, v_cache = kv_codes(cache)
@@ -189,6 +214,8 @@ def paged_decode_attention_cache(
     if cache.fmt.kivi:  # a tile must lie in one block: one key range per channel
         tile_tokens = min(tile_tokens, block_size)
         assert block_size % tile_tokens == 0
+    if num_stages is None:
+        num_stages = 5 if cache.fmt.quantized else 3
     out = torch.empty_like(q)
     if num_seqs == 0:
         return out

@@ -31,7 +31,11 @@ from kernels.triton_paged_tile import (
     attend_tile,
     attend_tile_quantized,
     cache_kernel_args,
+    join_planes,
     kv_codes,
+    split_planes,
+    tile_blocks,
+    tile_scales,
 )
 
 
@@ -113,22 +117,31 @@ def _prefill_kernel(
         if KIVI:  # positions from the last full block's end on are in the residual
             full = ctx // BLOCK_SIZE * BLOCK_SIZE
             coded_end = tl.minimum(kv_end, full)
+        qs = split_planes(q, KV_BITS, FP8)
+        accs = split_planes(acc, KV_BITS, FP8)
         for start in range(0, tl.minimum(unmasked_end, coded_end), BLOCK_N):
-            acc, m, l = attend_tile_quantized(
-                acc, m, l, q, q_sum, q_pos, start, kv_end, table,
-                k_cache_ptr, v_cache_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
-                stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok, stride_kc_block,
-                scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
-                KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+            scales = tile_scales(
+                tile_blocks(table, start, kv_end, BLOCK_SIZE, BLOCK_N), start, kv_end, k_scale_ptr, k_zero_ptr,
+                v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok, stride_kc_block,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, len(qs), FP8, KIVI,
+            )
+            accs, m, l = attend_tile_quantized(
+                accs, m, l, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr, scales,
+                kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
             )
         for start in range(unmasked_end, coded_end, BLOCK_N):
-            acc, m, l = attend_tile_quantized(
-                acc, m, l, q, q_sum, q_pos, start, kv_end, table,
-                k_cache_ptr, v_cache_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
-                stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok, stride_kc_block,
-                scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
-                KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+            scales = tile_scales(
+                tile_blocks(table, start, kv_end, BLOCK_SIZE, BLOCK_N), start, kv_end, k_scale_ptr, k_zero_ptr,
+                v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok, stride_kc_block,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, len(qs), FP8, KIVI,
             )
+            accs, m, l = attend_tile_quantized(
+                accs, m, l, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr, scales,
+                kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+            )
+        acc = join_planes(accs)
         if KIVI:
             # The residual slot as a one-block table; positions relative to the slot's start.
             res_table = res_slots_ptr + seq

@@ -16,6 +16,11 @@ result, so per element the tile only costs an unpack:
 Codes in a 16-bit dtype are made without an int-to-float conversion: OR-ing a code into the
 bits of 1024.0 (fp16) or 128.0 (bf16, codes < 128) gives the float CODE_BIAS + code, and
 CODE_BIAS is subtracted with the zero point.
+Sub-byte codes are never put back in channel order: the codes at bit i * bits of every byte
+(plane i: channels c with c % planes == i) go to the tensor cores as they lie, against q's
+plane i for K and into acc's plane i for V. Interleaving them per tile cost a register
+shuffle through shared memory per K and V tile; the planes are split from q and joined into
+acc once per program (`split_planes`, `join_planes`).
 """
 from __future__ import annotations
 
@@ -66,21 +71,23 @@ def attend_tile(
     k = _load_kv(k_cache_ptr, offsets, valid)
     v = _load_kv(v_cache_ptr, offsets, valid)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    acc, m_new, l, p = _softmax_step(acc, m, l, s, tok, valid, q_pos, CAUSAL)
+    m_new, l, p, alpha = _softmax_step(m, l, s, tok, valid, q_pos, CAUSAL)
+    acc = acc * alpha[:, None]
     acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l
 
 
 @triton.jit
-def _softmax_step(acc, m, l, s, tok, valid, q_pos, CAUSAL: tl.constexpr):
-    """attend_tile's softmax update for scores s [M, N]: (acc rescaled, max, sum, p)."""
+def _softmax_step(m, l, s, tok, valid, q_pos, CAUSAL: tl.constexpr):
+    """The online-softmax update for scores s [M, N]: (max, sum, p, alpha), alpha [M] the
+    factor that rescales the accumulator."""
     if CAUSAL:
         s = tl.where(valid[None, :] & (tok[None, :] <= q_pos[:, None]), s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, axis=1)
-    return acc * alpha[:, None], m_new, l, p
+    return m_new, l, p, alpha
 
 
 @triton.jit
@@ -93,78 +100,172 @@ def _widen(c, dtype: tl.constexpr, CODE_MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _unpack(b, dtype: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr, CODE_MAGIC: tl.constexpr):
-    """Codes [N, HEAD_DIM * KV_BITS // 8] (bytes; fp8 values) -> [N, HEAD_DIM] in dtype.
-    Channel c is in byte c // (8 // bits) at bit (c % (8 // bits)) * bits (kv_quant.pack)."""
+def _plane(b, i: tl.constexpr, dtype: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr,
+           CODE_MAGIC: tl.constexpr):
+    """Plane i of codes [N, NUM_BYTES] (bytes; fp8 values) -> [N, NUM_BYTES] in dtype: the
+    channels c with c % planes == i, one per byte (see `split_planes`)."""
     if FP8:  # bytes: a masked load's `other` cannot be an fp8 in the interpreter
         return b.to(tl.float8e4nv, bitcast=True).to(dtype)
     x = b.to(tl.int16)
-    if KV_BITS == 8:
-        return _widen(x, dtype, CODE_MAGIC)
+    if KV_BITS < 8:
+        x = (x >> (i * KV_BITS)) & ((1 << KV_BITS) - 1)
+    return _widen(x, dtype, CODE_MAGIC)
+
+
+@triton.jit
+def _deinterleave(x):
+    """[M, D] -> (even columns, odd columns), each [M, D // 2]."""
+    return tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+
+
+@triton.jit
+def split_planes(x, KV_BITS: tl.constexpr, FP8: tl.constexpr):
+    """x [M, HEAD_DIM] -> a tuple of its planes [M, NUM_BYTES]: plane i holds the channels c
+    with c % planes == i, the channels whose codes sit at bit i * KV_BITS of each byte
+    (planes: 8 // KV_BITS, 1 for fp8). Done once per program, outside the tile loop."""
+    if FP8 or KV_BITS == 8:
+        return (x,)
     elif KV_BITS == 4:
-        return tl.interleave(_widen(x & 15, dtype, CODE_MAGIC), _widen(x >> 4, dtype, CODE_MAGIC))
+        return _deinterleave(x)
     else:
-        even = tl.interleave(_widen(x & 3, dtype, CODE_MAGIC), _widen((x >> 4) & 3, dtype, CODE_MAGIC))
-        odd = tl.interleave(_widen((x >> 2) & 3, dtype, CODE_MAGIC), _widen(x >> 6, dtype, CODE_MAGIC))
-        return tl.interleave(even, odd)
+        even, odd = _deinterleave(x)
+        c0, c2 = _deinterleave(even)
+        c1, c3 = _deinterleave(odd)
+        return (c0, c1, c2, c3)
+
+
+@triton.jit
+def join_planes(planes):
+    """Inverse of `split_planes`."""
+    if len(planes) == 1:
+        return planes[0]
+    elif len(planes) == 2:
+        return tl.interleave(planes[0], planes[1])
+    else:
+        return tl.interleave(tl.interleave(planes[0], planes[2]), tl.interleave(planes[1], planes[3]))
+
+
+@triton.jit
+def tile_blocks(table_ptr, start, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The block-table entries of the tile of positions start.. (start a multiple of BLOCK_N):
+    one (a scalar) when the tile lies in one block, else [BLOCK_N], one per position; 0, a
+    block that exists, for positions from `end` on."""
+    if BLOCK_N <= BLOCK_SIZE:
+        return tl.load(table_ptr + start // BLOCK_SIZE, mask=start < end, other=0)
+    else:
+        tok = start + tl.arange(0, BLOCK_N)
+        return tl.load(table_ptr + tok // BLOCK_SIZE, mask=tok < end, other=0)
+
+
+@triton.jit
+def _tile_ptrs(ptr, blocks, start, stride_block, stride_tok, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers [BLOCK_N] to the tile's positions in the paged tensor at `ptr`, `blocks` from
+    `tile_blocks`. A tile in one block takes one 64-bit product and 32-bit offsets from there;
+    positions split into block and in-block parts without a per-position division."""
+    n = tl.arange(0, BLOCK_N)
+    if BLOCK_N <= BLOCK_SIZE:
+        return (ptr + blocks.to(tl.int64) * stride_block) + (start % BLOCK_SIZE + n) * stride_tok
+    else:
+        return ptr + blocks.to(tl.int64) * stride_block + (n % BLOCK_SIZE) * stride_tok
+
+
+@triton.jit
+def tile_scales(
+    blocks, start, end, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+    stride_m_block, stride_m_tok, stride_kc_block,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PLANES: tl.constexpr,
+    FP8: tl.constexpr, KIVI: tl.constexpr,
+):
+    """The scales and zero points `attend_tile_quantized` takes for the tile at `start`, whose
+    block-table entries are `blocks` (`tile_blocks`): (k_scale, k_zero, v_scale, v_zero),
+    float32, per token [BLOCK_N] (0 from position `end` on); KIVI keys' scale and minimum per
+    channel as tuples of PLANES planes [HEAD_DIM // PLANES]; fp8 has no zero points (v_scale
+    stands in). Separate from the tile so that the decode loop can load them a tile early."""
+    valid = start + tl.arange(0, BLOCK_N) < end
+    v_scale = tl.load(_tile_ptrs(v_scale_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
+                                 BLOCK_N), mask=valid, other=0.0).to(tl.float32)
+    v_zero = v_scale
+    if not FP8:
+        v_zero = tl.load(_tile_ptrs(v_zero_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
+                                    BLOCK_N), mask=valid, other=0).to(tl.float32)
+    if KIVI:  # the tile lies in one block: `blocks` is its entry
+        kc = (blocks.to(tl.int64) * stride_kc_block + kv_head * HEAD_DIM
+              + tl.arange(0, HEAD_DIM // PLANES) * PLANES)
+        k_scale = ()
+        k_zero = ()
+        for i in tl.static_range(PLANES):
+            k_scale = k_scale + (tl.load(k_scale_ptr + kc + i).to(tl.float32),)
+            k_zero = k_zero + (tl.load(k_zero_ptr + kc + i).to(tl.float32),)
+    else:
+        k_scale = tl.load(_tile_ptrs(k_scale_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
+                                     BLOCK_N), mask=valid, other=0.0).to(tl.float32)
+        k_zero = k_scale
+        if not FP8:
+            k_zero = tl.load(_tile_ptrs(k_zero_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok,
+                                        BLOCK_SIZE, BLOCK_N), mask=valid, other=0).to(tl.float32)
+    return k_scale, k_zero, v_scale, v_zero
 
 
 @triton.jit
 def attend_tile_quantized(
-    acc, m, l, q, q_sum, q_pos, start, kv_end, table_ptr,
-    k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
-    stride_block, stride_tok, stride_head, stride_m_block, stride_m_tok, stride_kc_block, scale_log2,
+    accs, m, l, qs, q_sum, q_pos, start, kv_end, table_ptr, k_ptr, v_ptr, scales, kv_head,
+    stride_block, stride_tok, stride_head, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
     CODE_BIAS: tl.constexpr,
 ):
-    """`attend_tile` over a quantized cache (codes [num_blocks, block_size, kvh, bytes], per-token
-    metadata [num_blocks, block_size, kvh], KIVI key metadata [num_blocks, kvh, head_dim]).
-    q: [M, HEAD_DIM] in the model dtype, q_sum: [M] float32 its row sums. KIVI: the tile lies
-    in one block (BLOCK_N divides BLOCK_SIZE) before the sequence's last full block's end."""
+    """`attend_tile` over a quantized cache (codes [num_blocks, block_size, kvh, bytes]), in
+    planes (`split_planes`): qs and accs are q's and acc's planes, so each plane of codes goes
+    to the tensor cores as it lies in the bytes, never interleaved into channel order.
+    qs: in the model dtype, q_sum: [M] float32 q's row sums; scales: `tile_scales` of this
+    tile. KIVI: the tile lies in one block (BLOCK_N divides BLOCK_SIZE) before the sequence's
+    last full block's end."""
+    PLANES: tl.constexpr = len(qs)
+    dtype: tl.constexpr = qs[0].dtype
+    k_scale, k_zero, v_scale, v_zero = scales
     tok = start + tl.arange(0, BLOCK_N)
     valid = tok < kv_end
-    block = tl.load(table_ptr + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    in_block = tok % BLOCK_SIZE
-    NUM_BYTES: tl.constexpr = HEAD_DIM if FP8 else HEAD_DIM * KV_BITS // 8
-    codes = (block * stride_block + in_block * stride_tok + kv_head * stride_head)[:, None] \
-        + tl.arange(0, NUM_BYTES)[None, :]
-    meta = block * stride_m_block + in_block * stride_m_tok + kv_head
+    blocks = tile_blocks(table_ptr, start, kv_end, BLOCK_SIZE, BLOCK_N)
+    byte = tl.arange(0, HEAD_DIM // PLANES)[None, :]
+    k_rows = _tile_ptrs(k_ptr + kv_head * stride_head, blocks, start, stride_block, stride_tok, BLOCK_SIZE, BLOCK_N)
+    v_rows = _tile_ptrs(v_ptr + kv_head * stride_head, blocks, start, stride_block, stride_tok, BLOCK_SIZE, BLOCK_N)
     # Invalid positions: codes and scales 0, so their values are 0 (never NaN) before masking.
-    kb = tl.load(k_ptr + codes, mask=valid[:, None], other=0)
-    vb = tl.load(v_ptr + codes, mask=valid[:, None], other=0)
-    v_scale = tl.load(v_scale_ptr + meta, mask=valid, other=0.0).to(tl.float32)
-    if not FP8:
-        v_zero = tl.load(v_zero_ptr + meta, mask=valid, other=0).to(tl.float32)
+    kb = tl.load(k_rows[:, None] + byte, mask=valid[:, None], other=0)
+    vb = tl.load(v_rows[:, None] + byte, mask=valid[:, None], other=0)
+    s = tl.zeros([qs[0].shape[0], BLOCK_N], tl.float32)
     if KIVI:
-        kc = (tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64) * stride_kc_block + kv_head * HEAD_DIM
-              + tl.arange(0, HEAD_DIM))
-        k_scale = tl.load(k_scale_ptr + kc).to(tl.float32)
-        k_min = tl.load(k_zero_ptr + kc).to(tl.float32)
-        qf = q.to(tl.float32)
-        q_scaled = (qf * k_scale[None, :]).to(q.dtype)
-        bias = tl.sum(qf * k_min[None, :] - CODE_BIAS * q_scaled.to(tl.float32), axis=1)  # one reduction
-        s = tl.dot(q_scaled, tl.trans(_unpack(kb, q.dtype, KV_BITS, FP8, CODE_MAGIC)),
-                   input_precision=DOT_PRECISION)
-        s = (s + bias[:, None]) * scale_log2
+        bias = tl.zeros(qs[0].shape, tl.float32)
+        for i in tl.static_range(PLANES):
+            qf = qs[i].to(tl.float32)
+            q_scaled = (qf * k_scale[i][None, :]).to(dtype)
+            bias += qf * k_zero[i][None, :] - CODE_BIAS * q_scaled.to(tl.float32)
+            s = tl.dot(q_scaled, tl.trans(_plane(kb, i, dtype, KV_BITS, FP8, CODE_MAGIC)), s,
+                       input_precision=DOT_PRECISION)
+        s = (s + tl.sum(bias, axis=1)[:, None]) * scale_log2  # one reduction for all planes
     else:
-        k_scale = tl.load(k_scale_ptr + meta, mask=valid, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(_unpack(kb, q.dtype, KV_BITS, FP8, CODE_MAGIC)), input_precision=DOT_PRECISION)
+        for i in tl.static_range(PLANES):
+            s = tl.dot(qs[i], tl.trans(_plane(kb, i, dtype, KV_BITS, FP8, CODE_MAGIC)), s,
+                       input_precision=DOT_PRECISION)
         if not FP8:
-            k_zero = tl.load(k_zero_ptr + meta, mask=valid, other=0).to(tl.float32)
             s -= q_sum[:, None] * (CODE_BIAS + k_zero)[None, :]
         s *= (k_scale * scale_log2)[None, :]
-    acc, m, l, p = _softmax_step(acc, m, l, s, tok, valid, q_pos, CAUSAL)
-    p_scaled = (p * v_scale[None, :]).to(q.dtype)
-    acc += tl.dot(p_scaled, _unpack(vb, q.dtype, KV_BITS, FP8, CODE_MAGIC), input_precision=DOT_PRECISION)
-    if not FP8:
-        acc -= tl.sum(p_scaled.to(tl.float32) * (CODE_BIAS + v_zero)[None, :], axis=1)[:, None]
-    return acc, m, l
+    m, l, p, alpha = _softmax_step(m, l, s, tok, valid, q_pos, CAUSAL)
+    p_scaled = (p * v_scale[None, :]).to(dtype)
+    if not FP8:  # the zero point is per token: the same correction for every channel
+        v_bias = tl.sum(p_scaled.to(tl.float32) * (CODE_BIAS + v_zero)[None, :], axis=1)[:, None]
+    new_accs = ()
+    for i in tl.static_range(PLANES):
+        acc = tl.dot(p_scaled, _plane(vb, i, dtype, KV_BITS, FP8, CODE_MAGIC), accs[i] * alpha[:, None],
+                     input_precision=DOT_PRECISION)
+        if not FP8:
+            acc -= v_bias
+        new_accs = new_accs + (acc,)
+    return new_accs, m, l
 
 
 def kv_codes(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K and V tensors the kernels take: fp8 codes as their bytes (see `_unpack`)."""
+    """The K and V tensors the kernels take: fp8 codes as their bytes (see `_plane`)."""
     if cache.fmt.fp8:
         return cache.k.view(torch.uint8), cache.v.view(torch.uint8)
     return cache.k, cache.v
@@ -178,6 +279,8 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, residual_slots: t
     if not fmt.quantized:
         return [cache.k] * 7 + [0] * 6, {"KV_BITS": 0, "FP8": False, "KIVI": False, "CODE_MAGIC": 0, "CODE_BIAS": 0.0}
     assert cache.k.is_contiguous() and cache.v.is_contiguous() and cache.k.stride() == cache.v.stride()
+    if cache.k.shape[-1] < 16:  # a row's bytes are a plane's channels: the dots' K, 16 at least
+        raise ValueError(f"the Triton kernels read a {fmt.name} KV cache at head_dim >= {16 * 8 // fmt.bits}")
     assert cache.v_scale.is_contiguous() and cache.k_scale.is_contiguous()
     if fmt.fp8 or dtype == torch.float32:
         magic, bias = 0, 0.0

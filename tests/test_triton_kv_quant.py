@@ -26,7 +26,7 @@ from kernels.triton_attention import paged_attention_triton
 from kernels.triton_attention_decode import paged_decode_attention_cache
 from kernels.triton_attention_prefill import paged_prefill_attention_cache
 from kernels.triton_kv_write import write_kv_triton
-from kernels.triton_paged_tile import _unpack, cache_kernel_args
+from kernels.triton_paged_tile import _plane, cache_kernel_args, join_planes, split_planes
 
 # Importing it applies its interpreter fix. Error bounds as there: the kernels' rounding of q,
 # p (and q * scale, p * scale) to the model dtype is the error measured.
@@ -256,19 +256,28 @@ def test_decode_entry_point_and_write_kernel_together(name):
 
 
 @triton.jit
-def _unpack_kernel(b_ptr, out_ptr, N: tl.constexpr, NUM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   KV_BITS: tl.constexpr, CODE_MAGIC: tl.constexpr):
+def _planes_kernel(b_ptr, out_ptr, resplit_ptr, N: tl.constexpr, NUM_BYTES: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, KV_BITS: tl.constexpr, CODE_MAGIC: tl.constexpr):
+    """out: the codes' planes joined into channel order; resplit: split_planes of that, plane by plane."""
     n = tl.arange(0, N)[:, None]
     b = tl.load(b_ptr + n * NUM_BYTES + tl.arange(0, NUM_BYTES)[None, :])
-    x = _unpack(b, out_ptr.dtype.element_ty, KV_BITS, False, CODE_MAGIC)
+    planes = ()
+    for i in tl.static_range(HEAD_DIM // NUM_BYTES):
+        planes = planes + (_plane(b, i, out_ptr.dtype.element_ty, KV_BITS, False, CODE_MAGIC),)
+    x = join_planes(planes)
     tl.store(out_ptr + n * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], x)
+    resplit = split_planes(x, KV_BITS, False)
+    for i in tl.static_range(HEAD_DIM // NUM_BYTES):
+        tl.store(resplit_ptr + (i * N + n) * NUM_BYTES + tl.arange(0, NUM_BYTES)[None, :], resplit[i])
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_unpack_gives_bias_plus_code_in_the_dot_dtype(bits, dtype):
+def test_planes_give_bias_plus_code_in_the_dot_dtype(bits, dtype):
     """The bit trick that makes codes floats without a conversion (bfloat16 included, whose
-    dot the interpreter cannot run): each code, in pack's channel order, plus CODE_BIAS."""
+    dot the interpreter cannot run): each code plus CODE_BIAS; plane i of the codes holds the
+    channels that plane i of split_planes does (q's, against K), and join_planes puts them
+    back in pack's channel order (the accumulators, from V)."""
     if dtype == torch.bfloat16 and bits == 8 and not ON_GPU:  # no bias trick there: a conversion
         pytest.skip("the interpreter casts integers to bfloat16 as raw bits")
     codes = torch.randint(0, 1 << bits, (16, 64), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
@@ -277,8 +286,18 @@ def test_unpack_gives_bias_plus_code_in_the_dot_dtype(bits, dtype):
     cache = allocate_layer(FORMATS[{2: "int2", 4: "int4", 8: "int8"}[bits]], 1, 16, 1, 64, dtype, torch.device("meta"), 1)
     constexprs = cache_kernel_args(cache, dtype, torch.empty(0))[1]
     out = torch.empty(16, 64, dtype=dtype, device=DEVICE)
-    _unpack_kernel[(1,)](packed, out, 16, packed.shape[1], 64, bits, constexprs["CODE_MAGIC"])
-    assert torch.equal(out.float().cpu(), codes.float() + constexprs["CODE_BIAS"])
+    resplit = torch.empty(8 // bits, 16, packed.shape[1], dtype=dtype, device=DEVICE)
+    _planes_kernel[(1,)](packed, out, resplit, 16, packed.shape[1], 64, bits, constexprs["CODE_MAGIC"])
+    want = codes.float() + constexprs["CODE_BIAS"]
+    assert torch.equal(out.float().cpu(), want)
+    assert torch.equal(resplit.float().cpu(), want.view(16, -1, 8 // bits).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("name,head_dim", [("int2", 32), ("int4", 16)])
+def test_planes_narrower_than_a_dot_are_refused(name, head_dim):
+    cache = allocate_layer(FORMATS[name], 1, 16, 1, head_dim, torch.float16, torch.device("meta"), 1)
+    with pytest.raises(ValueError, match=f"head_dim >= {2 * head_dim}"):
+        cache_kernel_args(cache, torch.float16, torch.empty(0))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
