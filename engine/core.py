@@ -78,7 +78,8 @@ class EngineCore:
         self.runner.allocate_kv_cache(num_blocks, cache.block_size, num_residual)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, max_len)
-        self.kv = KVCacheManager(num_blocks, cache.block_size, num_residual)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, num_residual,
+                                 enable_prefix_caching=cache.enable_prefix_caching, kv_cache_dtype=fmt.name)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.max_queue_len = config.scheduler.max_queue_len
@@ -89,10 +90,11 @@ class EngineCore:
         self.energy_meter: EnergyMeter | None = None
         self.step_pause_s = 0.0
         log.info(
-            "model %s | %s on %s | KV cache %s: %d blocks x %d tokens = %d tokens (%.1f MiB) | context %d",
+            "model %s | %s on %s | KV cache %s: %d blocks x %d tokens = %d tokens (%.1f MiB) | context %d"
+            " | prefix caching %s",
             self.model_name, str(self.dtype).removeprefix("torch."), self.device, fmt.name, num_blocks,
             cache.block_size, capacity, num_blocks * self.runner.bytes_per_block(cache.block_size) / 2**20,
-            max_len,
+            max_len, "on" if cache.enable_prefix_caching else "off",
         )
 
     # ---- requests ----------------------------------------------------------------------
@@ -171,6 +173,7 @@ class EngineCore:
         samplers = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if seq.num_computed_tokens == seq.num_tokens:
                 samplers.append(seq)
         # Each sampling sequence owns one logits row, in batch order; forks reuse their parent's.
@@ -195,7 +198,8 @@ class EngineCore:
         energy = None if self.energy_meter is None else self.energy_meter.step_energy(begin, end)
         step = StepStats(start, end, sum(batch.num_new_tokens),
                          num_preemptions=len(batch.preempted), energy_j=energy,
-                         gpu_busy_s=self.runner.gpu_timer.take())
+                         gpu_busy_s=self.runner.gpu_timer.take(),
+                         prefix_cache_queries=batch.prefix_cache_queries, prefix_cache_hits=batch.prefix_cache_hits)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             stats = self.requests[seq.request_id].stats
             if stats.scheduled_time is None:

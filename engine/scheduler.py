@@ -7,6 +7,9 @@ it). When the KV cache cannot hold a running sequence's next tokens, the newest 
 sequence is preempted: its blocks are freed and it waits at the front of the queue to be
 recomputed (prompt and the tokens it already generated) later. Any single sequence fits in
 the cache (the engine caps the context length to it), so this never deadlocks.
+
+With prefix caching, an admitted sequence starts from the cached blocks of its longest
+matching prefix and prefills only the rest (engine/kv_cache.py).
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Tokens of the sequences admitted this step, and those of them found in the prefix cache.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -65,10 +71,17 @@ class Scheduler:
         # Admitting while preempting would only thrash: the freed blocks go to the running.
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.kv.can_allocate(self.kv.blocks_needed(seq.seq_id, seq.num_computed_tokens + n)):
+            # A waiting sequence has no blocks; a preempted one looks up its generated tokens too.
+            prefix = self.kv.cached_prefix(seq.seq_id, seq.token_ids)
+            cached = len(prefix) * self.kv.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not self.kv.can_admit(seq.seq_id, prefix, cached + n):
                 break
-            self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n)
+            self.kv.allocate(seq.seq_id, cached + n, prefix)
+            seq.num_computed_tokens = cached
+            if self.kv.enable_prefix_caching:
+                batch.prefix_cache_queries += seq.num_tokens
+                batch.prefix_cache_hits += cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
