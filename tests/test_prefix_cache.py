@@ -2,7 +2,7 @@
 reference counts. The engine: greedy outputs equal those of an engine without the cache for
 overlapping prompts (prefixes ending mid-block, identical prompts, a prompt that continues an
 earlier answer), under eviction and preemption, with int8 and int4 caches; the hits counted
-are the tokens expected."""
+are the tokens expected. /metrics counts them."""
 import pytest
 import torch
 
@@ -314,3 +314,16 @@ def test_an_int8_cache_moves_the_log_probs_no_more_than_chunking_the_prefill_doe
         assert len(shared) >= 4 and max(abs(got[t] - want[t]) for t in shared) < 0.2
     assert counter.hits > 0
     assert_all_blocks_free(cached)
+
+
+# ---- /metrics -------------------------------------------------------------------------------
+def test_metrics_count_the_hits_of_a_repeated_prompt(live_server, openai_client, served_model):
+    prompt = "Library notice 9123. " + SYSTEM  # new to the server's cache
+    queries, hits = "wattserve:prefix_cache_queries_total", "wattserve:prefix_cache_hits_total"
+    seen = [live_server.metrics()]
+    for _ in range(2):
+        done = openai_client.completions.create(model=served_model, prompt=prompt, max_tokens=1, temperature=0)
+        seen.append(live_server.metrics())
+    n = done.usage.prompt_tokens
+    assert [after[queries] - before[queries] for before, after in zip(seen, seen[1:])] == [n, n]
+    assert [after[hits] - before[hits] for before, after in zip(seen, seen[1:])] == [0, (n - 1) // 16 * 16]
