@@ -124,12 +124,23 @@ class KVCacheManager:
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.pool.num_free
 
-    def cached_prefix(self, seq_id: int, token_ids: list[int]) -> list[int]:
-        """Cached blocks holding the longest run of `token_ids`' first full blocks. At least the
-        last token is left out: its logits must be computed."""
+    def reusable_keys(self, seq_id: int, token_ids: list[int]) -> list[bytes]:
+        """Keys of the full blocks a sequence could take from the cache: all but the one
+        holding its last token, whose logits must be computed."""
         if not self.enable_prefix_caching:
             return []
-        return self.pool.lookup(self._keys_of(seq_id, token_ids)[: (len(token_ids) - 1) // self.block_size])
+        return self._keys_of(seq_id, token_ids)[: (len(token_ids) - 1) // self.block_size]
+
+    def cached_prefix(self, seq_id: int, token_ids: list[int]) -> list[int]:
+        """Cached blocks holding the longest run of the sequence's reusable blocks."""
+        return self.pool.lookup(self.reusable_keys(seq_id, token_ids))
+
+    def keys_filled(self, seq_id: int, token_ids: list[int], start: int, end: int) -> list[bytes]:
+        """Keys of the blocks that computing tokens [start, end) fills."""
+        first, end_block = start // self.block_size, end // self.block_size
+        if not self.enable_prefix_caching or first == end_block:  # most decode steps
+            return []
+        return self._keys_of(seq_id, token_ids)[first:end_block]
 
     def can_admit(self, seq_id: int, prefix: list[int], num_tokens: int) -> bool:
         """Room for a sequence without blocks to hold `num_tokens` tokens, starting from the cached

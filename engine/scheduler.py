@@ -9,7 +9,11 @@ recomputed (prompt and the tokens it already generated) later. Any single sequen
 the cache (the engine caps the context length to it), so this never deadlocks.
 
 With prefix caching, an admitted sequence starts from the cached blocks of its longest
-matching prefix and prefills only the rest (engine/kv_cache.py).
+matching prefix and prefills only the rest (engine/kv_cache.py). A waiting sequence whose next
+block is one this step computes for another sequence (a shared system prompt sent by many
+clients at once) is admitted a step later, from the cache, instead of computing it again
+beside it (SGLang's in-batch prefix check; BatchLLM groups sharers for the same reason). It
+waits in FCFS order, so those behind it wait too.
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.token_budget
+        filling: set[bytes] = set()  # prefix-cache keys of the blocks this step fills
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -67,12 +72,17 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+            filling.update(self.kv.keys_filled(seq.seq_id, seq.token_ids, seq.num_computed_tokens,
+                                               seq.num_computed_tokens + n))
             i += 1
         # Admitting while preempting would only thrash: the freed blocks go to the running.
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # A waiting sequence has no blocks; a preempted one looks up its generated tokens too.
             prefix = self.kv.cached_prefix(seq.seq_id, seq.token_ids)
+            reusable = self.kv.reusable_keys(seq.seq_id, seq.token_ids)
+            if len(prefix) < len(reusable) and reusable[len(prefix)] in filling:
+                break  # its next block is being computed: it takes it from the cache next step
             cached = len(prefix) * self.kv.block_size
             n = min(seq.num_tokens - cached, budget)
             if not self.kv.can_admit(seq.seq_id, prefix, cached + n):
@@ -88,6 +98,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+            filling.update(self.kv.keys_filled(seq.seq_id, seq.token_ids, cached, cached + n))
         return batch
 
     def _make_room(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:

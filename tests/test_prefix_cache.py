@@ -204,6 +204,24 @@ def test_hits_are_the_full_blocks_of_the_longest_computed_prefix(engines):
     assert_all_blocks_free(cached)
 
 
+def test_a_request_waits_a_step_for_the_prefix_another_is_computing_then_takes_it_from_the_cache(engines):
+    cached, plain = engines
+    counter = HitCounter()
+    cached.observers[:] = [counter]
+    shared = cached.tokenizer.encode("Reading room rules, edition 12. " + SYSTEM, add_special_tokens=False)
+    requests = {q: (shared + cached.tokenizer.encode(" Question: " + q, add_special_tokens=False), GREEDY)
+                for q in QUESTIONS[:4]}
+    cached.add_request("first", *requests.pop(QUESTIONS[0]))
+    for rid, request in requests.items():
+        cached.add_request(rid, *request)
+    cached.step()
+    assert len(cached.scheduler.running) == 1  # the others wait rather than compute it again
+    while cached.has_work():
+        cached.step()
+    assert counter.hits == 3 * (len(shared) // cached.kv.block_size * cached.kv.block_size)
+    assert_all_blocks_free(cached)
+
+
 def test_n_choices_start_from_the_cache_and_share_their_prompt(engines):
     cached, plain = engines
     prompt = overlapping_prompts(cached)[2]
