@@ -112,7 +112,8 @@ def dtype_study(make_engine, hf, prompts: list[list[int]], steps: int = 32):
 def dummy_engine(workdir: Path, dtype: str, tokenizer: str | None) -> EngineCore:
     return EngineCore(EngineConfig(
         model=str(workdir), load_format="dummy", dtype=dtype, tokenizer=tokenizer,
-        cache=CacheConfig(kv_cache_memory=4 << 30),
+        # No prefix caching: the prefill measurement runs one prompt again and again.
+        cache=CacheConfig(kv_cache_memory=4 << 30, enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192)))
 
 
