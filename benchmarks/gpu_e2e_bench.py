@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from _roofline import (
     prefill_flops,
     weight_bytes_per_step,
 )
+from _results import write_results
 from llama8b_config import LLAMA31_8B, write_checkpoint_dir
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -216,10 +216,7 @@ def main() -> None:
             cells = [f"{r['max_rel_logit_error']:.1e} {r['greedy_tokens_equal']:>2}/32" for r in results[study][key]]
             print(f"  {key:<30}" + "".join(f"{c:>20}" for c in cells))
 
-    out = Path(args.out or Path(__file__).parent / "results" / f"gpu_e2e_{gpu.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, "gpu_e2e", gpu, args.out)
 
 
 if __name__ == "__main__":

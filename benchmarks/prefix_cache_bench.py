@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from _roofline import matmul_flops, prefill_flops  # benchmarks/ is the script's directory
+from _results import write_results
 from llama8b_config import write_checkpoint_dir
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -36,7 +35,6 @@ from engine.request import SamplingParams
 from engine.stats import RequestStats, StatsObserver, StepStats
 from server.cli import parse_size
 
-RESULTS = Path(__file__).parent / "results"
 # The warm-up runs on other tokens, so it caches nothing the measured run can use. On CUDA it
 # is the whole workload: Triton compiles a kernel per class of arguments (a batch of 1, a batch
 # divisible by 16, ...), which must not happen inside a measured step. On CPU nothing compiles.
@@ -187,10 +185,7 @@ def main() -> None:
         b = results["bound"]
         print(f"prefill at {b['matmul_tflops']} TFLOP/s would take {b['no_cache_prefill_s']} s without the "
               f"cache, {b['prefix_cache_prefill_s']} s with it")
-    out = Path(args.out or RESULTS / f"prefix_cache_{label.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, "prefix_cache", label, args.out)
 
 
 if __name__ == "__main__":
