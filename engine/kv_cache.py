@@ -1,9 +1,9 @@
 """Paged KV cache bookkeeping: a pool of fixed-size blocks and one block table per sequence.
 
-Only ids and reference counts live here; the tensors that hold K and V are owned by the model
-runner (`[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`). Token `i` of a
-sequence lives in block `table[i // block_size]` at offset `i % block_size`, i.e. in slot
-`table[i // block_size] * block_size + i % block_size`.
+Only ids, reference counts and prefix-cache keys live here; the tensors that hold K and V
+are owned by the model runner (`[num_layers, 2, num_blocks, block_size, num_kv_heads,
+head_dim]`). Token `i` of a sequence lives in block `table[i // block_size]` at offset
+`i % block_size`, i.e. in slot `table[i // block_size] * block_size + i % block_size`.
 """
 from __future__ import annotations
 
