@@ -59,7 +59,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    engine = EngineCore(EngineConfig(cache=CacheConfig(kv_cache_memory=256 << 20)))
+    # No prefix caching: every run repeats one prompt, and HF's generate computes it each time.
+    engine = EngineCore(EngineConfig(cache=CacheConfig(kv_cache_memory=256 << 20, enable_prefix_caching=False)))
     path = default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32).eval()

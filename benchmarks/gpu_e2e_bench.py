@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from _roofline import (
     prefill_flops,
     weight_bytes_per_step,
 )
+from _results import write_results
 from llama8b_config import LLAMA31_8B, write_checkpoint_dir
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -112,7 +112,8 @@ def dtype_study(make_engine, hf, prompts: list[list[int]], steps: int = 32):
 def dummy_engine(workdir: Path, dtype: str, tokenizer: str | None) -> EngineCore:
     return EngineCore(EngineConfig(
         model=str(workdir), load_format="dummy", dtype=dtype, tokenizer=tokenizer,
-        cache=CacheConfig(kv_cache_memory=4 << 30),
+        # No prefix caching: the prefill measurement runs one prompt again and again.
+        cache=CacheConfig(kv_cache_memory=4 << 30, enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192)))
 
 
@@ -215,10 +216,7 @@ def main() -> None:
             cells = [f"{r['max_rel_logit_error']:.1e} {r['greedy_tokens_equal']:>2}/32" for r in results[study][key]]
             print(f"  {key:<30}" + "".join(f"{c:>20}" for c in cells))
 
-    out = Path(args.out or Path(__file__).parent / "results" / f"gpu_e2e_{gpu.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, "gpu_e2e", gpu, args.out)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import transformers
 from _roofline import copy_bandwidth, matmul_flops, prefill_flops, weight_bytes_per_step
+from _results import write_results
 from llama8b_config import LLAMA31_8B, write_checkpoint_dir
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
@@ -42,7 +41,6 @@ from engine.request import SamplingParams
 from engine.stats import StatsObserver, StepStats
 from server.cli import parse_size
 
-RESULTS = Path(__file__).parent / "results"
 WARMUP_OUTPUT_LEN = 2  # enough to run the prefill shapes and a mixed step before timing
 
 
@@ -183,8 +181,9 @@ def main() -> None:
         torch.cuda.empty_cache()
     engine, hf = build(args, device)
     gen = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(0, engine.model_config.vocab_size, (args.num_requests, args.input_len),
-                            generator=gen).tolist()
+    # Warm-up prompts of their own: the prefix cache would serve the measured ones from them.
+    prompts, warmup = torch.randint(0, engine.model_config.vocab_size, (2, args.num_requests, args.input_len),
+                                    generator=gen).tolist()
     label = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     results: dict = {
         "benchmark": "offline", "device": label, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -193,7 +192,7 @@ def main() -> None:
         "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
     }
-    run_engine(engine, prompts, WARMUP_OUTPUT_LEN)
+    run_engine(engine, warmup, WARMUP_OUTPUT_LEN)
     results["wattserve"] = ours = run_engine(engine, prompts, args.output_len)
     results["bound"] = None if limits is None else physical_bound(
         engine, args.num_requests, args.input_len, args.output_len, *limits)
@@ -220,10 +219,7 @@ def main() -> None:
         print(f"wattserve / HF: {results['vs_hf']}x")
     if ours["gpu_idle_fraction_of_step_time"] is not None:
         print(f"GPU idle share of step time: {ours['gpu_idle_fraction_of_step_time']:.1%} over {ours['steps']} steps")
-    out = Path(args.out or RESULTS / f"offline_{label.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, "offline", label, args.out)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ Usage: python benchmarks/power_bench.py [--phase-seconds S] [--concurrency N]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from _results import write_results
 from llama8b_config import write_checkpoint_dir
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -36,7 +35,6 @@ from engine.power_sources import open_power_source
 from engine.request import FinishReason, SamplingParams
 from engine.stats import StatsObserver
 
-RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass
@@ -182,10 +180,7 @@ def main() -> None:
     print(f"cap {c['cap_w']} W: measured {c['average_power_w']} W ({c['power_vs_cap']:+.1%}); "
           f"throughput {-c['throughput_cost']:+.1%}, TPOT {c['tpot_cost']:+.1%}, "
           f"J/token {c['j_per_output_token_change']:+.1%}; throttle {c['throttle_at_end']}")
-    out = Path(args.out or RESULTS / f"power_{gpu.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, "power", gpu, args.out)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes; None: a fraction of free memory
     memory_fraction: float = 0.9
     kv_cache_dtype: str = "auto"  # one of kernels.kv_format.KV_CACHE_DTYPES
+    enable_prefix_caching: bool = True  # reuse the cached KV blocks of shared prompt prefixes
 
     def __post_init__(self):
         kv_format(self.kv_cache_dtype)  # rejects an unknown name

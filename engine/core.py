@@ -93,7 +93,8 @@ class EngineCore:
         self.runner.allocate_kv_cache(num_blocks, cache.block_size, num_residual)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, max_len)
-        self.kv = KVCacheManager(num_blocks, cache.block_size, num_residual)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, num_residual,
+                                 enable_prefix_caching=cache.enable_prefix_caching, kv_cache_dtype=fmt.name)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.max_queue_len = config.scheduler.max_queue_len
@@ -107,10 +108,11 @@ class EngineCore:
         self._in_flight: _Launched | None = None
         self._last_step_end = 0.0
         log.info(
-            "model %s | %s on %s | KV cache %s: %d blocks x %d tokens = %d tokens (%.1f MiB) | context %d",
+            "model %s | %s on %s | KV cache %s: %d blocks x %d tokens = %d tokens (%.1f MiB) | context %d"
+            " | prefix caching %s",
             self.model_name, str(self.dtype).removeprefix("torch."), self.device, fmt.name, num_blocks,
             cache.block_size, capacity, num_blocks * self.runner.bytes_per_block(cache.block_size) / 2**20,
-            max_len,
+            max_len, "on" if cache.enable_prefix_caching else "off",
         )
 
     # ---- requests ----------------------------------------------------------------------
@@ -155,7 +157,7 @@ class EngineCore:
         if req is None:
             return
         for seq in req.seqs:
-            if seq not in req.unforked and not seq.is_finished:
+            if seq not in req.unforked:  # finish() frees a stopped sequence's blocks too
                 self.scheduler.finish(seq)
         self._finish(req.stats, FinishReason.ABORT, time.monotonic())
 
@@ -212,6 +214,7 @@ class EngineCore:
         samplers = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if seq.num_computed_tokens == seq.num_tokens:
                 samplers.append(seq)
         # Each sampling sequence owns one logits row, in batch order; forks reuse their parent's.
@@ -230,8 +233,8 @@ class EngineCore:
             seq.ahead_row = row
             if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
                 # Its last token: whatever it is, the sequence is done, so it must not be
-                # scheduled again; _resolve sets its finish reason.
-                self.scheduler.finish(seq)
+                # scheduled again; _resolve finishes it.
+                self.scheduler.stop(seq)
         return _Launched(batch, samplers, positions, sampled, self.runner.last_gpu_span, begin, start)
 
     def _resolve(self, launched: _Launched) -> list[RequestOutput]:
@@ -258,7 +261,8 @@ class EngineCore:
         batch = launched.batch
         step = StepStats(start, end, sum(batch.num_new_tokens),
                          num_preemptions=len(batch.preempted), energy_j=energy,
-                         gpu_busy_s=None if launched.gpu_span is None else launched.gpu_span.seconds())
+                         gpu_busy_s=None if launched.gpu_span is None else launched.gpu_span.seconds(),
+                         prefix_cache_queries=batch.prefix_cache_queries, prefix_cache_hits=batch.prefix_cache_hits)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             req = self.requests.get(seq.request_id)
             if req is None:
@@ -303,6 +307,8 @@ class EngineCore:
     def _append_token(self, seq: Sequence, position: int, token: int, logprob) -> None:
         """The token drawn for `position` of the sequence (its placeholder until now)."""
         seq.token_ids[position] = token
+        # Blocks waiting on this token (their last computed one was its placeholder) can be keyed now.
+        self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
         seq.pending_token_ids.append(token)
         if logprob is not None:
             seq.pending_logprobs.append(logprob)

@@ -1,61 +1,120 @@
 """Paged KV cache bookkeeping: a pool of fixed-size blocks and one block table per sequence.
 
-Only ids and reference counts live here; the tensors that hold K and V are owned by the model
-runner (`[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`). Token `i` of a
-sequence lives in block `table[i // block_size]` at offset `i % block_size`, i.e. in slot
-`table[i // block_size] * block_size + i % block_size`.
+Only ids, reference counts and prefix-cache keys live here; the tensors that hold K and V
+are owned by the model runner (`[num_layers, 2, num_blocks, block_size, num_kv_heads,
+head_dim]`). Token `i` of a sequence lives in block `table[i // block_size]` at offset
+`i % block_size`, i.e. in slot `table[i // block_size] * block_size + i % block_size`.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+
+from engine.block_hash import chain_seed, extend_block_hashes
 
 
 class BlockPool:
-    """Owns block ids and their reference counts; a block is free when its count is zero."""
+    """Owns block ids, their reference counts and the prefix-cache keys of full blocks.
+
+    A block is free when its count is zero. A free block that holds a key stays findable by it
+    (`lookup`) until its memory is needed: allocation takes free blocks without a key first,
+    then evicts keyed ones, least recently freed first (LRU), dropping their keys."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # free blocks with a key, LRU first
+        self._key_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks findable by key, in use or free."""
+        return len(self._block_of)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"asked for {n} KV blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise MemoryError(f"asked for {n} KV blocks, {self.num_free} free")
+        blocks = [self._take_free() for _ in range(n)]
         for b in blocks:
             self.ref_counts[b] = 1
         return blocks
+
+    def _take_free(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        block, _ = self._evictable.popitem(last=False)
+        del self._block_of[self._key_of.pop(block)]
+        return block
 
     def share(self, blocks: list[int]) -> None:
         for b in blocks:
             assert self.ref_counts[b] > 0, f"sharing free block {b}"
             self.ref_counts[b] += 1
 
-    def release(self, blocks: list[int]) -> None:
+    def reuse(self, blocks: list[int]) -> None:
+        """Take a reference on cached blocks that `lookup` found, free ones included."""
+        for b in blocks:
+            if self.ref_counts[b] == 0:
+                del self._evictable[b]
+            self.ref_counts[b] += 1
+
+    def release(self, blocks: Iterable[int]) -> None:
         for b in blocks:
             assert self.ref_counts[b] > 0, f"double free of block {b}"
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
-                self._free.append(b)
+                if b in self._key_of:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
+
+    def cache(self, block: int, key: bytes) -> None:
+        """Make a full block findable by its key. When another block already holds the same
+        tokens (two sequences prefilled them in one step), that one stays the cached copy."""
+        if key not in self._block_of and block not in self._key_of:
+            self._block_of[key] = block
+            self._key_of[block] = key
+
+    def lookup(self, keys: list[bytes]) -> list[int]:
+        """The blocks of the longest run of `keys`, from the first, that is cached."""
+        blocks = []
+        for key in keys:
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
 
 
 class KVCacheManager:
     """Maps sequences to blocks: grow a table to hold more tokens, fork it, free it.
 
     With `num_residual_slots` (a KIVI cache: int4, int2; kernels/kv_format.py) every sequence holding
-    blocks also holds one residual slot, for its partly filled last block."""
+    blocks also holds one residual slot, for its partly filled last block.
 
-    def __init__(self, num_blocks: int, block_size: int, num_residual_slots: int = 0):
+    With prefix caching, each block that fills with computed tokens is registered under its key
+    (engine/block_hash.py), and a sequence being admitted starts from the cached blocks of its
+    longest matching prefix. Only full blocks are keyed, so with KIVI a hit ends on a block
+    boundary and the sequence starts with an empty residual, as a new one does."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_residual_slots: int = 0, *,
+                 enable_prefix_caching: bool = False, kv_cache_dtype: str = "auto"):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.tables: dict[int, list[int]] = {}
         self.uses_residual = num_residual_slots > 0
         self._free_residual: deque[int] = deque(range(num_residual_slots))
         self.residual_slots: dict[int, int] = {}
+        self.enable_prefix_caching = enable_prefix_caching
+        self._seed = chain_seed(kv_cache_dtype, block_size)
+        self._keys: dict[int, list[bytes]] = {}  # per sequence, its full blocks' keys so far
+        self._num_keyed: dict[int, int] = {}  # per sequence, how many of its blocks are registered
 
     def blocks_needed(self, seq_id: int, num_tokens: int) -> int:
         """Extra blocks a sequence needs to hold `num_tokens` tokens in all."""
@@ -65,13 +124,63 @@ class KVCacheManager:
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.pool.num_free
 
-    def allocate(self, seq_id: int, num_tokens: int) -> None:
-        """Grow the sequence's table so it holds `num_tokens` tokens (raises MemoryError)."""
+    def reusable_keys(self, seq_id: int, token_ids: list[int]) -> list[bytes]:
+        """Keys of the full blocks a sequence could take from the cache: all but the one
+        holding its last token, whose logits must be computed."""
+        if not self.enable_prefix_caching:
+            return []
+        return self._keys_of(seq_id, token_ids)[: (len(token_ids) - 1) // self.block_size]
+
+    def cached_prefix(self, seq_id: int, token_ids: list[int]) -> list[int]:
+        """Cached blocks holding the longest run of the sequence's reusable blocks."""
+        return self.pool.lookup(self.reusable_keys(seq_id, token_ids))
+
+    def keys_filled(self, seq_id: int, token_ids: list[int], start: int, end: int) -> list[bytes]:
+        """Keys of the blocks that computing tokens [start, end) fills."""
+        first, end_block = start // self.block_size, end // self.block_size
+        if not self.enable_prefix_caching or first == end_block:  # most decode steps
+            return []
+        return self._keys_of(seq_id, token_ids)[first:end_block]
+
+    def can_admit(self, seq_id: int, prefix: list[int], num_tokens: int) -> bool:
+        """Room for a sequence without blocks to hold `num_tokens` tokens, starting from the cached
+        `prefix` blocks: new blocks for the rest, plus the prefix blocks that sit free (reusing
+        them takes them off the free list)."""
+        revived = sum(self.pool.ref_counts[b] == 0 for b in prefix)
+        return self.can_allocate(self.blocks_needed(seq_id, num_tokens) - len(prefix) + revived)
+
+    def allocate(self, seq_id: int, num_tokens: int, prefix: list[int] | None = None) -> None:
+        """Grow the sequence's table so it holds `num_tokens` tokens (raises MemoryError); a
+        sequence without blocks starts from the cached `prefix` blocks, shared."""
+        if prefix:
+            # Referenced before anything is allocated, so the allocation cannot evict them.
+            self.pool.reuse(prefix)
+            self.tables[seq_id] = list(prefix)
+            self._num_keyed[seq_id] = len(prefix)
         need = self.blocks_needed(seq_id, num_tokens)
         table = self.tables.setdefault(seq_id, [])
         if need:
             table.extend(self.pool.allocate(need))
         self._take_residual(seq_id)
+
+    def cache_full_blocks(self, seq_id: int, token_ids: list[int], num_computed_tokens: int) -> None:
+        """Register the sequence's blocks that are full of computed tokens (prompt or generated),
+        so that later sequences can share them; call after the step that computed them."""
+        if not self.enable_prefix_caching:
+            return
+        done, full = self._num_keyed.get(seq_id, 0), num_computed_tokens // self.block_size
+        if full <= done:
+            return
+        keys, table = self._keys_of(seq_id, token_ids), self.tables[seq_id]
+        full = min(full, len(keys))  # a block with a token not yet read back waits for a later step
+        for i in range(done, full):
+            self.pool.cache(table[i], keys[i])
+        self._num_keyed[seq_id] = full
+
+    def _keys_of(self, seq_id: int, token_ids: list[int]) -> list[bytes]:
+        keys = self._keys.setdefault(seq_id, [])
+        extend_block_hashes(keys, token_ids, self.block_size, self._seed)
+        return keys
 
     def _take_residual(self, seq_id: int) -> None:
         if self.uses_residual and seq_id not in self.residual_slots:
@@ -102,7 +211,12 @@ class KVCacheManager:
         return copy
 
     def free(self, seq_id: int) -> None:
-        self.pool.release(self.tables.pop(seq_id, []))
+        """Drop the sequence's references; blocks other sequences use stay theirs. Last block
+        first: cached ones are evicted in the order freed, and a prefix's later blocks are
+        worth less than its first (they match only after them, and fewer prompts share them)."""
+        self.pool.release(reversed(self.tables.pop(seq_id, [])))
+        self._keys.pop(seq_id, None)
+        self._num_keyed.pop(seq_id, None)
         slot = self.residual_slots.pop(seq_id, None)
         if slot is not None:
             self._free_residual.append(slot)

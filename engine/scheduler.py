@@ -7,6 +7,13 @@ it). When the KV cache cannot hold a running sequence's next tokens, the newest 
 sequence is preempted: its blocks are freed and it waits at the front of the queue to be
 recomputed (prompt and the tokens it already generated) later. Any single sequence fits in
 the cache (the engine caps the context length to it), so this never deadlocks.
+
+With prefix caching, an admitted sequence starts from the cached blocks of its longest
+matching prefix and prefills only the rest (engine/kv_cache.py). A waiting sequence whose next
+block is one this step computes for another sequence (a shared system prompt sent by many
+clients at once) is admitted a step later, from the cache, instead of computing it again
+beside it (SGLang's in-batch prefix check; BatchLLM groups sharers for the same reason). It
+waits in FCFS order, so those behind it wait too.
 """
 from __future__ import annotations
 
@@ -24,6 +31,9 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Tokens of the sequences admitted this step, and those of them found in the prefix cache.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -52,6 +62,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.token_budget
+        filling: set[bytes] = set()  # prefix-cache keys of the blocks this step fills
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -61,20 +72,33 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+            filling.update(self.kv.keys_filled(seq.seq_id, seq.token_ids, seq.num_computed_tokens,
+                                               seq.num_computed_tokens + n))
             i += 1
         # Admitting while preempting would only thrash: the freed blocks go to the running.
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.kv.can_allocate(self.kv.blocks_needed(seq.seq_id, seq.num_computed_tokens + n)):
+            # A waiting sequence has no blocks; a preempted one looks up its generated tokens too.
+            prefix = self.kv.cached_prefix(seq.seq_id, seq.token_ids)
+            reusable = self.kv.reusable_keys(seq.seq_id, seq.token_ids)
+            if len(prefix) < len(reusable) and reusable[len(prefix)] in filling:
+                break  # its next block is being computed: it takes it from the cache next step
+            cached = len(prefix) * self.kv.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not self.kv.can_admit(seq.seq_id, prefix, cached + n):
                 break
-            self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n)
+            self.kv.allocate(seq.seq_id, cached + n, prefix)
+            seq.num_computed_tokens = cached
+            if self.kv.enable_prefix_caching:
+                batch.prefix_cache_queries += seq.num_tokens
+                batch.prefix_cache_hits += cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+            filling.update(self.kv.keys_filled(seq.seq_id, seq.token_ids, cached, cached + n))
         return batch
 
     def _make_room(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
@@ -96,6 +120,11 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def stop(self, seq: Sequence) -> None:
+        """Schedule a running sequence no more, keeping its blocks until finish(): its last
+        token is drawn but not yet read back (engine/core.py)."""
+        self.running.remove(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence from wherever it is and free its blocks."""

@@ -23,6 +23,10 @@ class StepStats:
     num_preemptions: int = 0
     energy_j: float | None = None  # None: no power source
     gpu_busy_s: float | None = None  # GPU time of the forward pass (CUDA only; see gpu_timer.py)
+    # Tokens of the sequences admitted this step (a preempted one again when it comes back),
+    # and of those, the tokens found in the prefix cache; both 0 with prefix caching off.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     # A prompt counts once, when its request's first token comes (as vLLM counts it), so a
     # prompt prefilled again after a preemption is not counted twice.
     num_prompt_tokens: int = 0

@@ -105,6 +105,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "head), int4 or int2 (KIVI: keys per channel, values per token, each "
                             "sequence's last partial block kept in full precision); quantized "
                             "caches hold 1.9x (8-bit) to 6.5x (int2) the tokens of bf16")
+    group.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=cache.enable_prefix_caching,
+                       help="keep full KV blocks findable by their tokens (and all before them), "
+                            "so a prompt that starts like an earlier one prefills only the rest; "
+                            "freed blocks stay cached until their memory is needed")
     group = parser.add_argument_group("scheduler")
     group.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs,
                        help="most sequences decoded together in one step")
@@ -177,7 +182,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         launch_ahead=args.launch_ahead,
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                           memory_fraction=args.gpu_memory_utilization,
-                          kv_cache_dtype=args.kv_cache_dtype),
+                          kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=args.prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len,

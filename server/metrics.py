@@ -75,9 +75,10 @@ class Metrics(StatsObserver):
                                 "GPU time of the forward passes of engine steps (CUDA events); "
                                 "1 - its increase / engine_step_seconds' increase is the share "
                                 "of step time the GPU sat idle.") if gpu_timed else None
-        # Prefix caching comes later; the series exist now so dashboards can rely on them.
-        counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
-        counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.prefix_cache_queries = counter("prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits",
+                                         "Prompt tokens found in the prefix cache.")
         self._success = Counter(PREFIX + "request_success", "Requests finished, by finish reason.",
                                 ["model_name", "finished_reason"], registry=self.registry)
         for reason in FinishReason:
@@ -130,6 +131,8 @@ class Metrics(StatsObserver):
         self.prompt_tokens.inc(step.num_prompt_tokens)
         self.generation_tokens.inc(step.num_generation_tokens)
         self.preemptions.inc(step.num_preemptions)
+        self.prefix_cache_queries.inc(step.prefix_cache_queries)
+        self.prefix_cache_hits.inc(step.prefix_cache_hits)
         self.step_seconds.inc(step.end - step.start)
         if self.gpu_busy is not None and step.gpu_busy_s is not None:
             self.gpu_busy.inc(step.gpu_busy_s)

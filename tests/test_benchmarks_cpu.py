@@ -1,5 +1,6 @@
-"""The serving and offline benchmarks at CI size on CPU, so they cannot rot: a few requests
-each, run as their command lines run them; counts and the JSON's shape, never timings."""
+"""The serving, offline and prefix-cache benchmarks at CI size on CPU, so they cannot rot: a
+few requests each, run as their command lines run them; counts and the JSON's shape, never
+timings."""
 import json
 import os
 import subprocess
@@ -60,3 +61,21 @@ def test_offline_bench_with_the_hf_peer(tmp_path):
     assert result["hf_generate_batch"]["output_tokens"] == REQUESTS * OUTPUT_LEN
     assert result["bound"] is None and result["wattserve"]["gpu_idle_fraction_of_step_time"] is None
     assert result["vs_hf"] > 0
+
+
+def test_prefix_cache_bench_computes_the_shared_prompt_once(tmp_path):
+    out = tmp_path / "prefix_cache.json"
+    prefix, question = 64, 8  # the prefix is 4 whole blocks of 16
+    bench("prefix_cache_bench.py", "--num-requests", str(REQUESTS), "--prefix-len", str(prefix),
+          "--question-len", str(question), "--out", str(out))
+    result = json.loads(out.read_text())
+    plain, cached = result["runs"]["no_cache"], result["runs"]["prefix_cache"]
+    assert plain["tokens_processed"] == REQUESTS * (prefix + question)
+    assert (plain["prefix_cache_queries"], plain["prefix_cache_hits"]) == (0, 0)
+    assert cached["prefix_cache_queries"] == REQUESTS * (prefix + question)
+    assert cached["prefix_cache_hits"] == (REQUESTS - 1) * prefix  # every request after the first
+    assert cached["tokens_processed"] == prefix + REQUESTS * question
+    assert result["ideal_tokens_ratio"] == result["tokens_processed_ratio"] == 3.0
+    for run in (plain, cached):
+        assert 0 < run["p50_ttft_s"] <= run["p90_ttft_s"] <= run["max_ttft_s"] <= run["prefill_s"]
+    assert result["bound"] is None  # no GPU, no matmul rate

@@ -40,7 +40,7 @@ def test_every_flag_reaches_its_config(monkeypatch):
     args = parse(
         "model.gguf", "--load-format", "gguf", "--dtype", "bfloat16", "--device", "cuda:1",
         "--tokenizer", "tok", "--seed", "7", "--block-size", "32", "--kv-cache-memory", "2GiB",
-        "--gpu-memory-utilization", "0.5", "--kv-cache-dtype", "fp8_e4m3", "--max-num-seqs", "8",
+        "--gpu-memory-utilization", "0.5", "--kv-cache-dtype", "fp8_e4m3", "--no-prefix-caching", "--max-num-seqs", "8",
         "--max-num-batched-tokens", "512", "--max-model-len", "4096", "--max-queue-len", "3",
         "--host", "127.0.0.1", "--port", "9000", "--served-model-name", "a", "b",
         "--request-timeout", "2.5", "--max-request-bytes", "4MiB",
@@ -49,7 +49,7 @@ def test_every_flag_reaches_its_config(monkeypatch):
         model="model.gguf", load_format="gguf", dtype="bfloat16", device="cuda:1",
         tokenizer="tok", seed=7,
         cache=CacheConfig(block_size=32, kv_cache_memory=2 << 30, memory_fraction=0.5,
-                          kv_cache_dtype="fp8_e4m3"),
+                          kv_cache_dtype="fp8_e4m3", enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512,
                                   max_model_len=4096, max_queue_len=3))
     assert server_config(args) == ServerConfig(

@@ -8,6 +8,7 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.core import EngineCore
 from engine.request import SamplingParams
 from engine.sequence import PLACEHOLDER
+from engine.stats import StatsObserver
 from test_engine_batching import QUESTIONS, assert_all_blocks_free, prompt
 
 
@@ -103,3 +104,31 @@ def test_preemption_under_a_tiny_cache_keeps_outputs(engines):
     assert got == want
     assert tiny.scheduler.num_preemptions > 0
     assert_all_blocks_free(tiny)
+
+
+def test_prefix_cache_keys_blocks_only_once_their_tokens_are_read(engines):
+    """A block filled by a token still on its way from the device is not cached under the
+    placeholder: a later prompt that continues the first answer hits the blocks of its
+    generated tokens too, and every output equals stepping one at a time."""
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    results = {}
+    for mode, engine in engines.items():
+        ids = prompt(engine, "Tell me about the moon.")
+        first = collect(engine, {"a": (ids, greedy)})["a"]["tokens"][0]
+        hits = HitCounter()
+        engine.observers.append(hits)
+        again = collect(engine, {"b": (ids + first, greedy)})["b"]["tokens"][0]
+        engine.observers.remove(hits)
+        block = engine.kv.block_size
+        assert hits.tokens == (len(ids) + len(first) - 1) // block * block, mode  # prompt and answer blocks
+        results[mode] = (first, again)
+        assert_all_blocks_free(engine)
+    assert results["on"] == results["off"]
+
+
+class HitCounter(StatsObserver):
+    def __init__(self):
+        self.tokens = 0
+
+    def on_step(self, step):
+        self.tokens += step.prefix_cache_hits
