@@ -30,8 +30,7 @@ from engine.core import EngineCore
 from engine.request import SamplingParams
 from kernels.dispatch import Ops, triton_ops
 from kernels.triton_gemv import DEFAULT_CONFIG, gemv_triton
-from kernels.triton_kv_write import write_kv_triton
-from kernels.triton_rotary import apply_rotary_triton
+from kernels.triton_rotary import rotary_then_write_kv
 
 _GEMM_MARKERS = ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "cublas")
 
@@ -46,12 +45,6 @@ def decode_tok_s(engine: EngineCore, prompt: list[int], new_tokens: int) -> floa
     return (new_tokens - 1) / (time.perf_counter() - start)
 
 
-def unfused_rotary_write_kv(q, k, v, positions, cos_sin, cache, meta):
-    q, k = apply_rotary_triton(q, k, positions, cos_sin)
-    write_kv_triton(k, v, cache, meta)
-    return q
-
-
 def use_ops(engine: EngineCore, ops: Ops) -> None:
     for module in engine.runner.model.modules():
         if hasattr(module, "ops"):
@@ -63,7 +56,7 @@ def before_and_after(engine: EngineCore, prompt: list[int]) -> list[dict]:
     """Engine tok/s (best of 3) for each ops set, launching ahead and not; leaves the
     engine on the current ops."""
     now = triton_ops()
-    before = dataclasses.replace(now, linear=torch.nn.functional.linear, rotary_write_kv=unfused_rotary_write_kv)
+    before = dataclasses.replace(now, linear=torch.nn.functional.linear, rotary_write_kv=rotary_then_write_kv)
     rows = []
     for name, ops in (("before: cuBLAS, rotary + KV write", before), ("now: decode matmul, fused", now)):
         use_ops(engine, ops)

@@ -123,9 +123,7 @@ def rotary_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     returned) and k, write k and v to the cache. An unquantized cache takes the fused kernel;
     a quantized one rotates, then quantizes on write (kernels/triton_kv_write.py)."""
     if cache.fmt.quantized:
-        q, k = apply_rotary_triton(q, k, positions, cos_sin)
-        write_kv_triton(k, v, cache, meta)
-        return q
+        return rotary_then_write_kv(q, k, v, positions, cos_sin, cache, meta)
     num_tokens, num_heads, head_dim = q.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos_sin.stride(-1) == 1
     assert cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
@@ -140,4 +138,12 @@ def rotary_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         BLOCK_HEADS=triton.next_power_of_2(num_heads), BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
     )
+    return q
+
+
+def rotary_then_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                         cos_sin: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
+    """The two kernels in turn: rotate q and k (in place), then write (quantize) k and v."""
+    q, k = apply_rotary_triton(q, k, positions, cos_sin)
+    write_kv_triton(k, v, cache, meta)
     return q
