@@ -15,6 +15,7 @@ import torch
 
 from kernels.activation import silu_and_mul_ref
 from kernels.attention import paged_attention_ref
+from kernels.kv_rotation import in_model_basis
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
 from kernels.rotary import rotary_write_kv_ref
 
@@ -33,7 +34,7 @@ REFERENCE_OPS = Ops(
     rms_norm=rms_norm_ref,
     add_rms_norm=add_rms_norm_ref,
     rotary_write_kv=rotary_write_kv_ref,
-    paged_attention=paged_attention_ref,
+    paged_attention=in_model_basis(paged_attention_ref),
     silu_and_mul=silu_and_mul_ref,
     linear=torch.nn.functional.linear,
 )
@@ -57,7 +58,7 @@ def triton_ops() -> Ops:
         rms_norm=rms_norm_triton,
         add_rms_norm=add_rms_norm_triton,
         rotary_write_kv=rotary_write_kv_triton,
-        paged_attention=paged_attention_triton,
+        paged_attention=in_model_basis(paged_attention_triton),
         silu_and_mul=silu_and_mul_triton,
         linear=linear_triton,
     )

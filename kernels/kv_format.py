@@ -19,12 +19,17 @@ default model, one per channel +2%, benchmarks/kv_quality_bench.py), so a block 
 quantized once it is full. Until then its tokens live in full precision in the sequence's
 residual slot (one per sequence, not per block); attention reads a sequence's positions past
 its last full block from there.
+
+fp8_e4m3 and int2 store each head's K and V rotated by an orthogonal matrix, which shrinks
+their error (kernels/kv_rotation.py); the kernels read and write them like the others.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from kernels.kv_rotation import rotation
 
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "int8", "int4", "int2")
 # KIVI keys share one range per channel per block: 64 tokens keep that range's metadata small
@@ -38,6 +43,7 @@ class KVFormat:
     bits: int = 0  # 0: stored in the model dtype
     fp8: bool = False
     kivi: bool = False  # int4/int2: per-channel keys, full-precision residual of the last block
+    rotated: bool = False  # K and V stored rotated (kernels/kv_rotation.py)
 
     @property
     def quantized(self) -> bool:
@@ -49,10 +55,10 @@ class KVFormat:
 
 FORMATS = {
     "auto": KVFormat("auto"),
-    "fp8_e4m3": KVFormat("fp8_e4m3", 8, fp8=True),
+    "fp8_e4m3": KVFormat("fp8_e4m3", 8, fp8=True, rotated=True),
     "int8": KVFormat("int8", 8),
     "int4": KVFormat("int4", 4, kivi=True),
-    "int2": KVFormat("int2", 2, kivi=True),
+    "int2": KVFormat("int2", 2, kivi=True, rotated=True),
 }
 
 
@@ -79,6 +85,7 @@ class LayerKVCache:
     v_zero: torch.Tensor | None = None
     k_residual: torch.Tensor | None = None
     v_residual: torch.Tensor | None = None
+    rotation: torch.Tensor | None = None  # `rotated` formats: R [d, d] in the model dtype
 
     @property
     def block_size(self) -> int:
@@ -108,7 +115,8 @@ def allocate_layer(fmt: KVFormat, num_blocks: int, block_size: int, num_kv_heads
     codes_dtype = torch.float8_e4m3fn if fmt.fp8 else torch.uint8
     n = fmt.codes_dim(head_dim)
     cache = LayerKVCache(fmt, zeros(*paged, n, dt=codes_dtype), zeros(*paged, n, dt=codes_dtype),
-                         v_scale=zeros(*paged, dt=torch.float16))
+                         v_scale=zeros(*paged, dt=torch.float16),
+                         rotation=rotation(head_dim, dtype, device) if fmt.rotated else None)
     if fmt.kivi:
         cache.k_scale = zeros(num_blocks, num_kv_heads, head_dim, dt=torch.float16)
         cache.k_zero = zeros(num_blocks, num_kv_heads, head_dim, dt=torch.float16)

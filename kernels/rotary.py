@@ -8,6 +8,7 @@ import torch
 
 from kernels.attention import AttentionMetadata
 from kernels.kv_format import LayerKVCache
+from kernels.kv_rotation import rotate_into_cache
 from kernels.kv_write import write_kv_ref
 
 
@@ -54,8 +55,10 @@ def apply_rotary_ref(
 
 def rotary_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
-    """Rotate q and k, write k and v to the cache (kv_write.write_kv_ref); return rotated q.
-    One op because the CUDA path fuses the two (kernels/triton_rotary.py)."""
+    """Rotate q and k, write k and v to the cache (kv_write.write_kv_ref); return rotated q,
+    in the cache's basis (kernels/kv_rotation.py). One op because the CUDA path fuses the two
+    (kernels/triton_rotary.py)."""
     q, k = apply_rotary_ref(q, k, positions, cos_sin)
+    q, k, v = rotate_into_cache(cache, q, k, v)
     write_kv_ref(k, v, cache, meta)
     return q

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from kernels.attention import AttentionMetadata
 from kernels.kv_format import LayerKVCache
+from kernels.kv_rotation import rotate_into_cache
 from kernels.triton_kv_write import write_kv_triton
 
 
@@ -143,7 +144,9 @@ def rotary_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
 
 def rotary_then_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                          cos_sin: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
-    """The two kernels in turn: rotate q and k (in place), then write (quantize) k and v."""
+    """The two kernels in turn: rotate q and k (in place), then write (quantize) k and v;
+    returns q in the cache's basis (kernels/kv_rotation.py)."""
     q, k = apply_rotary_triton(q, k, positions, cos_sin)
+    q, k, v = rotate_into_cache(cache, q, k, v)
     write_kv_triton(k, v, cache, meta)
     return q

@@ -344,4 +344,4 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("WATTSERVE_OPS", "reference")
     assert ops_for(torch.device("cuda")) is REFERENCE_OPS
     monkeypatch.delenv("WATTSERVE_OPS")
-    assert ops_for(torch.device("cuda")).paged_attention is paged_attention_triton
+    assert ops_for(torch.device("cuda")).paged_attention.__wrapped__ is paged_attention_triton
