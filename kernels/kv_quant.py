@@ -9,7 +9,8 @@ them bit for bit on the codes (tests/test_kv_quant*.py check it).
 - Per-channel integer (int4's and int2's K, KIVI): for each block, kv head and channel, the range over
   the block's tokens: x ~= q * s + m with fp16 scale s and fp16 minimum m. Keys have outlier
   channels whose values share a sign, so here the range is not widened to include 0.
-- fp8 e4m3: x ~= code * s, s = absmax / 448 per token and kv head, fp16.
+- fp8 e4m3: x ~= code * s, one fp16 s per token and kv head: absmax / top, for the `top` of
+  FP8_TOPS that gives the least squared error.
 
 Codes narrower than a byte are packed along the channel axis, lowest bits first: channel c
 lives in byte c // (8 // bits) at bit (c % (8 // bits)) * bits.
@@ -19,6 +20,13 @@ from __future__ import annotations
 import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# e4m3's top binade holds 256..448 in steps of 32. Scaling a token's largest magnitude onto
+# each of them in turn moves where its other values fall on the coarse grid (3 mantissa bits);
+# the least squared error wins. Against absmax onto 448 alone this cut fp8's perplexity
+# increase on the default model 0.97% -> 0.15% (CPU simulation; with rotated K and V,
+# 0.22% -> 0.05%).
+FP8_TOP_STEP = 32.0
+FP8_TOPS = tuple(FP8_MAX - FP8_TOP_STEP * i for i in range(7))  # 448, 416, ..., 256
 
 
 def _scale16(s: torch.Tensor) -> torch.Tensor:
@@ -81,11 +89,22 @@ def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor, minimum: to
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., d] -> (float8_e4m3fn codes [..., d], scale fp16 [...])."""
+    """x [..., d] -> (float8_e4m3fn codes [..., d], scale fp16 [...]). Errors are summed in
+    float64, so that the Triton kernel, summing in another order, picks the same scale."""
     x = x.float()
-    s = _scale16(x.abs().amax(-1) / FP8_MAX)
-    codes = (x / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return codes, s.to(torch.float16)
+    amax = x.abs().amax(-1)
+    best = None
+    for top in FP8_TOPS:
+        s = _scale16(amax / top)
+        codes = (x / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        err = (codes.float() * s[..., None] - x).double().square().sum(-1)
+        if best is None:
+            best = [codes.view(torch.uint8), s, err]
+            continue
+        better = err < best[2]  # ties keep the earlier top
+        best = [torch.where(better[..., None], codes.view(torch.uint8), best[0]), torch.where(better, s, best[1]),
+                torch.minimum(err, best[2])]
+    return best[0].view(torch.float8_e4m3fn), best[1].to(torch.float16)
 
 
 def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,14 @@ import triton.language as tl
 
 from kernels.attention import AttentionMetadata
 from kernels.kv_format import LayerKVCache
-from kernels.kv_quant import FP8_MAX
+from kernels.kv_quant import FP8_MAX, FP8_TOP_STEP, FP8_TOPS
 
 # 1.5 * 2**23: adding then subtracting it rounds a float32 of magnitude < 2**22 to an integer,
 # half to even (the hardware's rounding of the add), as torch.round does.
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 _FP8_MAX = tl.constexpr(FP8_MAX)
+_FP8_NUM_TOPS = tl.constexpr(len(FP8_TOPS))
+_FP8_TOP_STEP = tl.constexpr(FP8_TOP_STEP)
 
 
 @triton.jit
@@ -74,19 +76,45 @@ def _fp16_scale(s):
 
 
 @triton.jit
-def _fp8_e4m3_bits(y):
-    """float32 y, |y| <= 448 -> float8_e4m3fn bit pattern (uint8), round to nearest even."""
+def _fp8_e4m3(y):
+    """float32 y, |y| <= 448 -> (float8_e4m3fn bit pattern (uint8), its value as float32),
+    rounded to nearest even."""
     bits = y.to(tl.int32, bitcast=True)
     sign = (bits >> 24) & 0x80
     a = tl.abs(y)
     ab = a.to(tl.int32, bitcast=True)
     # Normal: round the 23-bit mantissa to 3 bits (a carry moves into the exponent, as it
-    # should), then rebias the exponent from 127 to 7.
+    # should); r << 20 is the rounded float32, and rebiasing the exponent from 127 to 7 gives
+    # the code.
     r = (ab + 0x7FFFF + ((ab >> 20) & 1)) >> 20
     normal = r - ((127 - 7) << 3)
     # Subnormal (below 2**-6): multiples of 2**-9; code 8 is 2**-6, the smallest normal.
-    sub = _round_half_even(a * 512.0).to(tl.int32)
-    return (tl.where(a < 0.015625, sub, normal) | sign).to(tl.uint8)
+    sub = _round_half_even(a * 512.0)
+    is_sub = a < 0.015625
+    magnitude = tl.where(is_sub, sub * (1.0 / 512.0), (r << 20).to(tl.float32, bitcast=True))
+    code = (tl.where(is_sub, sub.to(tl.int32), normal) | sign).to(tl.uint8)
+    return code, tl.where(sign != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _quantize_fp8_rows(x):
+    """x [R, D] float32 -> (codes [R, D] uint8, scale fp32 [R]): kv_quant.quantize_fp8, each
+    of FP8_TOPS in turn, the least squared error (float64) kept; ties keep the earlier."""
+    amax = tl.max(tl.abs(x), axis=1)
+    best_err = tl.full(amax.shape, float("inf"), tl.float64)
+    best_s = tl.zeros_like(amax)
+    best_codes = tl.zeros(x.shape, tl.uint8)
+    for i in tl.static_range(_FP8_NUM_TOPS):
+        s = _fp16_scale(tl.math.div_rn(amax, _FP8_MAX - _FP8_TOP_STEP * i))
+        y = tl.math.div_rn(x, s[:, None])
+        codes, values = _fp8_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
+        diff = (values * s[:, None] - x).to(tl.float64)
+        err = tl.sum(diff * diff, axis=1)
+        better = err < best_err
+        best_codes = tl.where(better[:, None], codes, best_codes)
+        best_s = tl.where(better, s, best_s)
+        best_err = tl.where(better, err, best_err)
+    return best_codes, best_s
 
 
 @triton.jit
@@ -102,11 +130,7 @@ def _quantize_rows(x, BITS: tl.constexpr, FP8: tl.constexpr):
     """x [R, NB, PER] float32 (a row's channels; padding 0) -> (bytes [R, NB], scale fp16 [R],
     zero uint8 [R]): per row, kv_quant.quantize_per_token or quantize_fp8."""
     if FP8:
-        amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
-        s = _fp16_scale(tl.math.div_rn(amax, _FP8_MAX))
-        y = tl.math.div_rn(x, s[:, None, None])
-        y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
-        codes = _fp8_e4m3_bits(tl.reshape(y, (y.shape[0], y.shape[1])))  # PER is 1
+        codes, s = _quantize_fp8_rows(tl.reshape(x, (x.shape[0], x.shape[1])))  # PER is 1
         return codes, s.to(tl.float16), tl.zeros_like(s).to(tl.uint8)
     qmax: tl.constexpr = (1 << BITS) - 1
     lo = tl.minimum(tl.min(tl.min(x, axis=2), axis=1), 0.0)
