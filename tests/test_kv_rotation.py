@@ -54,11 +54,11 @@ def test_rotation_shrinks_fp8_score_error_when_queries_and_keys_share_outlier_ch
     d = 128
     k, q = torch.randn(512, d, generator=gen), torch.randn(64, d, generator=gen)
     k_phase, q_phase = torch.rand(512, generator=gen) * 6.28, torch.rand(64, generator=gen) * 6.28
-    for channel, amplitude in ((5, 20.0), (17, 12.0)):
-        k[:, channel] += amplitude * k_phase.cos()
-        k[:, channel + d // 2] += amplitude * k_phase.sin()
-        q[:, channel] += amplitude / 3 * q_phase.cos()
-        q[:, channel + d // 2] += amplitude / 3 * q_phase.sin()
+    for channel in (5, 9, 13):
+        k[:, channel] += 10.0 * k_phase.cos()
+        k[:, channel + d // 2] += 10.0 * k_phase.sin()
+        q[:, channel] += 10.0 * q_phase.cos()
+        q[:, channel + d // 2] += 10.0 * q_phase.sin()
     exact = q @ k.T
 
     def fp8_scores(q, k):
@@ -67,4 +67,4 @@ def test_rotation_shrinks_fp8_score_error_when_queries_and_keys_share_outlier_ch
     r = rotation(d, torch.float32, torch.device("cpu"))
     plain = (fp8_scores(q, k) - exact).pow(2).mean().sqrt()
     rotated = (fp8_scores(q @ r, k @ r) - exact).pow(2).mean().sqrt()
-    assert rotated < 0.75 * plain  # measured 0.60
+    assert rotated < 0.8 * plain  # measured 0.62
