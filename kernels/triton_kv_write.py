@@ -70,7 +70,7 @@ def _write_kv_kernel(
 # ---- encodings (kv_quant's, on float32 tiles) -------------------------------------------------
 @triton.jit
 def _fp16_scale(s):
-    """The fp16 scale stored, as float32; a zero range gets scale 1 (kv_quant._scale16)."""
+    """The fp16 scale stored, as float32; a zero range gets scale 1 (kv_quant.stored_scale)."""
     s = s.to(tl.float16).to(tl.float32)
     return tl.where(s > 0, s, 1.0)
 
