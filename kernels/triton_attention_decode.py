@@ -54,7 +54,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
-    CODE_BIAS: tl.constexpr,
+    CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -92,8 +92,8 @@ def _decode_kernel(
             full = ctx // BLOCK_SIZE * BLOCK_SIZE
             coded_tiles = full // TILE_N
             coded_end = full
-        qs = split_planes(q, KV_BITS, FP8)
-        accs = split_planes(acc, KV_BITS, FP8)
+        qs = split_planes(q, PLANES)
+        accs = split_planes(acc, PLANES)
         # Scales come a tile ahead of their use, their block-table entries two: the pipeliner
         # leaves such narrow gathers synchronous, and a tile would wait for two round trips.
         blocks = tile_blocks(table, tile_lo * TILE_N, coded_end, BLOCK_SIZE, TILE_N)
@@ -111,13 +111,15 @@ def _decode_kernel(
             accs, m, l = attend_tile_quantized(
                 accs, m, l, qs, q_sum, last_pos, t * TILE_N, ctx, table, k_cache_ptr, v_cache_ptr, scales,
                 kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
-                HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+                HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS, UNPACK_ASM,
             )
             scales = next_scales
         acc = join_planes(accs)
         if KIVI:
             # The residual slot as a one-block table; positions relative to the slot's start.
-            for t in range(tl.maximum(tile_lo, coded_tiles), tile_hi):
+            # At most one tile: unpipelined, its bf16 buffers (32 KB a stage) would set the
+            # kernel's shared memory and cap the programs per SM.
+            for t in tl.range(tl.maximum(tile_lo, coded_tiles), tile_hi, num_stages=1):
                 acc, m, l = attend_tile(
                     acc, m, l, q, last_pos - full, t * TILE_N - full, ctx - full, res_slots_ptr + seq,
                     k_res_ptr, v_res_ptr, kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2,

@@ -16,11 +16,14 @@ result, so per element the tile only costs an unpack:
 Codes in a 16-bit dtype are made without an int-to-float conversion: OR-ing a code into the
 bits of 1024.0 (fp16) or 128.0 (bf16, codes < 128) gives the float CODE_BIAS + code, and
 CODE_BIAS is subtracted with the zero point.
-Sub-byte codes are never put back in channel order: the codes at bit i * bits of every byte
-(plane i: channels c with c % planes == i) go to the tensor cores as they lie, against q's
-plane i for K and into acc's plane i for V. Interleaving them per tile cost a register
-shuffle through shared memory per K and V tile; the planes are split from q and joined into
-acc once per program (`split_planes`, `join_planes`).
+Sub-byte codes are read as words (int16 for int4: 4 codes; bytes for int2) and never put back
+in channel order: the codes at bit i * bits of every word (plane i: channels c with
+c % planes == i) go to the tensor cores as they lie, against q's plane i for K and into acc's
+plane i for V. Interleaving them per tile cost a register shuffle through shared memory per K
+and V tile; the planes are split from q and joined into acc once per program
+(`split_planes`, `join_planes`). int16 words reach the dots' register layout through
+ldmatrix, as a bf16 tile would; on the GPU a plane of two words takes one shift and one lop3
+(`unpack_asm`), where Triton's own 16-bit shifts and masks cost about three times that.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_format import LayerKVCache
+from kernels.kv_format import KVFormat, LayerKVCache
 
 LOG2E = 1.4426950408889634  # the launchers pass scale * LOG2E
 
@@ -100,16 +103,41 @@ def _widen(c, dtype: tl.constexpr, CODE_MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _plane(b, i: tl.constexpr, dtype: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr,
-           CODE_MAGIC: tl.constexpr):
-    """Plane i of codes [N, NUM_BYTES] (bytes; fp8 values) -> [N, NUM_BYTES] in dtype: the
-    channels c with c % planes == i, one per byte (see `split_planes`)."""
+def unpack_planes(w, dtype: tl.constexpr, PLANES: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr,
+                  CODE_MAGIC: tl.constexpr, UNPACK_ASM: tl.constexpr):
+    """Code words [N, W] (bytes or int16; fp8 values as bytes) -> a tuple of PLANES tensors
+    [N, W] in dtype: plane i holds the codes at bit i * KV_BITS of each word, the channels c
+    with c % PLANES == i (see `split_planes`). UNPACK_ASM (`unpack_asm`, GPU only): one
+    plane at a time, two codes per instruction, the same function as the shifts and masks
+    below; a plane apiece lets each dot consume its plane before the next is made."""
     if FP8:  # bytes: a masked load's `other` cannot be an fp8 in the interpreter
-        return b.to(tl.float8e4nv, bitcast=True).to(dtype)
-    x = b.to(tl.int16)
-    if KV_BITS < 8:
-        x = (x >> (i * KV_BITS)) & ((1 << KV_BITS) - 1)
-    return _widen(x, dtype, CODE_MAGIC)
+        return (w.to(tl.float8e4nv, bitcast=True).to(dtype),)
+    x = w.to(tl.int16)
+    if KV_BITS == 8:
+        return (_widen(x & 0xFF, dtype, CODE_MAGIC),)
+    planes = ()
+    for i in tl.static_range(PLANES):
+        if len(UNPACK_ASM) > 0:
+            # The dtype spelled out: inline asm takes no dtype passed in as a constexpr.
+            if dtype == tl.bfloat16:
+                plane = tl.inline_asm_elementwise(UNPACK_ASM[i], "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
+            else:
+                plane = tl.inline_asm_elementwise(UNPACK_ASM[i], "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            plane = _widen((x >> (i * KV_BITS)) & ((1 << KV_BITS) - 1), dtype, CODE_MAGIC)
+        planes = planes + (plane,)
+    return planes
+
+
+def unpack_asm(bits: int, planes: int, magic: int) -> tuple[str, ...]:
+    """PTX for `unpack_planes`, plane by plane, on a 32-bit register of two int16 code words:
+    (word >> i * bits) & mask | magic puts plane i's code of each word into the low bits of
+    the float CODE_BIAS in its 16-bit half, one lop3 for both."""
+    mask = (1 << bits) - 1
+    mask2, magic2 = mask | mask << 16, magic | magic << 16
+    lop3 = f"{mask2:#x}, {magic2:#x}, 0xEA;"  # 0xEA: (a & b) | c
+    return tuple(f"lop3.b32 $0, $1, {lop3}" if i == 0 else
+                 f"{{ .reg .b32 t; shr.b32 t, $1, {i * bits}; lop3.b32 $0, t, {lop3} }}" for i in range(planes))
 
 
 @triton.jit
@@ -119,13 +147,13 @@ def _deinterleave(x):
 
 
 @triton.jit
-def split_planes(x, KV_BITS: tl.constexpr, FP8: tl.constexpr):
-    """x [M, HEAD_DIM] -> a tuple of its planes [M, NUM_BYTES]: plane i holds the channels c
-    with c % planes == i, the channels whose codes sit at bit i * KV_BITS of each byte
-    (planes: 8 // KV_BITS, 1 for fp8). Done once per program, outside the tile loop."""
-    if FP8 or KV_BITS == 8:
+def split_planes(x, PLANES: tl.constexpr):
+    """x [M, HEAD_DIM] -> a tuple of its PLANES planes [M, HEAD_DIM // PLANES]: plane i holds
+    the channels c with c % PLANES == i, the channels whose codes sit at bit i * KV_BITS of
+    each code word (`unpack_planes`). Done once per program, outside the tile loop."""
+    if PLANES == 1:
         return (x,)
-    elif KV_BITS == 4:
+    elif PLANES == 2:
         return _deinterleave(x)
     else:
         even, odd = _deinterleave(x)
@@ -213,9 +241,9 @@ def attend_tile_quantized(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
-    CODE_BIAS: tl.constexpr,
+    CODE_BIAS: tl.constexpr, UNPACK_ASM: tl.constexpr,
 ):
-    """`attend_tile` over a quantized cache (codes [num_blocks, block_size, kvh, bytes]), in
+    """`attend_tile` over a quantized cache (code words [num_blocks, block_size, kvh, words]), in
     planes (`split_planes`): qs and accs are q's and acc's planes, so each plane of codes goes
     to the tensor cores as it lies in the bytes, never interleaved into channel order.
     qs: in the model dtype, q_sum: [M] float32 q's row sums; scales: `tile_scales` of this
@@ -227,12 +255,13 @@ def attend_tile_quantized(
     tok = start + tl.arange(0, BLOCK_N)
     valid = tok < kv_end
     blocks = tile_blocks(table_ptr, start, kv_end, BLOCK_SIZE, BLOCK_N)
-    byte = tl.arange(0, HEAD_DIM // PLANES)[None, :]
+    word = tl.arange(0, HEAD_DIM // PLANES)[None, :]
     k_rows = _tile_ptrs(k_ptr + kv_head * stride_head, blocks, start, stride_block, stride_tok, BLOCK_SIZE, BLOCK_N)
     v_rows = _tile_ptrs(v_ptr + kv_head * stride_head, blocks, start, stride_block, stride_tok, BLOCK_SIZE, BLOCK_N)
     # Invalid positions: codes and scales 0, so their values are 0 (never NaN) before masking.
-    kb = tl.load(k_rows[:, None] + byte, mask=valid[:, None], other=0)
-    vb = tl.load(v_rows[:, None] + byte, mask=valid[:, None], other=0)
+    kw = tl.load(k_rows[:, None] + word, mask=valid[:, None], other=0)
+    vw = tl.load(v_rows[:, None] + word, mask=valid[:, None], other=0)
+    k_planes = unpack_planes(kw, dtype, PLANES, KV_BITS, FP8, CODE_MAGIC, UNPACK_ASM)
     s = tl.zeros([qs[0].shape[0], BLOCK_N], tl.float32)
     if KIVI:
         bias = tl.zeros(qs[0].shape, tl.float32)
@@ -240,13 +269,11 @@ def attend_tile_quantized(
             qf = qs[i].to(tl.float32)
             q_scaled = (qf * k_scale[i][None, :]).to(dtype)
             bias += qf * k_zero[i][None, :] - CODE_BIAS * q_scaled.to(tl.float32)
-            s = tl.dot(q_scaled, tl.trans(_plane(kb, i, dtype, KV_BITS, FP8, CODE_MAGIC)), s,
-                       input_precision=DOT_PRECISION)
+            s = tl.dot(q_scaled, tl.trans(k_planes[i]), s, input_precision=DOT_PRECISION)
         s = (s + tl.sum(bias, axis=1)[:, None]) * scale_log2  # one reduction for all planes
     else:
         for i in tl.static_range(PLANES):
-            s = tl.dot(qs[i], tl.trans(_plane(kb, i, dtype, KV_BITS, FP8, CODE_MAGIC)), s,
-                       input_precision=DOT_PRECISION)
+            s = tl.dot(qs[i], tl.trans(k_planes[i]), s, input_precision=DOT_PRECISION)
         if not FP8:
             s -= q_sum[:, None] * (CODE_BIAS + k_zero)[None, :]
         s *= (k_scale * scale_log2)[None, :]
@@ -254,20 +281,29 @@ def attend_tile_quantized(
     p_scaled = (p * v_scale[None, :]).to(dtype)
     if not FP8:  # the zero point is per token: the same correction for every channel
         v_bias = tl.sum(p_scaled.to(tl.float32) * (CODE_BIAS + v_zero)[None, :], axis=1)[:, None]
+    v_planes = unpack_planes(vw, dtype, PLANES, KV_BITS, FP8, CODE_MAGIC, UNPACK_ASM)
     new_accs = ()
     for i in tl.static_range(PLANES):
-        acc = tl.dot(p_scaled, _plane(vb, i, dtype, KV_BITS, FP8, CODE_MAGIC), accs[i] * alpha[:, None],
-                     input_precision=DOT_PRECISION)
+        acc = tl.dot(p_scaled, v_planes[i], accs[i] * alpha[:, None], input_precision=DOT_PRECISION)
         if not FP8:
             acc -= v_bias
         new_accs = new_accs + (acc,)
     return new_accs, m, l
 
 
+def word_bits(fmt: KVFormat, head_dim: int) -> int:
+    """Bits of the code words the kernels read (`unpack_planes`): int16 for int4 (4 planes)
+    where each plane keeps the 16 channels a dot needs, else bytes."""
+    return 16 if fmt.bits == 4 and not fmt.fp8 and head_dim >= 64 else 8
+
+
 def kv_codes(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K and V tensors the kernels take: fp8 codes as their bytes (see `_plane`)."""
+    """The K and V tensors the kernels take: code words (`word_bits`), fp8 codes as bytes."""
+    head_dim = cache.k.shape[-1] * 8 // cache.fmt.bits if cache.fmt.quantized and not cache.fmt.fp8 else 0
     if cache.fmt.fp8:
         return cache.k.view(torch.uint8), cache.v.view(torch.uint8)
+    if cache.fmt.quantized and word_bits(cache.fmt, head_dim) == 16:
+        return cache.k.view(torch.int16), cache.v.view(torch.int16)
     return cache.k, cache.v
 
 
@@ -277,7 +313,8 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, residual_slots: t
     stand-ins (cache.k) that the format's constexpr branches never read."""
     fmt = cache.fmt
     if not fmt.quantized:
-        return [cache.k] * 7 + [0] * 6, {"KV_BITS": 0, "FP8": False, "KIVI": False, "CODE_MAGIC": 0, "CODE_BIAS": 0.0}
+        return [cache.k] * 7 + [0] * 6, {"KV_BITS": 0, "FP8": False, "KIVI": False, "CODE_MAGIC": 0, "CODE_BIAS": 0.0,
+                                         "PLANES": 1, "UNPACK_ASM": ""}
     assert cache.k.is_contiguous() and cache.v.is_contiguous() and cache.k.stride() == cache.v.stride()
     if cache.k.shape[-1] < 16:  # a row's bytes are a plane's channels: the dots' K, 16 at least
         raise ValueError(f"the Triton kernels read a {fmt.name} KV cache at head_dim >= {16 * 8 // fmt.bits}")
@@ -300,5 +337,11 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, residual_slots: t
         kivi = [cache.k, cache.k, cache.k, 0, 0, 0, 0]
     tensors = [cache.k_scale, zeros[0], cache.v_scale, zeros[1], *kivi[:3],
                cache.v_scale.stride(0), cache.v_scale.stride(1), *kivi[3:]]
-    constexprs = {"KV_BITS": fmt.bits, "FP8": fmt.fp8, "KIVI": fmt.kivi, "CODE_MAGIC": magic, "CODE_BIAS": bias}
+    words = word_bits(fmt, cache.k.shape[-1] * 8 // fmt.bits)
+    planes = 1 if fmt.fp8 else words // fmt.bits
+    # The interpreter runs no PTX; fp32 queries take codes by conversion (no magic).
+    native = not triton.knobs.runtime.interpret and cache.k.device.type == "cuda"
+    asm = unpack_asm(fmt.bits, planes, magic) if native and magic and planes > 1 else ""
+    constexprs = {"KV_BITS": fmt.bits, "FP8": fmt.fp8, "KIVI": fmt.kivi, "CODE_MAGIC": magic, "CODE_BIAS": bias,
+                  "PLANES": planes, "UNPACK_ASM": asm}
     return tensors, constexprs
