@@ -192,23 +192,27 @@ def test_write_kivi_flushes_full_blocks_and_fills_residuals(name, block_size, dt
 DECODE_CONTEXTS = [1, 15, 17, 64, 100, 130]
 
 
-# None: the default splits, many for so few programs (an H100's 132 SMs), some empty.
-@pytest.mark.parametrize("name,num_heads,num_kv_heads,head_dim,block_size,dtype,num_splits", [
-    ("fp8_e4m3", 8, 2, 64, 16, torch.float16, None),
-    ("int8", 9, 3, 128, 16, torch.float32, 1),
-    ("int8", 8, 2, 64, 16, torch.float16, 3),
-    ("int4", 8, 2, 128, 64, torch.float16, 2),
-    ("int4", 9, 3, 64, 16, torch.float32, 3),
-    ("int2", 8, 2, 64, 64, torch.float32, None),
-    ("int2", 9, 3, 128, 16, torch.float16, 4),
+# None: the default splits, many for so few programs (an H100's 132 SMs), some empty; the
+# default lanes (4 for int4/int2 with groups of 3 and 4 heads, else 1). 32-token tiles span
+# blocks of 16 (per token block-table entries) and lie in blocks of 64.
+@pytest.mark.parametrize("name,num_heads,num_kv_heads,head_dim,block_size,dtype,num_splits,lanes", [
+    ("fp8_e4m3", 8, 2, 64, 16, torch.float16, None, None),
+    ("fp8_e4m3", 8, 2, 64, 16, torch.float16, 3, 4),
+    ("int8", 9, 3, 128, 16, torch.float32, 1, None),
+    ("int8", 8, 2, 64, 16, torch.float16, 3, 2),
+    ("int4", 8, 2, 128, 64, torch.float16, 2, None),
+    ("int4", 8, 2, 128, 64, torch.float16, 1, 1),
+    ("int4", 9, 3, 64, 16, torch.float32, 3, 2),
+    ("int2", 8, 2, 64, 64, torch.float32, None, None),
+    ("int2", 9, 3, 128, 16, torch.float16, 4, None),
 ])
-def test_decode_split_k(name, num_heads, num_kv_heads, head_dim, block_size, dtype, num_splits):
+def test_decode_split_k(name, num_heads, num_kv_heads, head_dim, block_size, dtype, num_splits, lanes):
     q, cache, meta = quantized_batch(name, [1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS, num_heads, num_kv_heads,
                                      head_dim, dtype, block_size, seed=2)
     scale = head_dim**-0.5
     residual_slots = meta.kivi.residual_slots if cache.fmt.kivi else None
     out = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, residual_slots,
-                                       tile_tokens=32, num_splits=num_splits)
+                                       tile_tokens=32, num_splits=num_splits, lanes=lanes)
     assert_rel_close(out, reference(q, cache, meta, scale), dtype)
 
 
