@@ -20,7 +20,8 @@ written for memory bandwidth:
   with its own tile of a step (lane j takes tiles t + j), and the lanes' partial softmaxes
   are merged per head at the end, as the splits' are. Llama-3.1-8B's 4 heads a kv head make
   4 lanes: a quarter of the softmax, scale and KIVI q-scaling work per tile, and 4 tiles
-  of codes in flight per program (int4, batch 32 x 8k on an H100: 0.21 -> 0.14 ms).
+  of codes in flight per program (int4, batch 32 x 8k on an H100: 0.18 ms, the best of 2
+  and 4 warps without lanes, -> 0.14 ms).
 The number of splits comes from host-side shapes only (batch size, block-table width), and
 each program reads its sequence's length on the device, so the launch never syncs and can be
 captured in a CUDA graph. Each split takes an equal share of its own sequence's tiles.
@@ -46,8 +47,8 @@ from kernels.triton_paged_tile import (
 )
 
 
-# (tile_tokens, num_stages, lanes) by format: bf16, fp8/int8 (per-token keys), int4/int2.
-DEFAULTS = {"auto": (64, 3, 1), "per-token": (128, 5, 1), "kivi": (64, 3, 4)}
+# (tile_tokens, num_stages, lanes) by --kv-cache-dtype (see paged_decode_attention_cache).
+DEFAULTS = {"auto": (64, 3, 1), "fp8_e4m3": (128, 5, 1), "int8": (128, 7, 1), "int4": (64, 3, 4), "int2": (64, 5, 4)}
 
 
 @triton.jit
@@ -223,7 +224,7 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_tiles: int, device:
     per SM measured best on an H100 for bf16 (Llama-3.1-8B shapes): batch 64 x 4k runs
     unsplit (splitting it in 2 cost 2%), batch 1 x 32k in 64 splits (128 cost 4%). A
     quantized program holds about 250 registers a thread, so two fill an SM (bf16's hold
-    126: four fit), and splitting batch 32 x 8k in 2 cost 3% (fp8) to 6% (int4)."""
+    126: four fit), and splitting batch 32 x 8k in 2 cost 3% (fp8) to 7% (int4)."""
     # Off CUDA (the interpreter), an H100's 132 SMs: tests then exercise the GPU's choice.
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     want = triton.cdiv((1 if quantized else 2) * sms, num_seqs * num_kv_heads)
@@ -260,14 +261,14 @@ def paged_decode_attention_cache(
     (quantized caches): tiles a program takes at once, one per lane of rows
     (`attend_tile_quantized`); at most the dots' 16 rows over the group size rounded up to a
     power of two.
-    Defaults by format (`DEFAULTS`), from sweeps on an H100 at Llama-3.1-8B shapes: bf16 64
-    tokens, 4 warps, 3 stages (benchmarks/kernel_bench.py --sweep, 54 configurations: within
-    1% of the best at both batch 64 x 4k and batch 1 x 32k); the quantized formats from
-    benchmarks/kv_quant_kernel_bench.py --sweep (batch 32 x 8k): fp8/int8 128 tokens and 5
-    stages (Triton keeps (num_stages - 1) // 2 tiles of codes in flight behind their
-    block-table entries; with 3 a tile's codes are only requested once the previous tile is
-    done), int4/int2 64 tokens, 3 stages and 4 lanes (4 tiles of codes a step are in flight
-    enough; 5 stages cost 5%).
+    Defaults by format (`DEFAULTS`), from sweeps on an H100 at Llama-3.1-8B shapes, all 4
+    warps: bf16 64 tokens, 3 stages (benchmarks/kernel_bench.py --sweep, 54 configurations:
+    within 1% of the best at both batch 64 x 4k and batch 1 x 32k); the quantized formats the
+    best of benchmarks/kv_quant_kernel_bench.py --sweep (batch 32 x 8k): fp8 128 tokens and 5
+    stages, int8 128 and 7 (Triton keeps (num_stages - 1) // 2 tiles of codes in flight
+    behind their block-table entries; with 3 a tile's codes are only requested once the
+    previous tile is done), int4 64 tokens, 3 stages and 4 lanes (a step's 4 tiles of codes
+    in flight are enough; 5 stages cost 3%), int2 64, 5 stages and 4 lanes.
     """
     num_seqs, num_heads, head_dim = q.shape
     k_cache, v_cache = kv_codes(cache)
@@ -277,7 +278,7 @@ def paged_decode_attention_cache(
     assert k_cache.stride() == v_cache.stride()
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
     fmt = cache.fmt
-    defaults = DEFAULTS["kivi" if fmt.kivi else "per-token" if fmt.quantized else "auto"]
+    defaults = DEFAULTS[fmt.name]
     tile_tokens = tile_tokens or defaults[0]
     num_stages = num_stages or defaults[1]
     block_h = max(16, triton.next_power_of_2(group))

@@ -88,7 +88,8 @@ def attend_tile(
 def _softmax_step(m, l, s, visible, MASK: tl.constexpr):
     """The online-softmax update for scores s [M, N], where `visible` (when MASK): (max, sum,
     p, alpha), alpha [M] the factor that rescales the accumulator. A row that has seen no
-    visible key keeps max -inf, sum 0 and gets alpha 0 (not NaN)."""
+    visible key, this tile included (decode's lanes past their last tile), keeps max -inf,
+    sum 0 and gets alpha 0, not NaN."""
     if MASK:
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -236,7 +237,7 @@ def tile_scales(
 ):
     """The scales and zero points `attend_tile_quantized` takes for the tiles at `starts` (one
     per lane, see there), whose block-table entries are `blocks` (`tile_blocks` each):
-    (k_scale, k_zero, v_scale, v_zero) as stored, per token [BLOCK_N] (0 from position `end`
+    (k_scale, k_zero, v_scale, v_zero), float32, per token [BLOCK_N] (0 from position `end`
     on), KIVI keys' scale and minimum per channel [HEAD_DIM]; with several lanes, one row
     of those per row of the tile ([M, BLOCK_N], [M, HEAD_DIM]: row r, its lane's tile). fp8
     has no zero points (v_scale stands in). Separate from the tile so that the decode loop
@@ -245,35 +246,32 @@ def tile_scales(
     block = _per_row(lane, blocks, BLOCK_N > BLOCK_SIZE)
     valid = start + tl.arange(0, BLOCK_N) < end
     v_scale = tl.load(_tile_ptrs(v_scale_ptr + kv_head, block, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
-                                 BLOCK_N), mask=valid, other=0.0)
+                                 BLOCK_N), mask=valid, other=0.0).to(tl.float32)
     v_zero = v_scale
     if not FP8:
         v_zero = tl.load(_tile_ptrs(v_zero_ptr + kv_head, block, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
-                                    BLOCK_N), mask=valid, other=0)
+                                    BLOCK_N), mask=valid, other=0).to(tl.float32)
     if KIVI:  # each tile lies in one block: `block` is its entry
         kc = block.to(tl.int64) * stride_kc_block + kv_head * HEAD_DIM + tl.arange(0, HEAD_DIM)
-        k_scale = tl.load(k_scale_ptr + kc)
-        k_zero = tl.load(k_zero_ptr + kc)
+        k_scale = tl.load(k_scale_ptr + kc).to(tl.float32)
+        k_zero = tl.load(k_zero_ptr + kc).to(tl.float32)
     else:
         k_scale = tl.load(_tile_ptrs(k_scale_ptr + kv_head, block, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
-                                     BLOCK_N), mask=valid, other=0.0)
+                                     BLOCK_N), mask=valid, other=0.0).to(tl.float32)
         k_zero = k_scale
         if not FP8:
             k_zero = tl.load(_tile_ptrs(k_zero_ptr + kv_head, block, start, stride_m_block, stride_m_tok,
-                                        BLOCK_SIZE, BLOCK_N), mask=valid, other=0)
+                                        BLOCK_SIZE, BLOCK_N), mask=valid, other=0).to(tl.float32)
     return k_scale, k_zero, v_scale, v_zero
 
 
 @triton.jit
-def _lane_codes(ptr, table_ptr, start, kv_end, kv_head, stride_block, stride_tok, stride_head,
+def _lane_codes(ptr, blocks, start, kv_end, kv_head, stride_block, stride_tok, stride_head,
                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PLANES: tl.constexpr,
                 WHOLE: tl.constexpr):
     """One lane's tile of code words [BLOCK_N, HEAD_DIM // PLANES]: 0 from position kv_end on
     (their slots may hold anything; 0 codes and 0 scales keep them finite until masked).
-    WHOLE: the tile is all before kv_end or all after. Its block-table entries are loaded
-    here, from the tile's start alone: the pipeliner then issues both loads stages ahead (it
-    does not for an address carried in from an earlier iteration)."""
-    blocks = tile_blocks(table_ptr, start, kv_end, BLOCK_SIZE, BLOCK_N)
+    WHOLE: the tile is all before kv_end or all after. `blocks`: its `tile_blocks`."""
     rows = _tile_ptrs(ptr + kv_head * stride_head, blocks, start, stride_block, stride_tok, BLOCK_SIZE, BLOCK_N)
     if WHOLE:
         valid = start < kv_end
@@ -312,26 +310,24 @@ def attend_tile_quantized(
     MASK: tl.constexpr = CAUSAL or LANES > 1
     dtype: tl.constexpr = qs[0].dtype
     k_scale, k_zero, v_scale, v_zero = scales
-    visible = None
-    if MASK:
-        tok = _per_row(lane, starts, False) + tl.arange(0, BLOCK_N)  # [M, N] ([N]: one lane)
-        visible = tok < kv_end
-        if CAUSAL:
-            visible = visible & (tok <= q_pos[:, None])
     if KIVI:  # q * k_scale against the codes; the minimum and CODE_BIAS in one per-row bias
         qf = q.to(tl.float32)
-        q_scaled = (qf * k_scale.to(tl.float32)).to(dtype)
-        bias = tl.sum(qf * k_zero.to(tl.float32) - CODE_BIAS * q_scaled.to(tl.float32), axis=1)
+        q_scaled = (qf * k_scale).to(dtype)
+        bias = tl.sum(qf * k_zero - CODE_BIAS * q_scaled.to(tl.float32), axis=1)
         q_k = split_planes(q_scaled, PLANES)
     else:
         q_k = qs
-    # Every load issued before the first use: V's latency hides behind K's and the dots.
+    # Every load issued before the first use: V's latency hides behind K's and the dots. The
+    # block-table entries are loaded here, from the tiles' starts alone: the pipeliner then
+    # issues them and the codes stages ahead (it does not for an address carried in from an
+    # earlier iteration).
     kws = ()
     vws = ()
     for j in tl.static_range(LANES):
-        kws = kws + (_lane_codes(k_ptr, table_ptr, starts[j], kv_end, kv_head, stride_block, stride_tok, stride_head,
+        blocks = tile_blocks(table_ptr, starts[j], kv_end, BLOCK_SIZE, BLOCK_N)
+        kws = kws + (_lane_codes(k_ptr, blocks, starts[j], kv_end, kv_head, stride_block, stride_tok, stride_head,
                                  HEAD_DIM, BLOCK_SIZE, BLOCK_N, PLANES, KIVI),)
-        vws = vws + (_lane_codes(v_ptr, table_ptr, starts[j], kv_end, kv_head, stride_block, stride_tok, stride_head,
+        vws = vws + (_lane_codes(v_ptr, blocks, starts[j], kv_end, kv_head, stride_block, stride_tok, stride_head,
                                  HEAD_DIM, BLOCK_SIZE, BLOCK_N, PLANES, KIVI),)
     s = tl.zeros([q.shape[0], BLOCK_N], tl.float32)
     for j in tl.static_range(LANES):
@@ -347,15 +343,19 @@ def attend_tile_quantized(
         s = (s + bias[:, None]) * scale_log2
     else:
         if not FP8:
-            s -= q_sum[:, None] * (CODE_BIAS + k_zero.to(tl.float32))
-        s *= k_scale.to(tl.float32) * scale_log2
+            s -= q_sum[:, None] * (CODE_BIAS + k_zero)
+        s *= k_scale * scale_log2
+    visible = None
+    if MASK:  # made here, not live across the dots
+        tok = _per_row(lane, starts, False) + tl.arange(0, BLOCK_N)  # [M, N] ([N]: one lane)
+        visible = tok < kv_end
+        if CAUSAL:
+            visible = visible & (tok <= q_pos[:, None])
     m, l, p, alpha = _softmax_step(m, l, s, visible, MASK)
-    p_scaled = (p * v_scale.to(tl.float32)).to(dtype)
+    p_scaled = (p * v_scale).to(dtype)
     if not FP8:  # the zero point is per token: the same correction for every channel
-        v_bias = tl.sum(p_scaled.to(tl.float32) * (CODE_BIAS + v_zero.to(tl.float32)), axis=1)[:, None]
-    new_accs = ()
-    for i in tl.static_range(PLANES):
-        new_accs = new_accs + (accs[i] * alpha[:, None],)
+        v_bias = tl.sum(p_scaled.to(tl.float32) * (CODE_BIAS + v_zero), axis=1)[:, None]
+    new_accs = accs
     for j in tl.static_range(LANES):
         v_planes = unpack_planes(vws[j], dtype, PLANES, KV_BITS, FP8, CODE_MAGIC, UNPACK_ASM)
         p_j = p_scaled
@@ -363,7 +363,10 @@ def attend_tile_quantized(
             p_j = tl.where((lane == j)[:, None], p_scaled, 0.0)
         accs_j = ()
         for i in tl.static_range(PLANES):
-            accs_j = accs_j + (tl.dot(p_j, v_planes[i], new_accs[i], input_precision=DOT_PRECISION),)
+            acc = new_accs[i]
+            if j == 0:  # rescaled at its first dot: the live ranges of one lane's tile
+                acc = acc * alpha[:, None]
+            accs_j = accs_j + (tl.dot(p_j, v_planes[i], acc, input_precision=DOT_PRECISION),)
         new_accs = accs_j
     if not FP8:
         accs_j = ()
