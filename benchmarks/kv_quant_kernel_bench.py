@@ -16,10 +16,10 @@ Timing: kernel_bench.per_call_ms, a CUDA graph of calls back to back over rotati
 (several times the L2 in all, as a model's layers are), median per call.
 
 Usage: python benchmarks/kv_quant_kernel_bench.py [--dtypes auto,int4] [--tile-tokens N]
-  [--num-warps N] [--num-stages N] [--num-splits N] [--sweep]
+  [--num-warps N] [--num-stages N] [--num-splits N] [--lanes N] [--sweep]
 The tunables apply to the quantized dtypes (bf16 keeps the kernel's defaults, the peer);
---sweep also times a grid of them per dtype (tile x warps x stages at the default splits,
-then the best with fewer and more splits; at batch 32, 0.5x is one split per sequence). Writes
+--sweep also times a grid of them per dtype (tile x warps x stages at the default splits and
+lanes, then the best with fewer and more splits and, quantized, with 1, 2 and 4 lanes). Writes
 benchmarks/results/kv_quant_kernels_<gpu>.json.
 """
 from __future__ import annotations
@@ -180,10 +180,18 @@ def sweep_decode(name: str, run, table_width: int) -> list[dict]:
                for t, w, s in itertools.product(tiles, (4, 8), SWEEP_STAGES)]
     best = min(configs, key=lambda r: r["ms"])
     tile = best["tile_tokens"]
-    splits = default_num_splits(BATCH, KV_HEADS, triton.cdiv(table_width * bs, tile), torch.device(DEV))
+    fmt = kv_format(name)
+    splits = default_num_splits(BATCH, KV_HEADS, triton.cdiv(table_width * bs, tile), torch.device(DEV),
+                                fmt.quantized)
     for factor in (0.5, 2, 4):
         configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=best["num_stages"],
                            num_splits=max(1, int(splits * factor))))
+    for lanes in (1, 2, 4) if fmt.quantized else ():  # KV_HEADS into HEADS: groups of 4, up to 4 lanes
+        try:
+            configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=best["num_stages"],
+                               lanes=lanes))
+        except triton.runtime.errors.OutOfResources as e:  # lanes x a tile's stages of codes
+            configs.append({"ms": float("inf"), "error": str(e), "tile_tokens": tile, "lanes": lanes})
     return sorted(configs, key=lambda r: r["ms"])
 
 
@@ -260,13 +268,15 @@ def main() -> None:
     ap.add_argument("--num-warps", type=int)
     ap.add_argument("--num-stages", type=int)
     ap.add_argument("--num-splits", type=int)
+    ap.add_argument("--lanes", type=int)
     ap.add_argument("--sweep", action="store_true", help="also time a grid of decode tunables per dtype")
     args = ap.parse_args()
     names = ["auto"] + [n for n in args.dtypes.split(",") if n != "auto"]
     for n in names:
         kv_format(n)  # rejects unknown names before any work
     tunables = {k: v for k, v in (("tile_tokens", args.tile_tokens), ("num_warps", args.num_warps),
-                                  ("num_stages", args.num_stages), ("num_splits", args.num_splits)) if v is not None}
+                                  ("num_stages", args.num_stages), ("num_splits", args.num_splits),
+                                  ("lanes", args.lanes)) if v is not None}
     gen = torch.Generator(device=DEV).manual_seed(0)
     device = torch.cuda.get_device_name()
 

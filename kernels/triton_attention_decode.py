@@ -15,7 +15,13 @@ written for memory bandwidth:
   (max, sum, acc), all float32.
 - Quantized caches: the tiles are codes, dequantized in registers (triton_paged_tile.py), so
   the bytes read shrink with the codes; with int4/int2 (KIVI) keys each sequence's positions
-  past its last full block come from its full-precision residual slot.
+  past its last full block come from its full-precision residual slot. Their cost is then
+  per-tile work, not bytes: the rows that only padded the group to 16 become lanes, each
+  with its own tile of a step (lane j takes tiles t + j), and the lanes' partial softmaxes
+  are merged per head at the end, as the splits' are. Llama-3.1-8B's 4 heads a kv head make
+  4 lanes: a quarter of the softmax, scale and KIVI q-scaling work per tile, and 4 tiles
+  of codes in flight per program (int4, batch 32 x 8k on an H100: 0.18 ms, the best of 2
+  and 4 warps without lanes, -> 0.14 ms).
 The number of splits comes from host-side shapes only (batch size, block-table width), and
 each program reads its sequence's length on the device, so the launch never syncs and can be
 captured in a CUDA graph. Each split takes an equal share of its own sequence's tiles.
@@ -41,6 +47,40 @@ from kernels.triton_paged_tile import (
 )
 
 
+# (tile_tokens, num_stages, lanes) by --kv-cache-dtype (see paged_decode_attention_cache).
+DEFAULTS = {"auto": (64, 3, 1), "fp8_e4m3": (128, 5, 1), "int8": (128, 7, 1), "int4": (64, 3, 4), "int2": (64, 5, 4)}
+
+
+@triton.jit
+def _lane_starts(t, LANES: tl.constexpr, TILE_N: tl.constexpr):
+    """The tile starts of a step at tile t: lane j takes tile t + j."""
+    starts = ()
+    for j in tl.static_range(LANES):
+        starts = starts + ((t + j) * TILE_N,)
+    return starts
+
+
+@triton.jit
+def _lane_blocks(table, t, end, LANES: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr):
+    """`tile_blocks` of each lane's tile of the step at tile t."""
+    blocks = ()
+    for j in tl.static_range(LANES):
+        blocks = blocks + (tile_blocks(table, (t + j) * TILE_N, end, BLOCK_SIZE, TILE_N),)
+    return blocks
+
+
+@triton.jit
+def _merge_lanes(acc, m, l, LANES: tl.constexpr):
+    """Rows lane x ROWS -> ROWS: each lane's partial softmax (max m, sum l, acc) merged into
+    its head's, as the split combine does. A lane that saw nothing has m -inf: weight 0."""
+    ROWS: tl.constexpr = acc.shape[0] // LANES
+    m2 = tl.reshape(m, [LANES, ROWS])
+    m_all = tl.max(m2, axis=0)
+    w = tl.exp2(m2 - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])
+    acc = tl.sum(tl.reshape(acc, [LANES, ROWS, acc.shape[1]]) * w[:, :, None], axis=0)
+    return acc, m_all, tl.sum(tl.reshape(l, [LANES, ROWS]) * w, axis=0)
+
+
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
@@ -54,7 +94,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
-    CODE_BIAS: tl.constexpr,
+    CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr, LANES: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -65,11 +105,14 @@ def _decode_kernel(
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
 
-    g = tl.arange(0, BLOCK_H)
-    head = kv_head * GROUP + g
+    # Rows: LANES lanes x ROWS (the group padded to a power of two); all lanes hold q.
+    ROWS: tl.constexpr = BLOCK_H // LANES
+    r = tl.arange(0, BLOCK_H)
+    lane = r // ROWS
+    head = kv_head * GROUP + r % ROWS
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_q_seq + head[:, None] * stride_q_head + d[None, :],
-                mask=(g < GROUP)[:, None], other=0.0)
+                mask=(r % ROWS < GROUP)[:, None], other=0.0)
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -92,38 +135,53 @@ def _decode_kernel(
             full = ctx // BLOCK_SIZE * BLOCK_SIZE
             coded_tiles = full // TILE_N
             coded_end = full
-        qs = split_planes(q, KV_BITS, FP8)
-        accs = split_planes(acc, KV_BITS, FP8)
-        # Scales come a tile ahead of their use, their block-table entries two: the pipeliner
-        # leaves such narrow gathers synchronous, and a tile would wait for two round trips.
-        blocks = tile_blocks(table, tile_lo * TILE_N, coded_end, BLOCK_SIZE, TILE_N)
+        # Lane j takes tiles t + j of each step; the split's last step may leave lanes
+        # without a tile: their positions lie past `stop` and are masked.
+        coded_hi = tl.minimum(tile_hi, coded_tiles)
+        stop = tl.minimum(coded_hi * TILE_N, coded_end)
+        qs = split_planes(q, PLANES)
+        accs = split_planes(acc, PLANES)
+        # Block-table entries come two steps ahead of their use, scales one: the pipeliner
+        # leaves such narrow gathers synchronous, and a step would wait for two round trips.
+        blocks = _lane_blocks(table, tile_lo, stop, LANES, BLOCK_SIZE, TILE_N)
         scales = tile_scales(
-            blocks, tile_lo * TILE_N, coded_end, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
-            stride_m_block, stride_m_tok, stride_kc_block, HEAD_DIM, BLOCK_SIZE, TILE_N, len(qs), FP8, KIVI,
+            lane, blocks, _lane_starts(tile_lo, LANES, TILE_N), stop, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+            v_zero_ptr, kv_head, stride_m_block, stride_m_tok, stride_kc_block, HEAD_DIM, BLOCK_SIZE, TILE_N, FP8, KIVI,
         )
-        blocks = tile_blocks(table, (tile_lo + 1) * TILE_N, coded_end, BLOCK_SIZE, TILE_N)
-        for t in range(tile_lo, tl.minimum(tile_hi, coded_tiles)):
+        blocks = _lane_blocks(table, tile_lo + LANES, stop, LANES, BLOCK_SIZE, TILE_N)
+        for t in range(tile_lo, coded_hi, LANES):
             next_scales = tile_scales(
-                blocks, (t + 1) * TILE_N, coded_end, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
-                stride_m_block, stride_m_tok, stride_kc_block, HEAD_DIM, BLOCK_SIZE, TILE_N, len(qs), FP8, KIVI,
+                lane, blocks, _lane_starts(t + LANES, LANES, TILE_N), stop, k_scale_ptr, k_zero_ptr,
+                v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok, stride_kc_block,
+                HEAD_DIM, BLOCK_SIZE, TILE_N, FP8, KIVI,
             )
-            blocks = tile_blocks(table, (t + 2) * TILE_N, coded_end, BLOCK_SIZE, TILE_N)
+            blocks = _lane_blocks(table, t + 2 * LANES, stop, LANES, BLOCK_SIZE, TILE_N)
+            # fp8/int8: the last tile may be partial (CAUSAL masks it); KIVI tiles are whole.
             accs, m, l = attend_tile_quantized(
-                accs, m, l, qs, q_sum, last_pos, t * TILE_N, ctx, table, k_cache_ptr, v_cache_ptr, scales,
-                kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
-                HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+                accs, m, l, q, qs, q_sum, last_pos, lane, _lane_starts(t, LANES, TILE_N), stop, table,
+                k_cache_ptr, v_cache_ptr, scales, kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+                HEAD_DIM, BLOCK_SIZE, TILE_N, not KIVI, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+                UNPACK_ASM,
             )
             scales = next_scales
         acc = join_planes(accs)
         if KIVI:
-            # The residual slot as a one-block table; positions relative to the slot's start.
-            for t in range(tl.maximum(tile_lo, coded_tiles), tile_hi):
+            # The residual slot as a one-block table; positions relative to the slot's start;
+            # lane 0's rows alone attend it (the others' positions precede it).
+            # At most one tile: unpipelined, its bf16 buffers (32 KB a stage) would set the
+            # kernel's shared memory and cap the programs per SM.
+            res_pos = tl.where(lane == 0, last_pos - full, -1)
+            for t in tl.range(tl.maximum(tile_lo, coded_tiles), tile_hi, num_stages=1):
                 acc, m, l = attend_tile(
-                    acc, m, l, q, last_pos - full, t * TILE_N - full, ctx - full, res_slots_ptr + seq,
+                    acc, m, l, q, res_pos, t * TILE_N - full, ctx - full, res_slots_ptr + seq,
                     k_res_ptr, v_res_ptr, kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
                     HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
                 )
+    if LANES > 1:
+        acc, m, l = _merge_lanes(acc, m, l, LANES)
 
+    g = tl.arange(0, ROWS)
+    head = kv_head * GROUP + g
     row_mask = (g < GROUP)[:, None]
     if SPLIT:
         # Unnormalized partials; an empty split leaves (-inf, 0, 0), which the combine ignores.
@@ -159,14 +217,17 @@ def _combine_splits_kernel(
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_tiles: int, device: torch.device,
-                       programs_per_sm: int = 2) -> int:
-    """Splits so that seqs x kv heads x splits gives about `programs_per_sm` programs per SM,
-    rounded up to a power of two (few compiled variants of the combine), and no more than the
-    tiles of the longest possible context rounded up the same way. Two per SM measured best on an H100 (Llama-3.1-8B shapes): batch 64 x 4k runs
-    unsplit (splitting it in 2 cost 2%), batch 1 x 32k in 64 splits (128 cost 4%)."""
+                       quantized: bool = False) -> int:
+    """Splits so that seqs x kv heads x splits gives about two programs per SM (one for a
+    quantized cache), rounded up to a power of two (few compiled variants of the combine),
+    and no more than the tiles of the longest possible context rounded up the same way. Two
+    per SM measured best on an H100 for bf16 (Llama-3.1-8B shapes): batch 64 x 4k runs
+    unsplit (splitting it in 2 cost 2%), batch 1 x 32k in 64 splits (128 cost 4%). A
+    quantized program holds about 250 registers a thread, so two fill an SM (bf16's hold
+    126: four fit), and splitting batch 32 x 8k in 2 cost 3% (fp8) to 7% (int4)."""
     # Off CUDA (the interpreter), an H100's 132 SMs: tests then exercise the GPU's choice.
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    want = triton.cdiv(programs_per_sm * sms, num_seqs * num_kv_heads)
+    want = triton.cdiv((1 if quantized else 2) * sms, num_seqs * num_kv_heads)
     if want <= 1:
         return 1
     return min(triton.next_power_of_2(want), triton.next_power_of_2(max_tiles))
@@ -185,7 +246,8 @@ def paged_decode_attention(
 def paged_decode_attention_cache(
     q: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
     scale: float, residual_slots: torch.Tensor | None = None,
-    *, tile_tokens: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
+    *, tile_tokens: int | None = None, num_splits: int | None = None, num_warps: int = 4,
+    num_stages: int | None = None, lanes: int | None = None,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
     (kernels/kv_format.py); block_tables: [num_seqs, max_blocks] int32; context_lens:
@@ -195,14 +257,18 @@ def paged_decode_attention_cache(
     tile_tokens: tokens per K/V tile, a power of two, larger or smaller than block_size
     (64 x 128 dims x bf16: 16 KB of K and 16 KB of V per pipeline stage); with per-channel
     keys (int4/int2) at most block_size. num_splits: context splits per sequence; default from
-    `default_num_splits`, with the block-table width as the bound on context length. Defaults
-    (64 tokens, 4 warps, 3 stages) from a sweep on an H100 (benchmarks/kernel_bench.py
-    --sweep, 54 configurations, bf16): within 1% of the best at both batch 64 x 4k and batch
-    1 x 32k. num_stages: 3, or 5 for a quantized cache: Triton keeps (num_stages - 1) // 2
-    tiles of codes in flight behind their block-table entries, and with 3 a tile's codes are
-    only requested once the previous tile is done; a bf16 tile is 4x an int4 one, enough to
-    keep the memory busy from fewer programs that way (from the TTGIR; timing: the --sweep of
-    benchmarks/kv_quant_kernel_bench.py).
+    `default_num_splits`, with the block-table width as the bound on context length. lanes
+    (quantized caches): tiles a program takes at once, one per lane of rows
+    (`attend_tile_quantized`); at most the dots' 16 rows over the group size rounded up to a
+    power of two.
+    Defaults by format (`DEFAULTS`), from sweeps on an H100 at Llama-3.1-8B shapes, all 4
+    warps: bf16 64 tokens, 3 stages (benchmarks/kernel_bench.py --sweep, 54 configurations:
+    within 1% of the best at both batch 64 x 4k and batch 1 x 32k); the quantized formats the
+    best of benchmarks/kv_quant_kernel_bench.py --sweep (batch 32 x 8k): fp8 128 tokens and 5
+    stages, int8 128 and 7 (Triton keeps (num_stages - 1) // 2 tiles of codes in flight
+    behind their block-table entries; with 3 a tile's codes are only requested once the
+    previous tile is done), int4 64 tokens, 3 stages and 4 lanes (a step's 4 tiles of codes
+    in flight are enough; 5 stages cost 3%), int2 64, 5 stages and 4 lanes.
     """
     num_seqs, num_heads, head_dim = q.shape
     k_cache, v_cache = kv_codes(cache)
@@ -211,30 +277,35 @@ def paged_decode_attention_cache(
     assert num_heads == group * num_kv_heads and head_dim == triton.next_power_of_2(head_dim) >= 16
     assert k_cache.stride() == v_cache.stride()
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
-    if cache.fmt.kivi:  # a tile must lie in one block: one key range per channel
+    fmt = cache.fmt
+    defaults = DEFAULTS[fmt.name]
+    tile_tokens = tile_tokens or defaults[0]
+    num_stages = num_stages or defaults[1]
+    block_h = max(16, triton.next_power_of_2(group))
+    lanes = (lanes or min(defaults[2], block_h // triton.next_power_of_2(group))) if fmt.quantized else 1
+    assert block_h % (lanes * triton.next_power_of_2(group)) == 0
+    if fmt.kivi:  # a tile must lie in one block: one key range per channel
         tile_tokens = min(tile_tokens, block_size)
         assert block_size % tile_tokens == 0
-    if num_stages is None:
-        num_stages = 5 if cache.fmt.quantized else 3
     out = torch.empty_like(q)
     if num_seqs == 0:
         return out
     max_tiles = triton.cdiv(block_tables.shape[1] * block_size, tile_tokens)
     if num_splits is None:
-        num_splits = default_num_splits(num_seqs, num_kv_heads, max_tiles, q.device)
+        num_splits = default_num_splits(num_seqs, num_kv_heads, max_tiles, q.device, fmt.quantized)
     split = num_splits > 1
     part_shape = (num_seqs, num_heads, num_splits) if split else (0,)
     part_max = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty((*part_shape, head_dim) if split else (0,), dtype=torch.float32, device=q.device)
     fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, residual_slots)
-    dot_dtype = q.dtype if cache.fmt.quantized else k_cache.dtype
+    dot_dtype = q.dtype if fmt.quantized else k_cache.dtype
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_max, part_sum, *fmt_args,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        NUM_HEADS=num_heads, GROUP=group, BLOCK_H=block_h, LANES=lanes,
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE_N=tile_tokens, SPLIT=split,
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", **fmt_constexprs,
         num_warps=num_warps, num_stages=num_stages,

@@ -55,23 +55,24 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_coded_tile(
-    accs, m, l, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
+    accs, m, l, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok,
     stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr,
-    CODE_MAGIC: tl.constexpr, CODE_BIAS: tl.constexpr,
+    CODE_MAGIC: tl.constexpr, CODE_BIAS: tl.constexpr, UNPACK_ASM: tl.constexpr,
 ):
-    """One tile of a quantized cache: its scales, then attend_tile_quantized."""
+    """One tile of a quantized cache (one lane: every row attends it): its scales, then
+    attend_tile_quantized."""
+    blocks = (tile_blocks(table, start, kv_end, BLOCK_SIZE, BLOCK_N),)
     scales = tile_scales(
-        tile_blocks(table, start, kv_end, BLOCK_SIZE, BLOCK_N), start, kv_end, k_scale_ptr, k_zero_ptr,
-        v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok, stride_kc_block,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, len(qs), FP8, KIVI,
+        0, blocks, (start,), kv_end, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+        stride_m_block, stride_m_tok, stride_kc_block, HEAD_DIM, BLOCK_SIZE, BLOCK_N, FP8, KIVI,
     )
     return attend_tile_quantized(
-        accs, m, l, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr, scales,
+        accs, m, l, q, qs, q_sum, q_pos, 0, (start,), kv_end, table, k_cache_ptr, v_cache_ptr, scales,
         kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS, UNPACK_ASM,
     )
 
 
@@ -86,7 +87,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
-    CODE_BIAS: tl.constexpr,
+    CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr,
 ):
     # Highest tile first: a sequence's last query tiles see the most keys, so the longest
     # programs start early instead of forming the tail.
@@ -139,22 +140,24 @@ def _prefill_kernel(
         if KIVI:  # positions from the last full block's end on are in the residual
             full = ctx // BLOCK_SIZE * BLOCK_SIZE
             coded_end = tl.minimum(kv_end, full)
-        qs = split_planes(q, KV_BITS, FP8)
-        accs = split_planes(acc, KV_BITS, FP8)
+        qs = split_planes(q, PLANES)
+        accs = split_planes(acc, PLANES)
         # Tiles wholly below every row's position need no causal mask; the rest do.
         for start in range(0, tl.minimum(unmasked_end, coded_end), BLOCK_N):
             accs, m, l = _attend_coded_tile(
-                accs, m, l, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
+                accs, m, l, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
                 k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok,
                 stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+                UNPACK_ASM,
             )
         for start in range(unmasked_end, coded_end, BLOCK_N):
             accs, m, l = _attend_coded_tile(
-                accs, m, l, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
+                accs, m, l, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
                 k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok,
                 stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
+                UNPACK_ASM,
             )
         acc = join_planes(accs)
         if KIVI:

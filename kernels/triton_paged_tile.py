@@ -10,17 +10,24 @@ dequantized K or V tile: the codes go to the tensor cores as small integers (exa
 result, so per element the tile only costs an unpack:
 - per-token K (x = (c - z) * s[n]): scores = (q . c - z[n] * sum(q)) * s[n], on [M, N];
 - per-channel K (KIVI, x = c * s[d] + m[d], one range per block): scores = (q * s) . c +
-  q . m, q scaled once per tile on [M, D];
+  q . m, q scaled once per tile on [M, D] (per step: each row by its own lane's block);
 - per-token V: acc += (p * s[n]) . c - (p * s[n]) . z, on [M, N];
 - fp8: codes convert to the dot's dtype, the scale is applied like the int ones.
 Codes in a 16-bit dtype are made without an int-to-float conversion: OR-ing a code into the
 bits of 1024.0 (fp16) or 128.0 (bf16, codes < 128) gives the float CODE_BIAS + code, and
 CODE_BIAS is subtracted with the zero point.
-Sub-byte codes are never put back in channel order: the codes at bit i * bits of every byte
-(plane i: channels c with c % planes == i) go to the tensor cores as they lie, against q's
-plane i for K and into acc's plane i for V. Interleaving them per tile cost a register
-shuffle through shared memory per K and V tile; the planes are split from q and joined into
-acc once per program (`split_planes`, `join_planes`).
+Sub-byte codes are read as words (int16 for int4: 4 codes; bytes for int2) and never put back
+in channel order: the codes at bit i * bits of every word (plane i: channels c with
+c % planes == i) go to the tensor cores as they lie, against q's plane i for K and into acc's
+plane i for V. Interleaving them per tile cost a register shuffle through shared memory per K
+and V tile; the planes are split from q and joined into acc once per program
+(`split_planes`, `join_planes`). int16 words reach the dots' register layout through
+ldmatrix, as a bf16 tile would; on the GPU a plane of two words takes one shift and one lop3
+(`unpack_asm`), where Triton's own 16-bit shifts and masks cost about three times that.
+With all that, a quantized tile's cost is the work on its rows, not its bytes, and decode
+pads a GQA group of 4 heads to the dots' 16 rows: `attend_tile_quantized` lets the rows be
+lanes that each attend a tile of their own (one step: a tile per lane), so the padding rows
+do useful work and the per-row work is shared by the lanes' tiles.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_format import LayerKVCache
+from kernels.kv_format import KVFormat, LayerKVCache
 
 LOG2E = 1.4426950408889634  # the launchers pass scale * LOG2E
 
@@ -71,21 +78,24 @@ def attend_tile(
     k = _load_kv(k_cache_ptr, offsets, valid)
     v = _load_kv(v_cache_ptr, offsets, valid)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    m_new, l, p, alpha = _softmax_step(m, l, s, tok, valid, q_pos, CAUSAL)
+    m_new, l, p, alpha = _softmax_step(m, l, s, valid[None, :] & (tok[None, :] <= q_pos[:, None]), CAUSAL)
     acc = acc * alpha[:, None]
     acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l
 
 
 @triton.jit
-def _softmax_step(m, l, s, tok, valid, q_pos, CAUSAL: tl.constexpr):
-    """The online-softmax update for scores s [M, N]: (max, sum, p, alpha), alpha [M] the
-    factor that rescales the accumulator."""
-    if CAUSAL:
-        s = tl.where(valid[None, :] & (tok[None, :] <= q_pos[:, None]), s, float("-inf"))
+def _softmax_step(m, l, s, visible, MASK: tl.constexpr):
+    """The online-softmax update for scores s [M, N], where `visible` (when MASK): (max, sum,
+    p, alpha), alpha [M] the factor that rescales the accumulator. A row that has seen no
+    visible key, this tile included (decode's lanes past their last tile), keeps max -inf,
+    sum 0 and gets alpha 0, not NaN."""
+    if MASK:
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
     l = l * alpha + tl.sum(p, axis=1)
     return m_new, l, p, alpha
 
@@ -100,16 +110,41 @@ def _widen(c, dtype: tl.constexpr, CODE_MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _plane(b, i: tl.constexpr, dtype: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr,
-           CODE_MAGIC: tl.constexpr):
-    """Plane i of codes [N, NUM_BYTES] (bytes; fp8 values) -> [N, NUM_BYTES] in dtype: the
-    channels c with c % planes == i, one per byte (see `split_planes`)."""
+def unpack_planes(w, dtype: tl.constexpr, PLANES: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr,
+                  CODE_MAGIC: tl.constexpr, UNPACK_ASM: tl.constexpr):
+    """Code words [N, W] (bytes or int16; fp8 values as bytes) -> a tuple of PLANES tensors
+    [N, W] in dtype: plane i holds the codes at bit i * KV_BITS of each word, the channels c
+    with c % PLANES == i (see `split_planes`). UNPACK_ASM (`unpack_asm`, GPU only): one
+    plane at a time, two codes per instruction, the same function as the shifts and masks
+    below; a plane apiece lets each dot consume its plane before the next is made."""
     if FP8:  # bytes: a masked load's `other` cannot be an fp8 in the interpreter
-        return b.to(tl.float8e4nv, bitcast=True).to(dtype)
-    x = b.to(tl.int16)
-    if KV_BITS < 8:
-        x = (x >> (i * KV_BITS)) & ((1 << KV_BITS) - 1)
-    return _widen(x, dtype, CODE_MAGIC)
+        return (w.to(tl.float8e4nv, bitcast=True).to(dtype),)
+    x = w.to(tl.int16)
+    if KV_BITS == 8:
+        return (_widen(x, dtype, CODE_MAGIC),)
+    planes = ()
+    for i in tl.static_range(PLANES):
+        if len(UNPACK_ASM) > 0:
+            # The dtype spelled out: inline asm takes no dtype passed in as a constexpr.
+            if dtype == tl.bfloat16:
+                plane = tl.inline_asm_elementwise(UNPACK_ASM[i], "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
+            else:
+                plane = tl.inline_asm_elementwise(UNPACK_ASM[i], "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            plane = _widen((x >> (i * KV_BITS)) & ((1 << KV_BITS) - 1), dtype, CODE_MAGIC)
+        planes = planes + (plane,)
+    return planes
+
+
+def unpack_asm(bits: int, planes: int, magic: int) -> tuple[str, ...]:
+    """PTX for `unpack_planes`, plane by plane, on a 32-bit register of two int16 code words:
+    (word >> i * bits) & mask | magic puts plane i's code of each word into the low bits of
+    the float CODE_BIAS in its 16-bit half, one lop3 for both."""
+    mask = (1 << bits) - 1
+    mask2, magic2 = mask | mask << 16, magic | magic << 16
+    lop3 = f"{mask2:#x}, {magic2:#x}, 0xEA;"  # 0xEA: (a & b) | c
+    return tuple(f"lop3.b32 $0, $1, {lop3}" if i == 0 else
+                 f"{{ .reg .b32 t; shr.b32 t, $1, {i * bits}; lop3.b32 $0, t, {lop3} }}" for i in range(planes))
 
 
 @triton.jit
@@ -119,13 +154,13 @@ def _deinterleave(x):
 
 
 @triton.jit
-def split_planes(x, KV_BITS: tl.constexpr, FP8: tl.constexpr):
-    """x [M, HEAD_DIM] -> a tuple of its planes [M, NUM_BYTES]: plane i holds the channels c
-    with c % planes == i, the channels whose codes sit at bit i * KV_BITS of each byte
-    (planes: 8 // KV_BITS, 1 for fp8). Done once per program, outside the tile loop."""
-    if FP8 or KV_BITS == 8:
+def split_planes(x, PLANES: tl.constexpr):
+    """x [M, HEAD_DIM] -> a tuple of its PLANES planes [M, HEAD_DIM // PLANES]: plane i holds
+    the channels c with c % PLANES == i, the channels whose codes sit at bit i * KV_BITS of
+    each code word (`unpack_planes`). Done once per program, outside the tile loop."""
+    if PLANES == 1:
         return (x,)
-    elif KV_BITS == 4:
+    elif PLANES == 2:
         return _deinterleave(x)
     else:
         even, odd = _deinterleave(x)
@@ -159,115 +194,201 @@ def tile_blocks(table_ptr, start, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.con
 
 @triton.jit
 def _tile_ptrs(ptr, blocks, start, stride_block, stride_tok, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Pointers [BLOCK_N] to the tile's positions in the paged tensor at `ptr`, `blocks` from
-    `tile_blocks`. A tile in one block takes one 64-bit product and 32-bit offsets from there;
-    positions split into block and in-block parts without a per-position division."""
+    """Pointers to the tile's positions in the paged tensor at `ptr`, `blocks` from
+    `tile_blocks` (or `_per_row` of them), start a scalar (or [M, 1]): [BLOCK_N] (or
+    [M, BLOCK_N]). A tile in one block takes one 64-bit product and 32-bit offsets from
+    there; positions split into block and in-block parts without a per-position division.
+    A tile as long as a block starts at its first position."""
     n = tl.arange(0, BLOCK_N)
-    if BLOCK_N <= BLOCK_SIZE:
+    if BLOCK_N == BLOCK_SIZE:
+        return (ptr + blocks.to(tl.int64) * stride_block) + n * stride_tok
+    elif BLOCK_N < BLOCK_SIZE:
         return (ptr + blocks.to(tl.int64) * stride_block) + (start % BLOCK_SIZE + n) * stride_tok
     else:
         return ptr + blocks.to(tl.int64) * stride_block + (n % BLOCK_SIZE) * stride_tok
 
 
 @triton.jit
+def _per_row(lane, vals, VECTORS: tl.constexpr):
+    """Lanes' values (a tuple: scalars, or [N] tensors if VECTORS) -> each row's, by its lane
+    [M]: [M, 1] (or [M, N]). One lane: its value as it is, which broadcasts over the rows
+    from the layout its producer chose (a 1-D load of per-token scales lands in the layout
+    of the scores' columns; a [1, N] one would take a layout conversion through shared
+    memory per tile)."""
+    if len(vals) == 1:
+        rows = vals[0]
+    elif not VECTORS:
+        rows = tl.where(lane == 0, vals[0], vals[1])
+        for j in tl.static_range(2, len(vals)):
+            rows = tl.where(lane == j, vals[j], rows)
+        rows = rows[:, None]
+    else:
+        rows = tl.where((lane == 0)[:, None], vals[0][None, :], vals[1][None, :])
+        for j in tl.static_range(2, len(vals)):
+            rows = tl.where((lane == j)[:, None], vals[j][None, :], rows)
+    return rows
+
+
+@triton.jit
 def tile_scales(
-    blocks, start, end, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
+    lane, blocks, starts, end, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head,
     stride_m_block, stride_m_tok, stride_kc_block,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PLANES: tl.constexpr,
-    FP8: tl.constexpr, KIVI: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr,
 ):
-    """The scales and zero points `attend_tile_quantized` takes for the tile at `start`, whose
-    block-table entries are `blocks` (`tile_blocks`): (k_scale, k_zero, v_scale, v_zero),
-    float32, per token [BLOCK_N] (0 from position `end` on); KIVI keys' scale and minimum per
-    channel as tuples of PLANES planes [HEAD_DIM // PLANES]; fp8 has no zero points (v_scale
-    stands in). Separate from the tile so that the decode loop can load them a tile early."""
+    """The scales and zero points `attend_tile_quantized` takes for the tiles at `starts` (one
+    per lane, see there), whose block-table entries are `blocks` (`tile_blocks` each):
+    (k_scale, k_zero, v_scale, v_zero), float32, per token [BLOCK_N] (0 from position `end`
+    on), KIVI keys' scale and minimum per channel [HEAD_DIM]; with several lanes, one row
+    of those per row of the tile ([M, BLOCK_N], [M, HEAD_DIM]: row r, its lane's tile). fp8
+    has no zero points (v_scale stands in). Separate from the tile so that the decode loop
+    can load them a step early."""
+    start = _per_row(lane, starts, False)
+    block = _per_row(lane, blocks, BLOCK_N > BLOCK_SIZE)
     valid = start + tl.arange(0, BLOCK_N) < end
-    v_scale = tl.load(_tile_ptrs(v_scale_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
+    v_scale = tl.load(_tile_ptrs(v_scale_ptr + kv_head, block, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
                                  BLOCK_N), mask=valid, other=0.0).to(tl.float32)
     v_zero = v_scale
     if not FP8:
-        v_zero = tl.load(_tile_ptrs(v_zero_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
+        v_zero = tl.load(_tile_ptrs(v_zero_ptr + kv_head, block, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
                                     BLOCK_N), mask=valid, other=0).to(tl.float32)
-    if KIVI:  # the tile lies in one block: `blocks` is its entry
-        kc = (blocks.to(tl.int64) * stride_kc_block + kv_head * HEAD_DIM
-              + tl.arange(0, HEAD_DIM // PLANES) * PLANES)
-        k_scale = ()
-        k_zero = ()
-        for i in tl.static_range(PLANES):
-            k_scale = k_scale + (tl.load(k_scale_ptr + kc + i).to(tl.float32),)
-            k_zero = k_zero + (tl.load(k_zero_ptr + kc + i).to(tl.float32),)
+    if KIVI:  # each tile lies in one block: `block` is its entry
+        kc = block.to(tl.int64) * stride_kc_block + kv_head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+        k_scale = tl.load(k_scale_ptr + kc).to(tl.float32)
+        k_zero = tl.load(k_zero_ptr + kc).to(tl.float32)
     else:
-        k_scale = tl.load(_tile_ptrs(k_scale_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
+        k_scale = tl.load(_tile_ptrs(k_scale_ptr + kv_head, block, start, stride_m_block, stride_m_tok, BLOCK_SIZE,
                                      BLOCK_N), mask=valid, other=0.0).to(tl.float32)
         k_zero = k_scale
         if not FP8:
-            k_zero = tl.load(_tile_ptrs(k_zero_ptr + kv_head, blocks, start, stride_m_block, stride_m_tok,
+            k_zero = tl.load(_tile_ptrs(k_zero_ptr + kv_head, block, start, stride_m_block, stride_m_tok,
                                         BLOCK_SIZE, BLOCK_N), mask=valid, other=0).to(tl.float32)
     return k_scale, k_zero, v_scale, v_zero
 
 
 @triton.jit
+def _lane_codes(ptr, blocks, start, kv_end, kv_head, stride_block, stride_tok, stride_head,
+                HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PLANES: tl.constexpr,
+                WHOLE: tl.constexpr):
+    """One lane's tile of code words [BLOCK_N, HEAD_DIM // PLANES]: 0 from position kv_end on
+    (their slots may hold anything; 0 codes and 0 scales keep them finite until masked).
+    WHOLE: the tile is all before kv_end or all after. `blocks`: its `tile_blocks`."""
+    rows = _tile_ptrs(ptr + kv_head * stride_head, blocks, start, stride_block, stride_tok, BLOCK_SIZE, BLOCK_N)
+    if WHOLE:
+        valid = start < kv_end
+    else:
+        valid = (start + tl.arange(0, BLOCK_N) < kv_end)[:, None]
+    return tl.load(rows[:, None] + tl.arange(0, HEAD_DIM // PLANES)[None, :], mask=valid, other=0)
+
+
+@triton.jit
 def attend_tile_quantized(
-    accs, m, l, qs, q_sum, q_pos, start, kv_end, table_ptr, k_ptr, v_ptr, scales, kv_head,
+    accs, m, l, q, qs, q_sum, q_pos, lane, starts, kv_end, table_ptr, k_ptr, v_ptr, scales, kv_head,
     stride_block, stride_tok, stride_head, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
-    CODE_BIAS: tl.constexpr,
+    CODE_BIAS: tl.constexpr, UNPACK_ASM: tl.constexpr,
 ):
-    """`attend_tile` over a quantized cache (codes [num_blocks, block_size, kvh, bytes]), in
+    """`attend_tile` over a quantized cache (code words [num_blocks, block_size, kvh, words]), in
     planes (`split_planes`): qs and accs are q's and acc's planes, so each plane of codes goes
-    to the tensor cores as it lies in the bytes, never interleaved into channel order.
-    qs: in the model dtype, q_sum: [M] float32 q's row sums; scales: `tile_scales` of this
-    tile. KIVI: the tile lies in one block (BLOCK_N divides BLOCK_SIZE) before the sequence's
+    to the tensor cores as it lies in the words, never interleaved into channel order.
+
+    Lanes: `starts` holds one tile start per lane and row r attends the tile of lane
+    lane[r] ([M]; unread with one lane), so rows that would only pad the dots' 16 (decode's
+    GQA group) each fold in a tile of their own. The dots run over
+    all rows for every lane's tile, which costs the tensor cores nothing more than padding
+    rows did; each row keeps its own lane's scores and probabilities, and the per-row work
+    on [M, BLOCK_N] and [M, HEAD_DIM] (softmax, scales, KIVI's q * scale) is shared by all
+    the lanes' tiles.
+    q: [M, HEAD_DIM] and qs in the model dtype, q_sum: [M] float32 q's row sums; scales:
+    `tile_scales` of the lanes' tiles. Positions from kv_end on are masked with CAUSAL or
+    lanes (one lane's tiles run out first); otherwise every position is visible to every
+    row. KIVI: each tile lies in one block (BLOCK_N divides BLOCK_SIZE) before the sequence's
     last full block's end."""
     PLANES: tl.constexpr = len(qs)
+    LANES: tl.constexpr = len(starts)
+    MASK: tl.constexpr = CAUSAL or LANES > 1
     dtype: tl.constexpr = qs[0].dtype
     k_scale, k_zero, v_scale, v_zero = scales
-    tok = start + tl.arange(0, BLOCK_N)
-    valid = tok < kv_end
-    blocks = tile_blocks(table_ptr, start, kv_end, BLOCK_SIZE, BLOCK_N)
-    byte = tl.arange(0, HEAD_DIM // PLANES)[None, :]
-    k_rows = _tile_ptrs(k_ptr + kv_head * stride_head, blocks, start, stride_block, stride_tok, BLOCK_SIZE, BLOCK_N)
-    v_rows = _tile_ptrs(v_ptr + kv_head * stride_head, blocks, start, stride_block, stride_tok, BLOCK_SIZE, BLOCK_N)
-    # Invalid positions: codes and scales 0, so their values are 0 (never NaN) before masking.
-    kb = tl.load(k_rows[:, None] + byte, mask=valid[:, None], other=0)
-    vb = tl.load(v_rows[:, None] + byte, mask=valid[:, None], other=0)
-    s = tl.zeros([qs[0].shape[0], BLOCK_N], tl.float32)
-    if KIVI:
-        bias = tl.zeros(qs[0].shape, tl.float32)
-        for i in tl.static_range(PLANES):
-            qf = qs[i].to(tl.float32)
-            q_scaled = (qf * k_scale[i][None, :]).to(dtype)
-            bias += qf * k_zero[i][None, :] - CODE_BIAS * q_scaled.to(tl.float32)
-            s = tl.dot(q_scaled, tl.trans(_plane(kb, i, dtype, KV_BITS, FP8, CODE_MAGIC)), s,
-                       input_precision=DOT_PRECISION)
-        s = (s + tl.sum(bias, axis=1)[:, None]) * scale_log2  # one reduction for all planes
+    if KIVI:  # q * k_scale against the codes; the minimum and CODE_BIAS in one per-row bias
+        qf = q.to(tl.float32)
+        q_scaled = (qf * k_scale).to(dtype)
+        bias = tl.sum(qf * k_zero - CODE_BIAS * q_scaled.to(tl.float32), axis=1)
+        q_k = split_planes(q_scaled, PLANES)
     else:
+        q_k = qs
+    # Every load issued before the first use: V's latency hides behind K's and the dots. The
+    # block-table entries are loaded here, from the tiles' starts alone: the pipeliner then
+    # issues them and the codes stages ahead (it does not for an address carried in from an
+    # earlier iteration).
+    kws = ()
+    vws = ()
+    for j in tl.static_range(LANES):
+        blocks = tile_blocks(table_ptr, starts[j], kv_end, BLOCK_SIZE, BLOCK_N)
+        kws = kws + (_lane_codes(k_ptr, blocks, starts[j], kv_end, kv_head, stride_block, stride_tok, stride_head,
+                                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, PLANES, KIVI),)
+        vws = vws + (_lane_codes(v_ptr, blocks, starts[j], kv_end, kv_head, stride_block, stride_tok, stride_head,
+                                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, PLANES, KIVI),)
+    s = tl.zeros([q.shape[0], BLOCK_N], tl.float32)
+    for j in tl.static_range(LANES):
+        k_planes = unpack_planes(kws[j], dtype, PLANES, KV_BITS, FP8, CODE_MAGIC, UNPACK_ASM)
+        s_j = tl.zeros([q.shape[0], BLOCK_N], tl.float32)
         for i in tl.static_range(PLANES):
-            s = tl.dot(qs[i], tl.trans(_plane(kb, i, dtype, KV_BITS, FP8, CODE_MAGIC)), s,
-                       input_precision=DOT_PRECISION)
+            s_j = tl.dot(q_k[i], tl.trans(k_planes[i]), s_j, input_precision=DOT_PRECISION)
+        if LANES > 1:
+            s = tl.where((lane == j)[:, None], s_j, s)
+        else:
+            s = s_j
+    if KIVI:
+        s = (s + bias[:, None]) * scale_log2
+    else:
         if not FP8:
-            s -= q_sum[:, None] * (CODE_BIAS + k_zero)[None, :]
-        s *= (k_scale * scale_log2)[None, :]
-    m, l, p, alpha = _softmax_step(m, l, s, tok, valid, q_pos, CAUSAL)
-    p_scaled = (p * v_scale[None, :]).to(dtype)
+            s -= q_sum[:, None] * (CODE_BIAS + k_zero)
+        s *= k_scale * scale_log2
+    visible = None
+    if MASK:  # made here, not live across the dots
+        tok = _per_row(lane, starts, False) + tl.arange(0, BLOCK_N)  # [M, N] ([N]: one lane)
+        visible = tok < kv_end
+        if CAUSAL:
+            visible = visible & (tok <= q_pos[:, None])
+    m, l, p, alpha = _softmax_step(m, l, s, visible, MASK)
+    p_scaled = (p * v_scale).to(dtype)
     if not FP8:  # the zero point is per token: the same correction for every channel
-        v_bias = tl.sum(p_scaled.to(tl.float32) * (CODE_BIAS + v_zero)[None, :], axis=1)[:, None]
-    new_accs = ()
-    for i in tl.static_range(PLANES):
-        acc = tl.dot(p_scaled, _plane(vb, i, dtype, KV_BITS, FP8, CODE_MAGIC), accs[i] * alpha[:, None],
-                     input_precision=DOT_PRECISION)
-        if not FP8:
-            acc -= v_bias
-        new_accs = new_accs + (acc,)
+        v_bias = tl.sum(p_scaled.to(tl.float32) * (CODE_BIAS + v_zero), axis=1)[:, None]
+    new_accs = accs
+    for j in tl.static_range(LANES):
+        v_planes = unpack_planes(vws[j], dtype, PLANES, KV_BITS, FP8, CODE_MAGIC, UNPACK_ASM)
+        p_j = p_scaled
+        if LANES > 1:
+            p_j = tl.where((lane == j)[:, None], p_scaled, 0.0)
+        accs_j = ()
+        for i in tl.static_range(PLANES):
+            acc = new_accs[i]
+            if j == 0:  # rescaled at its first dot: the live ranges of one lane's tile
+                acc = acc * alpha[:, None]
+            accs_j = accs_j + (tl.dot(p_j, v_planes[i], acc, input_precision=DOT_PRECISION),)
+        new_accs = accs_j
+    if not FP8:
+        accs_j = ()
+        for i in tl.static_range(PLANES):
+            accs_j = accs_j + (new_accs[i] - v_bias,)
+        new_accs = accs_j
     return new_accs, m, l
 
 
+def word_bits(fmt: KVFormat, head_dim: int) -> int:
+    """Bits of the code words the kernels read (`unpack_planes`): int16 for int4 (4 planes)
+    where each plane keeps the 16 channels a dot needs, else bytes."""
+    return 16 if fmt.bits == 4 and not fmt.fp8 and head_dim >= 64 else 8
+
+
 def kv_codes(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K and V tensors the kernels take: fp8 codes as their bytes (see `_plane`)."""
+    """The K and V tensors the kernels take: code words (`word_bits`), fp8 codes as bytes."""
+    head_dim = cache.k.shape[-1] * 8 // cache.fmt.bits if cache.fmt.quantized and not cache.fmt.fp8 else 0
     if cache.fmt.fp8:
         return cache.k.view(torch.uint8), cache.v.view(torch.uint8)
+    if cache.fmt.quantized and word_bits(cache.fmt, head_dim) == 16:
+        return cache.k.view(torch.int16), cache.v.view(torch.int16)
     return cache.k, cache.v
 
 
@@ -277,7 +398,8 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, residual_slots: t
     stand-ins (cache.k) that the format's constexpr branches never read."""
     fmt = cache.fmt
     if not fmt.quantized:
-        return [cache.k] * 7 + [0] * 6, {"KV_BITS": 0, "FP8": False, "KIVI": False, "CODE_MAGIC": 0, "CODE_BIAS": 0.0}
+        return [cache.k] * 7 + [0] * 6, {"KV_BITS": 0, "FP8": False, "KIVI": False, "CODE_MAGIC": 0, "CODE_BIAS": 0.0,
+                                         "PLANES": 1, "UNPACK_ASM": ""}
     assert cache.k.is_contiguous() and cache.v.is_contiguous() and cache.k.stride() == cache.v.stride()
     if cache.k.shape[-1] < 16:  # a row's bytes are a plane's channels: the dots' K, 16 at least
         raise ValueError(f"the Triton kernels read a {fmt.name} KV cache at head_dim >= {16 * 8 // fmt.bits}")
@@ -300,5 +422,11 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, residual_slots: t
         kivi = [cache.k, cache.k, cache.k, 0, 0, 0, 0]
     tensors = [cache.k_scale, zeros[0], cache.v_scale, zeros[1], *kivi[:3],
                cache.v_scale.stride(0), cache.v_scale.stride(1), *kivi[3:]]
-    constexprs = {"KV_BITS": fmt.bits, "FP8": fmt.fp8, "KIVI": fmt.kivi, "CODE_MAGIC": magic, "CODE_BIAS": bias}
+    words = word_bits(fmt, cache.k.shape[-1] * 8 // fmt.bits)
+    planes = 1 if fmt.fp8 else words // fmt.bits
+    # The interpreter runs no PTX; fp32 queries take codes by conversion (no magic).
+    native = not triton.knobs.runtime.interpret and cache.k.device.type == "cuda"
+    asm = unpack_asm(fmt.bits, planes, magic) if native and magic and planes > 1 else ""
+    constexprs = {"KV_BITS": fmt.bits, "FP8": fmt.fp8, "KIVI": fmt.kivi, "CODE_MAGIC": magic, "CODE_BIAS": bias,
+                  "PLANES": planes, "UNPACK_ASM": asm}
     return tensors, constexprs

@@ -26,7 +26,7 @@ from kernels.triton_attention import paged_attention_triton
 from kernels.triton_attention_decode import paged_decode_attention_cache
 from kernels.triton_attention_prefill import paged_prefill_attention_cache
 from kernels.triton_kv_write import write_kv_triton
-from kernels.triton_paged_tile import _plane, cache_kernel_args, join_planes, split_planes
+from kernels.triton_paged_tile import cache_kernel_args, join_planes, kv_codes, split_planes, unpack_planes
 
 # Importing it applies its interpreter fix. Error bounds as there: the kernels' rounding of q,
 # p (and q * scale, p * scale) to the model dtype is the error measured.
@@ -192,23 +192,27 @@ def test_write_kivi_flushes_full_blocks_and_fills_residuals(name, block_size, dt
 DECODE_CONTEXTS = [1, 15, 17, 64, 100, 130]
 
 
-# None: the default splits, many for so few programs (an H100's 132 SMs), some empty.
-@pytest.mark.parametrize("name,num_heads,num_kv_heads,head_dim,block_size,dtype,num_splits", [
-    ("fp8_e4m3", 8, 2, 64, 16, torch.float16, None),
-    ("int8", 9, 3, 128, 16, torch.float32, 1),
-    ("int8", 8, 2, 64, 16, torch.float16, 3),
-    ("int4", 8, 2, 128, 64, torch.float16, 2),
-    ("int4", 9, 3, 64, 16, torch.float32, 3),
-    ("int2", 8, 2, 64, 64, torch.float32, None),
-    ("int2", 9, 3, 128, 16, torch.float16, 4),
+# None: the default splits, many for so few programs (an H100's 132 SMs), some empty; the
+# default lanes (4 for int4/int2 with groups of 3 and 4 heads, else 1). 32-token tiles span
+# blocks of 16 (per token block-table entries) and lie in blocks of 64.
+@pytest.mark.parametrize("name,num_heads,num_kv_heads,head_dim,block_size,dtype,num_splits,lanes", [
+    ("fp8_e4m3", 8, 2, 64, 16, torch.float16, None, None),
+    ("fp8_e4m3", 8, 2, 64, 16, torch.float16, 3, 4),
+    ("int8", 9, 3, 128, 16, torch.float32, 1, None),
+    ("int8", 8, 2, 64, 16, torch.float16, 3, 2),
+    ("int4", 8, 2, 128, 64, torch.float16, 2, None),
+    ("int4", 8, 2, 128, 64, torch.float16, 1, 1),
+    ("int4", 9, 3, 64, 16, torch.float32, 3, 2),
+    ("int2", 8, 2, 64, 64, torch.float32, None, None),
+    ("int2", 9, 3, 128, 16, torch.float16, 4, None),
 ])
-def test_decode_split_k(name, num_heads, num_kv_heads, head_dim, block_size, dtype, num_splits):
+def test_decode_split_k(name, num_heads, num_kv_heads, head_dim, block_size, dtype, num_splits, lanes):
     q, cache, meta = quantized_batch(name, [1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS, num_heads, num_kv_heads,
                                      head_dim, dtype, block_size, seed=2)
     scale = head_dim**-0.5
     residual_slots = meta.kivi.residual_slots if cache.fmt.kivi else None
     out = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, residual_slots,
-                                       tile_tokens=32, num_splits=num_splits)
+                                       tile_tokens=32, num_splits=num_splits, lanes=lanes)
     assert_rel_close(out, reference(q, cache, meta, scale), dtype)
 
 
@@ -256,41 +260,46 @@ def test_decode_entry_point_and_write_kernel_together(name):
 
 
 @triton.jit
-def _planes_kernel(b_ptr, out_ptr, resplit_ptr, N: tl.constexpr, NUM_BYTES: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, KV_BITS: tl.constexpr, CODE_MAGIC: tl.constexpr):
-    """out: the codes' planes joined into channel order; resplit: split_planes of that, plane by plane."""
+def _planes_kernel(w_ptr, out_ptr, resplit_ptr, N: tl.constexpr, WORDS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   KV_BITS: tl.constexpr, CODE_MAGIC: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr):
+    """out: the code words' planes joined into channel order; resplit: split_planes of that, plane by plane."""
     n = tl.arange(0, N)[:, None]
-    b = tl.load(b_ptr + n * NUM_BYTES + tl.arange(0, NUM_BYTES)[None, :])
-    planes = ()
-    for i in tl.static_range(HEAD_DIM // NUM_BYTES):
-        planes = planes + (_plane(b, i, out_ptr.dtype.element_ty, KV_BITS, False, CODE_MAGIC),)
+    w = tl.load(w_ptr + n * WORDS + tl.arange(0, WORDS)[None, :])
+    planes = unpack_planes(w, out_ptr.dtype.element_ty, PLANES, KV_BITS, False, CODE_MAGIC, UNPACK_ASM)
     x = join_planes(planes)
     tl.store(out_ptr + n * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], x)
-    resplit = split_planes(x, KV_BITS, False)
-    for i in tl.static_range(HEAD_DIM // NUM_BYTES):
-        tl.store(resplit_ptr + (i * N + n) * NUM_BYTES + tl.arange(0, NUM_BYTES)[None, :], resplit[i])
+    resplit = split_planes(x, PLANES)
+    for i in tl.static_range(PLANES):
+        tl.store(resplit_ptr + (i * N + n) * WORDS + tl.arange(0, WORDS)[None, :], resplit[i])
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits,head_dim", [(2, 64), (4, 64), (4, 32), (8, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_planes_give_bias_plus_code_in_the_dot_dtype(bits, dtype):
+def test_planes_give_bias_plus_code_in_the_dot_dtype(bits, head_dim, dtype):
     """The bit trick that makes codes floats without a conversion (bfloat16 included, whose
-    dot the interpreter cannot run): each code plus CODE_BIAS; plane i of the codes holds the
-    channels that plane i of split_planes does (q's, against K), and join_planes puts them
-    back in pack's channel order (the accumulators, from V)."""
+    dot the interpreter cannot run; on a GPU, through the kernels' inline PTX): each code
+    plus CODE_BIAS; plane i of the code words holds the channels that plane i of
+    split_planes does (q's, against K), and join_planes puts them back in pack's channel
+    order (the accumulators, from V). int4 at head_dim 32 reads bytes (2 planes), at 64
+    int16 words (4 planes)."""
     if dtype == torch.bfloat16 and bits == 8 and not ON_GPU:  # no bias trick there: a conversion
         pytest.skip("the interpreter casts integers to bfloat16 as raw bits")
-    codes = torch.randint(0, 1 << bits, (16, 64), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
-    packed = codes.view(16, 64 * bits // 8, 8 // bits).to(torch.int32) << (torch.arange(8 // bits) * bits)
+    codes = torch.randint(0, 1 << bits, (16, head_dim), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    packed = codes.view(16, head_dim * bits // 8, 8 // bits).to(torch.int32) << (torch.arange(8 // bits) * bits)
     packed = packed.sum(-1).to(torch.uint8).to(DEVICE)
-    cache = allocate_layer(FORMATS[{2: "int2", 4: "int4", 8: "int8"}[bits]], 1, 16, 1, 64, dtype, torch.device("meta"), 1)
+    cache = allocate_layer(FORMATS[{2: "int2", 4: "int4", 8: "int8"}[bits]], 1, 16, 1, head_dim, dtype,
+                           torch.device(DEVICE), 1)
+    cache.k.view(-1).copy_(packed.view(-1))
+    words = kv_codes(cache)[0].view(16, -1)
     constexprs = cache_kernel_args(cache, dtype, torch.empty(0))[1]
-    out = torch.empty(16, 64, dtype=dtype, device=DEVICE)
-    resplit = torch.empty(8 // bits, 16, packed.shape[1], dtype=dtype, device=DEVICE)
-    _planes_kernel[(1,)](packed, out, resplit, 16, packed.shape[1], 64, bits, constexprs["CODE_MAGIC"])
+    planes = constexprs["PLANES"]
+    out = torch.empty(16, head_dim, dtype=dtype, device=DEVICE)
+    resplit = torch.empty(planes, 16, words.shape[1], dtype=dtype, device=DEVICE)
+    _planes_kernel[(1,)](words, out, resplit, 16, words.shape[1], head_dim, bits, constexprs["CODE_MAGIC"], planes,
+                         constexprs["UNPACK_ASM"])
     want = codes.float() + constexprs["CODE_BIAS"]
     assert torch.equal(out.float().cpu(), want)
-    assert torch.equal(resplit.float().cpu(), want.view(16, -1, 8 // bits).permute(2, 0, 1))
+    assert torch.equal(resplit.float().cpu(), want.view(16, -1, planes).permute(2, 0, 1))
 
 
 @pytest.mark.parametrize("name,head_dim", [("int2", 32), ("int4", 16)])
