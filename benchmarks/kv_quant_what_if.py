@@ -131,15 +131,22 @@ class WhatIfAttention:
         self.v = v
         return q
 
+    @staticmethod
+    def fake_quantize(fake, x, rotated: bool):
+        """x quantized and dequantized by `fake`, in the rotated basis if `rotated`."""
+        if not rotated:
+            return fake(x)
+        r = rotation(x.shape[-1], torch.float32, x.device)
+        return fake(x @ r) @ r.T
+
     def paged_attention(self, q, cache, meta, scale):
         w, length, d = self.windows, self.length, q.shape[-1]
         k, v = (x.float().view(w, length, -1, d) for x in (self.k, self.v))
         kq, vq = k, v
         if self.scheme is not None:
             s = self.scheme
-            r = rotation(d, torch.float32, k.device) if s.rotated else torch.eye(d)
-            kq = k if s.k is None else s.k(k @ r) @ r.T
-            vq = v if s.v is None else s.v(v @ r) @ r.T
+            kq = k if s.k is None else self.fake_quantize(s.k, k, s.rotated)
+            vq = v if s.v is None else self.fake_quantize(s.v, v, s.rotated)
             quantized = quantized_positions(s, length)
         else:
             quantized = torch.zeros(length, length, dtype=torch.bool)
