@@ -6,12 +6,13 @@ distribution against the unquantized cache, for every --kv-cache-dtype. The text
 windows, all scored together as one batch, in one of two ways:
 - decode (default): token by token (teacher forcing), as a served request's decode steps
   see the cache: every earlier token read back from the quantized cache, and for the KIVI
-  formats the sequence's last partial block from the full-precision residual;
+  formats the positions in the sequence's full-precision residual ring (kernels/kv_format.py);
 - prefill: in chunks, each chunk written to the cache before attention reads it back, so
   whole blocks are quantized before their own tokens attend to them (the harsher case).
 
 Capacity: tokens held per GiB of KV memory, scales and zero points included, for the default
-model and for Llama-3.1-8B shapes; int2 also with its per-sequence residual slots counted.
+model and for Llama-3.1-8B shapes; also with the int4/int2 per-sequence residual rings
+counted, as a share of 4k-token sequences.
 
 Usage: python benchmarks/kv_quality_bench.py [--tokens 20480] [--window 2048] [--chunk 256]
 """
@@ -42,6 +43,7 @@ from kernels.kv_format import (
 RESULTS = Path(__file__).parent / "results"
 GOALS = {"fp8_e4m3": 0.5, "int8": 0.5, "int4": 3.0, "int2": 10.0}  # max perplexity increase, %
 CAPACITY_GOALS = {"fp8_e4m3": 1.9, "int8": 1.9, "int4": 3.5, "int2": 6.0}  # x bf16 tokens per GiB
+SEQUENCE_TOKENS = 4096  # the sequence length the residual rings' share of capacity is shown at
 SHAPES = {  # layers, kv heads, head dim
     "SmolLM2-135M": (30, 3, 64),
     "Llama-3.1-8B": (32, 8, 128),
@@ -71,7 +73,7 @@ def steps_logprobs(engine: EngineCore, windows: list[list[int]], chunk: int):
             n = min(chunk, length - start)
             for seq in seqs:
                 kv.allocate(seq.seq_id, start + n)
-            residual = [kv.residual_slots[s.seq_id] for s in seqs] if kv.uses_residual else None
+            residual = [kv.residual(s.seq_id) for s in seqs] if kv.uses_residual else None
             input_ids, positions, meta, _ = runner._prepare(
                 seqs, [n] * len(seqs), [kv.tables[s.seq_id] for s in seqs], residual)
             hidden = runner.model(input_ids, positions, runner.kv_caches, meta)
@@ -95,13 +97,14 @@ def capacity_table() -> dict:
             residual = layers * bytes_per_residual_slot(fmt, bs, heads, dim, torch.bfloat16)
             gib = 2**30
             tokens = gib / per_token
-            # int2: 64 sequences' residual slots (the default --max-num-seqs) out of the same GiB.
-            with_residual = (gib - 64 * residual) / per_token
+            # int4/int2: each sequence also holds a residual ring; spread over a 4k-token sequence.
+            with_residual = gib / (per_token + residual / SEQUENCE_TOKENS)
             rows[name] = {
                 "block_size": bs, "bytes_per_token": per_token, "tokens_per_gib": int(tokens),
                 "x_bf16": tokens / (gib / (layers * base)),
-                "tokens_per_gib_with_64_residual_slots": int(with_residual),
-                "x_bf16_with_64_residual_slots": with_residual / (gib / (layers * base)),
+                "residual_bytes_per_sequence": residual,
+                "tokens_per_gib_in_4k_sequences": int(with_residual),
+                "x_bf16_in_4k_sequences": with_residual / (gib / (layers * base)),
             }
         table[model] = rows
     return table
@@ -177,8 +180,8 @@ def main() -> None:
     for model, rows in capacity.items():
         print(f"{model:22}" + "".join(f"{rows[n]['tokens_per_gib']:>11}" for n in KV_CACHE_DTYPES))
         print(f"{'  x bf16':22}" + "".join(f"{rows[n]['x_bf16']:>10.2f}x" for n in KV_CACHE_DTYPES))
-        print(f"{'  x bf16, int2 residual':22}" + "".join(
-            f"{rows[n]['x_bf16_with_64_residual_slots']:>10.2f}x" for n in KV_CACHE_DTYPES))
+        print(f"{'  x bf16, 4k sequences':22}" + "".join(
+            f"{rows[n]['x_bf16_in_4k_sequences']:>10.2f}x" for n in KV_CACHE_DTYPES))
 
     RESULTS.mkdir(exist_ok=True)
     device = engines["auto"].device

@@ -1,8 +1,8 @@
 """Decode attention and KV write on quantized KV caches, against bf16 measured in the same run.
 
 (a) decode attention, Llama-3.1-8B shapes (32 q heads, 8 kv heads, head_dim 128, bf16 q),
-    batch 32 x 8k context (sequence i holds 8192 - (37 i mod 64) tokens, so an int4/int2
-    sequence's residual holds 0..63 of them), each dtype at its default block size (16; 64
+    batch 32 x 8k context (sequence i holds 8192 - (37 i mod 64) tokens, so an int4
+    sequence's residual holds 0..63 of them, an int2 one's 64..127), each dtype at its default block size (16; 64
     for int4/int2), blocks scattered: time, bytes read (codes, scales/zeros, residual,
     block tables), effective bandwidth against the device-to-device copy, speedup vs bf16.
     Decode is memory-bound, so the speedup should approach bf16's bytes / the dtype's bytes;
@@ -25,6 +25,7 @@ benchmarks/results/kv_quant_kernels_<gpu>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -45,10 +46,10 @@ from kernel_bench import (
     warm_up_gpu,
 )
 
+from engine.kivi_plan import kivi_plan, residual_start
 from kernels.attention import AttentionMetadata, KiviPlan, paged_attention_ref
 from kernels.kv_format import (
     KV_CACHE_DTYPES,
-    LayerKVCache,
     allocate_layer,
     default_block_size,
     kv_format,
@@ -67,8 +68,9 @@ CHECK_SEQS = 4  # sequences the float32 reference attends over (it materializes 
 
 # ---- caches ------------------------------------------------------------------------------------
 def random_cache(name: str, context_lens: list[int], gen: torch.Generator):
-    """(cache, block_tables, residual_slots): random codes and plausible scales (the kernels'
-    speed does not depend on the values), each sequence's blocks scattered over the pool."""
+    """(cache, block_tables, KIVI plan or None): random codes and plausible scales (the kernels'
+    speed does not depend on the values), each sequence's blocks scattered over the pool,
+    sequence i in residual slot i."""
     fmt, bs = kv_format(name), default_block_size(name)
     blocks = [-(-c // bs) for c in context_lens]
     num_blocks = sum(blocks) + 1
@@ -91,14 +93,26 @@ def random_cache(name: str, context_lens: list[int], gen: torch.Generator):
     for t in (cache.k_residual, cache.v_residual):
         if t is not None:
             t.normal_(generator=gen)
+    if fmt.sink:
+        cache.sink.copy_(torch.randint(0, 256, cache.sink.shape, device=DEV, generator=gen, dtype=torch.uint8))
+        cache.sink_scale.fill_(1 / 64)
+        cache.sink_zero.fill_(128)
     perm = torch.randperm(num_blocks - 1, device=DEV, generator=gen) + 1
     tables = torch.zeros(len(context_lens), max(blocks), dtype=torch.int32, device=DEV)
     start = 0
     for i, nb in enumerate(blocks):
         tables[i, :nb] = perm[start : start + nb]
         start += nb
-    slots = torch.arange(len(context_lens), dtype=torch.int32, device=DEV) if fmt.kivi else None
-    return cache, tables, slots
+    return cache, tables, decode_plan(fmt, tables, context_lens)
+
+
+def decode_plan(fmt, tables: torch.Tensor, context_lens: list[int]) -> KiviPlan | None:
+    """A decode-only step's KIVI plan over full contexts (nothing written): slot i, no prefix hit."""
+    if not fmt.kivi:
+        return None
+    n = len(context_lens)
+    return kivi_plan(context_lens, [0] * n, tables.tolist(), [(i, 0) for i in range(n)],
+                     default_block_size(fmt.name), fmt.residual_blocks, torch.device(DEV))
 
 
 def decode_bytes(name: str, context_lens: list[int]) -> dict:
@@ -110,27 +124,24 @@ def decode_bytes(name: str, context_lens: list[int]) -> dict:
     if not fmt.quantized:
         return {"codes": 2 * tokens * h * d * DTYPE.itemsize, "meta": 0, "residual": 0, "tables": tables}
     if fmt.kivi:
-        full_blocks = sum(c // bs for c in context_lens)
-        coded = full_blocks * bs
+        coded = sum(residual_start(0, c, bs, fmt.residual_blocks) for c in context_lens)
+        sinks = sum(residual_start(0, c, bs, fmt.residual_blocks) > 0 for c in context_lens) if fmt.sink else 0
         return {"codes": 2 * coded * h * fmt.codes_dim(d),
-                "meta": coded * h * 3 + full_blocks * h * d * 2 * 2,  # V scale + zero; K scale + min
+                # V scale + zero; K scale + min per block; int8 K and V + scale + zero per sink
+                "meta": coded * h * 3 + coded // bs * h * d * 2 * 2 + sinks * 2 * h * (d + 3),
                 "residual": 2 * (tokens - coded) * h * d * DTYPE.itemsize, "tables": tables}
     per_token = 2 + 2 if fmt.fp8 else 3 + 3
     return {"codes": 2 * tokens * h * fmt.codes_dim(d), "meta": tokens * h * per_token, "residual": 0,
             "tables": tables}
 
 
-def decode_meta(tables, lens: torch.Tensor, slots) -> AttentionMetadata:
+def decode_meta(fmt, tables, lens: torch.Tensor) -> AttentionMetadata:
     n = tables.shape[0]
-    meta = AttentionMetadata(
+    return AttentionMetadata(
         slot_mapping=torch.empty(0, dtype=torch.long, device=DEV), block_tables=tables, context_lens=lens,
         query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=DEV), query_lens=[1] * n,
-        context_lens_host=lens.tolist(),
+        context_lens_host=lens.tolist(), kivi=decode_plan(fmt, tables, lens.tolist()),
     )
-    if slots is not None:
-        empty = torch.empty(0, dtype=torch.long, device=DEV)
-        meta.kivi = KiviPlan(slots, empty, empty, empty, empty, empty)
-    return meta
 
 
 # ---- (a) decode ----------------------------------------------------------------------------------
@@ -142,12 +153,11 @@ def decode_case(name: str, gen, tunables: dict, sweep: bool) -> dict:
     q = torch.randn(BATCH, HEADS, HEAD_DIM, dtype=DTYPE, device=DEV, generator=gen)
     context_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     scale = HEAD_DIM**-0.5
-    cache, tables, slots = layers[0]
+    cache, tables, _ = layers[0]
     c = CHECK_SEQS
-    out = paged_decode_attention_cache(q[:c], cache, tables[:c], context_lens[:c], scale,
-                                       None if slots is None else slots[:c], **tunables)
-    ref = paged_attention_ref(q[:c].float(), cache, decode_meta(tables[:c], context_lens[:c],
-                                                                None if slots is None else slots[:c]), scale)
+    check = decode_meta(cache.fmt, tables[:c], context_lens[:c])
+    out = paged_decode_attention_cache(q[:c], cache, tables[:c], context_lens[:c], scale, check.kivi, **tunables)
+    ref = paged_attention_ref(q[:c].float(), cache, check, scale)
     err = rel_err(out, ref)
     if err > REL_ERR_BOUND:
         raise SystemExit(f"decode {name}: relative error {err:.2e} over {REL_ERR_BOUND:.0e}; not timing a wrong kernel")
@@ -199,16 +209,12 @@ def sweep_decode(name: str, run, table_width: int) -> list[dict]:
 def prefill_write_meta(name: str, num_tokens: int) -> tuple[AttentionMetadata, int]:
     """One sequence's prompt into blocks 0.. in order (the write's speed does not depend on
     which), residual slot 0; and the number of blocks."""
-    bs = default_block_size(name)
+    fmt, bs = kv_format(name), default_block_size(name)
     nb = -(-num_tokens // bs)
-    full = num_tokens // bs * bs
     meta = AttentionMetadata(torch.arange(num_tokens, device=DEV), None, None, None, [num_tokens], [num_tokens])
-    if kv_format(name).kivi:
-        pos = torch.arange(num_tokens, device=DEV)
-        blocks = torch.arange(full // bs, device=DEV)
-        meta.kivi = KiviPlan(torch.zeros(1, dtype=torch.int32, device=DEV),
-                             torch.where(pos < full, -1, pos % bs), blocks, torch.zeros_like(blocks),
-                             torch.zeros_like(blocks), blocks * bs)
+    if fmt.kivi:
+        meta.kivi = kivi_plan([0], [num_tokens], [list(range(nb))], [(0, 0)], bs, fmt.residual_blocks,
+                              torch.device(DEV))
     return meta, nb
 
 
@@ -224,7 +230,10 @@ def write_bytes(name: str, num_tokens: int) -> int:
     if fmt.fp8:
         written += 2 * full * h * 2
     elif fmt.kivi:
-        written += full * h * 3 + full // bs * h * d * 4 + 2 * (num_tokens - full) * h * d * DTYPE.itemsize
+        ring = num_tokens - residual_start(0, num_tokens, bs, fmt.residual_blocks)
+        written += full * h * 3 + full // bs * h * d * 4 + 2 * ring * h * d * DTYPE.itemsize
+        if fmt.sink:
+            written += full // bs * 2 * h * (d + 3)
     else:
         written += 2 * full * h * 3
     return read + written
@@ -241,8 +250,8 @@ def write_case(name: str, gen) -> dict:
         return qkv[:, HEADS : HEADS + KV_HEADS], qkv[:, HEADS + KV_HEADS :], cache
 
     k, v, got = inputs()
-    want = LayerKVCache(fmt, *(None if t is None else t.clone() for t in (
-        got.k, got.v, got.k_scale, got.k_zero, got.v_scale, got.v_zero, got.k_residual, got.v_residual)))
+    want = dataclasses.replace(got, **{f.name: getattr(got, f.name).clone() for f in dataclasses.fields(got)
+                                       if isinstance(getattr(got, f.name), torch.Tensor)})
     write_kv_triton(k, v, got, meta)
     write_kv_ref(k, v, want, meta)
     if fmt.quantized and not fmt.fp8:

@@ -6,8 +6,8 @@ each layer's attention replaced by one that reads K and V through the scheme's q
 request's decode steps would read them quantized: a query reads every earlier position from
 the quantized cache, except, for KIVI schemes, its sequence's positions past the last full
 block (the full-precision residual), plus any extra full-precision `residual` blocks and the
-first `sink` positions a scheme names. Reports perplexity and KL divergence against the
-unquantized cache, as benchmarks/kv_quality_bench.py does for the built formats (that bench,
+first `sink` positions a scheme names (at full precision, or at `sink_bits`). Reports
+perplexity and KL divergence against the unquantized cache, as benchmarks/kv_quality_bench.py does for the built formats (that bench,
 through the engine and its kernels, is the measurement of record; this one is for choosing
 what to build). CPU, float32: about 30 s per scheme at the defaults.
 
@@ -80,7 +80,8 @@ class Scheme:
     kivi: bool = False  # positions past the last full block read in full precision
     rotated: bool = False  # K and V rotated per head first (kernels/kv_rotation.py)
     residual: int = 0  # extra full-precision blocks before the partial one (KIVI's R)
-    sink: int = 0  # first positions always read in full precision
+    sink: int = 0  # first positions read in full precision (or at sink_bits)
+    sink_bits: int = 0  # the sink's per-token integer bits (0: full precision)
 
 
 SCHEMES = {
@@ -91,7 +92,10 @@ SCHEMES = {
     "int8": Scheme(per_token(8), per_token(8)),
     "int4": Scheme(per_channel(4), per_token(4), kivi=True),
     "int4_rotated": Scheme(per_channel(4), per_token(4), kivi=True, rotated=True),
-    "int2": Scheme(per_channel(2), per_token(2), kivi=True, rotated=True),
+    # int2 as built (kernels/kv_format.py): a ring of 2 residual blocks, position 0 at int8.
+    "int2": Scheme(per_channel(2), per_token(2), kivi=True, rotated=True, residual=1, sink=1, sink_bits=8),
+    # The steps to it, from KIVI with rotation alone.
+    "int2_rotated_only": Scheme(per_channel(2), per_token(2), kivi=True, rotated=True),
     "int2_unrotated": Scheme(per_channel(2), per_token(2), kivi=True),
     "int2_keys_only": Scheme(per_channel(2), None, kivi=True, rotated=True),
     "int2_values_only": Scheme(None, per_token(2), kivi=True, rotated=True),
@@ -111,7 +115,7 @@ def quantized_positions(scheme: Scheme, length: int) -> torch.Tensor:
         end = (t // KIVI_BLOCK - scheme.residual) * KIVI_BLOCK  # quantized: t' < end
     else:
         end = t + 1
-    return (t[None, :] < end[:, None]) & (t[None, :] >= scheme.sink)
+    return (t[None, :] < end[:, None]) & (t[None, :] >= (0 if scheme.sink_bits else scheme.sink))
 
 
 class WhatIfAttention:
@@ -147,6 +151,11 @@ class WhatIfAttention:
             s = self.scheme
             kq = k if s.k is None else self.fake_quantize(s.k, k, s.rotated)
             vq = v if s.v is None else self.fake_quantize(s.v, v, s.rotated)
+            if s.sink_bits:  # the sink positions read through their own quantizer
+                sink = slice(0, s.sink)
+                kq, vq = kq.clone(), vq.clone()
+                kq[:, sink] = self.fake_quantize(per_token(s.sink_bits), k[:, sink], s.rotated)
+                vq[:, sink] = self.fake_quantize(per_token(s.sink_bits), v[:, sink], s.rotated)
             quantized = quantized_positions(s, length)
         else:
             quantized = torch.zeros(length, length, dtype=torch.bool)

@@ -208,7 +208,7 @@ class EngineCore:
         if not batch.seqs:
             return None
         tables = [self.kv.tables[s.seq_id] for s in batch.seqs]
-        residual = [self.kv.residual_slots[s.seq_id] for s in batch.seqs] if self.kv.uses_residual else None
+        residual = [self.kv.residual(s.seq_id) for s in batch.seqs] if self.kv.uses_residual else None
         ahead_tokens = None if self._in_flight is None else self._in_flight.sampled.tokens
         logits = self.runner.execute(batch.seqs, batch.num_new_tokens, tables, residual, ahead_tokens)
         samplers = []
@@ -293,9 +293,8 @@ class EngineCore:
             copy = self.kv.fork(seq.seq_id, child.seq_id, req.prompt_len)
             if copy is not None:
                 self.runner.copy_block(*copy)
-                if self.kv.uses_residual:  # KIVI: the partial block's tokens are in the residual
-                    self.runner.copy_residual(self.kv.residual_slots[seq.seq_id],
-                                              self.kv.residual_slots[child.seq_id])
+            if self.kv.uses_residual:  # KIVI: the last blocks' tokens are in the residual ring
+                self.runner.copy_residual(self.kv.residual_slots[seq.seq_id], self.kv.residual_slots[child.seq_id])
             child.num_computed_tokens = req.prompt_len
             self.scheduler.add_running(child)
             forked.append(child)

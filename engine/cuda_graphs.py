@@ -46,8 +46,10 @@ class DecodeGraphs:
             self.query_start_loc = torch.arange(n + 1, dtype=torch.int32)
             self.hidden = torch.zeros(n, hidden_size, dtype=dtype)
             # KIVI formats: a decode step fills at most one block per sequence (flush rows padded -1).
-            self.kivi = None if not kv_caches[0].fmt.kivi else KiviPlan(
-                residual_slots=torch.zeros(n, dtype=torch.int32),
+            fmt = kv_caches[0].fmt
+            self.kivi = None if not fmt.kivi else KiviPlan(
+                residual_tables=torch.zeros(n, fmt.residual_blocks, dtype=torch.int32),
+                residual_starts=torch.zeros(n, dtype=torch.int32),
                 residual_mapping=torch.full((n,), -1, dtype=torch.long),
                 flush_blocks=torch.full((n,), -1, dtype=torch.long),
                 flush_residual=torch.zeros(n, dtype=torch.long),
@@ -104,10 +106,11 @@ class DecodeGraphs:
 
     def _copy_kivi(self, plan: KiviPlan, n: int, bs: int) -> None:
         static, flushes = self.kivi, plan.flush_blocks.shape[0]
-        static.residual_slots[:n].copy_(plan.residual_slots, non_blocking=True)
-        static.residual_mapping[:n].copy_(plan.residual_mapping, non_blocking=True)
+        for name in ("residual_tables", "residual_starts", "residual_mapping"):
+            getattr(static, name)[:n].copy_(getattr(plan, name), non_blocking=True)
         for name in ("flush_blocks", "flush_residual", "flush_prior", "flush_start"):
             getattr(static, name)[:flushes].copy_(getattr(plan, name), non_blocking=True)
         static.flush_blocks[flushes:bs].fill_(-1)
         static.residual_mapping[n:bs].fill_(-1)
-        static.residual_slots[n:bs].fill_(0)
+        static.residual_tables[n:bs].fill_(0)
+        static.residual_starts[n:bs].fill_(0)

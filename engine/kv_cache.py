@@ -96,12 +96,13 @@ class KVCacheManager:
     """Maps sequences to blocks: grow a table to hold more tokens, fork it, free it.
 
     With `num_residual_slots` (a KIVI cache: int4, int2; kernels/kv_format.py) every sequence holding
-    blocks also holds one residual slot, for its partly filled last block.
+    blocks also holds one residual slot, for its last blocks in full precision.
 
     With prefix caching, each block that fills with computed tokens is registered under its key
     (engine/block_hash.py), and a sequence being admitted starts from the cached blocks of its
     longest matching prefix. Only full blocks are keyed, so with KIVI a hit ends on a block
-    boundary and the sequence starts with an empty residual, as a new one does."""
+    boundary and the sequence starts with an empty residual, as a new one does, from the
+    hit's end on (`residual`)."""
 
     def __init__(self, num_blocks: int, block_size: int, num_residual_slots: int = 0, *,
                  enable_prefix_caching: bool = False, kv_cache_dtype: str = "auto"):
@@ -111,6 +112,7 @@ class KVCacheManager:
         self.uses_residual = num_residual_slots > 0
         self._free_residual: deque[int] = deque(range(num_residual_slots))
         self.residual_slots: dict[int, int] = {}
+        self._residual_from: dict[int, int] = {}  # per sequence, the first position in its residual
         self.enable_prefix_caching = enable_prefix_caching
         self._seed = chain_seed(kv_cache_dtype, block_size)
         self._keys: dict[int, list[bytes]] = {}  # per sequence, its full blocks' keys so far
@@ -161,7 +163,7 @@ class KVCacheManager:
         table = self.tables.setdefault(seq_id, [])
         if need:
             table.extend(self.pool.allocate(need))
-        self._take_residual(seq_id)
+        self._take_residual(seq_id, len(prefix or ()) * self.block_size)
 
     def cache_full_blocks(self, seq_id: int, token_ids: list[int], num_computed_tokens: int) -> None:
         """Register the sequence's blocks that are full of computed tokens (prompt or generated),
@@ -182,11 +184,17 @@ class KVCacheManager:
         extend_block_hashes(keys, token_ids, self.block_size, self._seed)
         return keys
 
-    def _take_residual(self, seq_id: int) -> None:
+    def _take_residual(self, seq_id: int, residual_from: int) -> None:
         if self.uses_residual and seq_id not in self.residual_slots:
             if not self._free_residual:
                 raise MemoryError("no free residual slot")
             self.residual_slots[seq_id] = self._free_residual.popleft()
+            self._residual_from[seq_id] = residual_from
+
+    def residual(self, seq_id: int) -> tuple[int, int]:
+        """(residual slot, first position the sequence keeps there): what a step's KIVI plan
+        needs of it (engine/kivi_plan.py)."""
+        return self.residual_slots[seq_id], self._residual_from[seq_id]
 
     def can_fork(self) -> bool:
         """Room for one more sequence sharing a running one's blocks."""
@@ -207,7 +215,8 @@ class KVCacheManager:
             copy = (parent[full], dst)
             child.append(dst)
         self.tables[child_id] = child
-        self._take_residual(child_id)
+        if self.uses_residual:  # the child's ring is a copy of the parent's (engine/core.py)
+            self._take_residual(child_id, self._residual_from[parent_id])
         return copy
 
     def free(self, seq_id: int) -> None:
@@ -217,6 +226,7 @@ class KVCacheManager:
         self.pool.release(reversed(self.tables.pop(seq_id, [])))
         self._keys.pop(seq_id, None)
         self._num_keyed.pop(seq_id, None)
+        self._residual_from.pop(seq_id, None)
         slot = self.residual_slots.pop(seq_id, None)
         if slot is not None:
             self._free_residual.append(slot)

@@ -7,9 +7,10 @@ from engine.config import CacheConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.gpu_timer import GpuBusyTimer, GpuSpan
 from engine.host_to_device import device_tensor
+from engine.kivi_plan import kivi_plan
 from engine.models.llama import LlamaModel
 from engine.sequence import PLACEHOLDER, Sequence
-from kernels.attention import AttentionMetadata, KiviPlan
+from kernels.attention import AttentionMetadata
 from kernels.dispatch import ops_for
 from kernels.kv_format import (
     KVFormat,
@@ -97,13 +98,15 @@ class ModelRunner:
     # ---- a step ------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_new: list[int], tables: list[list[int]],
-                residual_slots: list[int] | None = None, ahead_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                residuals: list[tuple[int, int]] | None = None,
+                ahead_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run the scheduled tokens; return logits [num_sampling, vocab] for the sequences whose
-        scheduled tokens reach their end (those sample next), in batch order. residual_slots:
-        each sequence's residual slot, for a KIVI (int4, int2) cache. ahead_tokens: the
-        device tokens of the step still in flight; a sequence whose last token is still a
-        PLACEHOLDER takes its input from row `seq.ahead_row` there, without the host reading it."""
-        input_ids, positions, meta, sample_rows = self._prepare(seqs, num_new, tables, residual_slots, ahead_tokens)
+        scheduled tokens reach their end (those sample next), in batch order. residuals: each
+        sequence's (residual slot, first position it wrote there), for a KIVI (int4, int2)
+        cache (KVCacheManager.residual). ahead_tokens: the device tokens of the step still in
+        flight; a sequence whose last token is still a PLACEHOLDER takes its input from row
+        `seq.ahead_row` there, without the host reading it."""
+        input_ids, positions, meta, sample_rows = self._prepare(seqs, num_new, tables, residuals, ahead_tokens)
         span = self.gpu_timer.start()  # after _prepare: building inputs on the host is GPU idle time
         if self.graphs is not None and meta.max_query_len == 1 and self.graphs.fits(len(seqs)):
             hidden = self.graphs.run(input_ids, positions, meta)
@@ -115,7 +118,7 @@ class ModelRunner:
         self.last_gpu_span = span
         return logits
 
-    def _prepare(self, seqs, num_new, tables, residual_slots, ahead_tokens=None):
+    def _prepare(self, seqs, num_new, tables, residuals, ahead_tokens=None):
         bs = self.block_size
         ids, pos, slots, starts, ctx_lens, sample_rows = [], [], [], [0], [], []
         ahead_at, ahead_rows = [], []  # flat positions of placeholder inputs, their rows in ahead_tokens
@@ -146,30 +149,9 @@ class ModelRunner:
             context_lens_host=ctx_lens,
         )
         if self.kv_format.kivi:
-            meta.kivi = self._kivi_plan(seqs, num_new, tables, residual_slots, starts)
+            meta.kivi = kivi_plan([s.num_computed_tokens for s in seqs], num_new, tables, residuals, bs,
+                                  self.kv_format.residual_blocks, self.device)
         input_ids = t(ids)
         if ahead_at:
             input_ids[t(ahead_at)] = ahead_tokens[t(ahead_rows)]
         return input_ids, t(pos), meta, t(sample_rows)
-
-    def _kivi_plan(self, seqs, num_new, tables, residual_slots, starts) -> KiviPlan:
-        """Which blocks fill up this step (quantized whole) and which tokens wait in their
-        sequence's residual slot: see KiviPlan."""
-        bs = self.block_size
-        mapping, blocks, slots, prior, first = [], [], [], [], []
-        for i, (seq, n, table) in enumerate(zip(seqs, num_new, tables)):
-            start, slot = seq.num_computed_tokens, residual_slots[i]
-            full_end = (start + n) // bs * bs
-            for b in range(start // bs, full_end // bs):
-                blocks.append(table[b])
-                slots.append(slot)
-                prior.append(max(0, start - b * bs))
-                first.append(starts[i] + max(b * bs, start) - start)
-            mapping.extend(-1 if p < full_end else slot * bs + p % bs for p in range(start, start + n))
-
-        def t(x, dtype=torch.long):
-            return device_tensor(x, dtype, self.device)
-
-        return KiviPlan(residual_slots=t(residual_slots, torch.int32), residual_mapping=t(mapping),
-                        flush_blocks=t(blocks), flush_residual=t(slots), flush_prior=t(prior), flush_start=t(first))
-

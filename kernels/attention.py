@@ -23,18 +23,22 @@ from kernels.kv_quant import (
 @dataclass
 class KiviPlan:
     """Where this step's K/V go in a KIVI (int4, int2) cache, and where attention finds the
-    full-precision residual; see kernels/kv_format.py.
+    full-precision residual; see kernels/kv_format.py (engine/kivi_plan.py builds it).
 
-    residual_slots: [num_seqs] int32, each sequence's residual slot
-    residual_mapping: [num_tokens] residual row (slot * block_size + offset) of each new token
-        that lands in a block still partial after this step, else -1
+    residual_tables: [num_seqs, R] int32, each sequence's residual ring rows in position
+        order: row j holds positions residual_starts + j * block_size onward
+    residual_starts: [num_seqs] int32, the first position read from the residual (a
+        multiple of block_size); earlier positions are read from the quantized blocks
+    residual_mapping: [num_tokens] residual row (ring row * block_size + offset) of each new
+        token from its sequence's residual start on, else -1
     flush_blocks: [F] blocks that fill up this step (-1: padding, skipped)
-    flush_residual / flush_prior / flush_start: [F] the block's sequence's residual slot, how
-        many of its tokens were written in earlier steps (they are in the residual), and the
-        flat-batch index of its first token written this step
+    flush_residual / flush_prior / flush_start: [F] the block's ring row, how many of its
+        tokens were written in earlier steps (they are in that row), and the flat-batch index
+        of its first token written this step
     """
 
-    residual_slots: torch.Tensor
+    residual_tables: torch.Tensor
+    residual_starts: torch.Tensor
     residual_mapping: torch.Tensor
     flush_blocks: torch.Tensor
     flush_residual: torch.Tensor
@@ -152,15 +156,24 @@ def _dequantize_blocks(cache: LayerKVCache, blocks: torch.Tensor, dtype):
 
 
 def _overlay_residual(cache: LayerKVCache, meta: AttentionMetadata, rows: list[int], k, v):
-    """Positions past each sequence's last full block come from its residual slot."""
+    """Positions from each sequence's residual start on come from its residual ring; with a
+    `sink` format, position 0 before it from block 0's int8 copy."""
     bs = cache.block_size
     idx = torch.tensor(rows, device=k.device)
-    full = (meta.context_lens[idx].long() // bs) * bs  # [B]
+    begin = meta.kivi.residual_starts[idx].long()  # [B]
     pos = torch.arange(k.shape[1], device=k.device)
-    in_res = (pos[None, :] >= full[:, None]) & (pos[None, :] < full[:, None] + bs)  # [B, T]
-    slots = meta.kivi.residual_slots[idx].long()
-    offset = (pos[None, :] - full[:, None]).clamp(0, bs - 1)  # [B, T]
-    res_k = cache.k_residual[slots[:, None], offset].to(k.dtype)  # [B, T, KVH, D]
-    res_v = cache.v_residual[slots[:, None], offset].to(v.dtype)
+    rel = (pos[None, :] - begin[:, None]).clamp(min=0)  # [B, T]
+    ring = meta.kivi.residual_tables[idx].long()  # [B, R]
+    in_res = (pos[None, :] >= begin[:, None]) & (rel < ring.shape[1] * bs)
+    row = ring.gather(1, (rel // bs).clamp(max=ring.shape[1] - 1))  # [B, T]
+    res_k = cache.k_residual[row, rel % bs].to(k.dtype)  # [B, T, KVH, D]
+    res_v = cache.v_residual[row, rel % bs].to(v.dtype)
     sel = in_res[:, :, None, None]
-    return torch.where(sel, res_k, k), torch.where(sel, res_v, v)
+    k, v = torch.where(sel, res_k, k), torch.where(sel, res_v, v)
+    if cache.fmt.sink:
+        first = meta.block_tables[idx, 0].long()
+        sink = dequantize_per_token(cache.sink[first], cache.sink_scale[first], cache.sink_zero[first], 8)
+        quantized = (begin > 0)[:, None, None]  # [B, 1, 1]
+        k[:, 0] = torch.where(quantized, sink[:, 0].to(k.dtype), k[:, 0])
+        v[:, 0] = torch.where(quantized, sink[:, 1].to(v.dtype), v[:, 0])
+    return k, v

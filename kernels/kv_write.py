@@ -44,9 +44,9 @@ def _scatter(paged: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> No
 
 def _write_kivi(k, v, cache: LayerKVCache, meta: AttentionMetadata) -> None:
     """Blocks that fill up this step are quantized whole (their earlier tokens come from the
-    residual, the rest from this step's k and v); tokens of a still-partial block go to the
-    residual. Flushing first matters: the residual rows it reads may be overwritten by the
-    next block's first tokens in the same step."""
+    residual, the rest from this step's k and v); tokens from the sequence's residual start on
+    go to the residual ring. Flushing first matters: the ring rows it reads may be overwritten
+    by a later block's tokens in the same step."""
     plan = meta.kivi
     bs = cache.block_size
     for block, slot, prior, start in zip(*(t.tolist() for t in (plan.flush_blocks, plan.flush_residual,
@@ -59,6 +59,9 @@ def _write_kivi(k, v, cache: LayerKVCache, meta: AttentionMetadata) -> None:
         bits = cache.fmt.bits
         cache.k[block], cache.k_scale[block], cache.k_zero[block] = quantize_per_channel(kb, bits)
         cache.v[block], cache.v_scale[block], cache.v_zero[block] = quantize_per_token(vb, bits)
+        if cache.fmt.sink:  # the block's first token, K and V, at int8
+            cache.sink[block], cache.sink_scale[block], cache.sink_zero[block] = quantize_per_token(
+                torch.stack([kb[0], vb[0]]), 8)
     keep = plan.residual_mapping >= 0
     rows = plan.residual_mapping[keep]
     _scatter(cache.k_residual, rows, k[keep])

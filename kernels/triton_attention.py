@@ -18,6 +18,5 @@ from kernels.triton_attention_prefill import paged_prefill_attention_cache
 def paged_attention_triton(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]."""
     if meta.max_query_len == 1:  # one token per sequence: q's rows are the sequences
-        residual_slots = meta.kivi.residual_slots if cache.fmt.kivi else None
-        return paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, residual_slots)
+        return paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, meta.kivi)
     return paged_prefill_attention_cache(q, cache, meta, scale)

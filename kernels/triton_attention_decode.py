@@ -15,7 +15,8 @@ written for memory bandwidth:
   (max, sum, acc), all float32.
 - Quantized caches: the tiles are codes, dequantized in registers (triton_paged_tile.py), so
   the bytes read shrink with the codes; with int4/int2 (KIVI) keys each sequence's positions
-  past its last full block come from its full-precision residual slot. Their cost is then
+  from its residual start on come from its full-precision residual ring, and int2's
+  position 0 from its int8 sink copy. Their cost is then
   per-tile work, not bytes: the rows that only padded the group to 16 become lanes, each
   with its own tile of a step (lane j takes tiles t + j), and the lanes' partial softmaxes
   are merged per head at the end, as the splits' are. Llama-3.1-8B's 4 heads a kv head make
@@ -32,10 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import AttentionMetadata, paged_attention_ref
+from kernels.attention import AttentionMetadata, KiviPlan, paged_attention_ref
 from kernels.kv_format import FORMATS, LayerKVCache
 from kernels.triton_paged_tile import (
     LOG2E,
+    attend_sink,
     attend_tile,
     attend_tile_quantized,
     cache_kernel_args,
@@ -85,16 +87,18 @@ def _merge_lanes(acc, m, l, LANES: tl.constexpr):
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-    k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, k_res_ptr, v_res_ptr, res_slots_ptr,
-    stride_m_block, stride_m_tok, stride_kc_block, stride_r_slot, stride_r_tok, stride_r_head,
-    scale_log2, num_splits,
+    k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, k_res_ptr, v_res_ptr, res_tables_ptr, res_starts_ptr,
+    sink_ptr, sink_scale_ptr, sink_zero_ptr,
+    stride_m_block, stride_m_tok, stride_kc_block, stride_r_slot, stride_r_tok, stride_r_head, stride_res_table,
+    num_kv_heads, scale_log2, num_splits,
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head, stride_table,
     stride_c_block, stride_c_tok, stride_c_head,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
-    CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr, LANES: tl.constexpr,
+    CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
+    LANES: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -131,10 +135,14 @@ def _decode_kernel(
         q_sum = tl.sum(q.to(tl.float32), axis=1)
         coded_tiles = num_tiles
         coded_end = ctx
-        if KIVI:  # positions from the last full block's end on are in the residual
-            full = ctx // BLOCK_SIZE * BLOCK_SIZE
-            coded_tiles = full // TILE_N
-            coded_end = full
+        if KIVI:  # positions from the residual start on are in the residual ring
+            res_start = tl.load(res_starts_ptr + seq)
+            coded_tiles = res_start // TILE_N
+            coded_end = res_start
+        if SINK:  # lane 0 of the split holding tile 0 takes position 0 first
+            if (tile_lo == 0) & (coded_end > 0):
+                acc, m, l = attend_sink(q, lane == 0, table, sink_ptr, sink_scale_ptr, sink_zero_ptr, kv_head,
+                                        num_kv_heads, scale_log2, HEAD_DIM)
         # Lane j takes tiles t + j of each step; the split's last step may leave lanes
         # without a tile: their positions lie past `stop` and are masked.
         coded_hi = tl.minimum(tile_hi, coded_tiles)
@@ -161,20 +169,21 @@ def _decode_kernel(
                 accs, m, l, q, qs, q_sum, last_pos, lane, _lane_starts(t, LANES, TILE_N), stop, table,
                 k_cache_ptr, v_cache_ptr, scales, kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
                 HEAD_DIM, BLOCK_SIZE, TILE_N, not KIVI, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
-                UNPACK_ASM,
+                UNPACK_ASM, SINK,
             )
             scales = next_scales
         acc = join_planes(accs)
         if KIVI:
-            # The residual slot as a one-block table; positions relative to the slot's start;
-            # lane 0's rows alone attend it (the others' positions precede it).
-            # At most one tile: unpipelined, its bf16 buffers (32 KB a stage) would set the
-            # kernel's shared memory and cap the programs per SM.
-            res_pos = tl.where(lane == 0, last_pos - full, -1)
+            # The ring rows as a block table of positions from the residual start on; lane 0's
+            # rows alone attend them (the others' positions precede them).
+            # A few tiles (the ring's blocks): unpipelined, their bf16 buffers (32 KB a stage)
+            # would set the kernel's shared memory and cap the programs per SM.
+            res_pos = tl.where(lane == 0, last_pos - res_start, -1)
             for t in tl.range(tl.maximum(tile_lo, coded_tiles), tile_hi, num_stages=1):
                 acc, m, l = attend_tile(
-                    acc, m, l, q, res_pos, t * TILE_N - full, ctx - full, res_slots_ptr + seq,
-                    k_res_ptr, v_res_ptr, kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
+                    acc, m, l, q, res_pos, t * TILE_N - res_start, ctx - res_start,
+                    res_tables_ptr + seq * stride_res_table, k_res_ptr, v_res_ptr, kv_head,
+                    stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
                     HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
                 )
     if LANES > 1:
@@ -245,14 +254,14 @@ def paged_decode_attention(
 
 def paged_decode_attention_cache(
     q: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
-    scale: float, residual_slots: torch.Tensor | None = None,
+    scale: float, kivi: KiviPlan | None = None,
     *, tile_tokens: int | None = None, num_splits: int | None = None, num_warps: int = 4,
     num_stages: int | None = None, lanes: int | None = None,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
     (kernels/kv_format.py); block_tables: [num_seqs, max_blocks] int32; context_lens:
-    [num_seqs] int32 (device; never read on the host); residual_slots: [num_seqs] int32, each
-    sequence's residual slot (int4/int2 caches only). Returns [num_seqs, num_heads, head_dim].
+    [num_seqs] int32 (device; never read on the host); kivi: the step's plan, for its residual
+    tables and starts (int4/int2 caches only). Returns [num_seqs, num_heads, head_dim].
 
     tile_tokens: tokens per K/V tile, a power of two, larger or smaller than block_size
     (64 x 128 dims x bf16: 16 KB of K and 16 KB of V per pipeline stage); with per-channel
@@ -298,7 +307,7 @@ def paged_decode_attention_cache(
     part_max = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty((*part_shape, head_dim) if split else (0,), dtype=torch.float32, device=q.device)
-    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, residual_slots)
+    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, kivi)
     dot_dtype = q.dtype if fmt.quantized else k_cache.dtype
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_max, part_sum, *fmt_args,

@@ -15,8 +15,9 @@ finds its sequence by binary search over query_start_loc, so the grid comes from
 alone and nothing is read back from the device.
 
 A quantized cache is read as codes and dequantized per tile in registers
-(triton_paged_tile.py); with int4/int2 (KIVI) keys, positions past a sequence's last full
-block come from its full-precision residual slot.
+(triton_paged_tile.py); with int4/int2 (KIVI) keys, positions from a sequence's residual
+start on come from its full-precision residual ring, and int2's position 0 from its int8
+sink copy.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from kernels.attention import AttentionMetadata
 from kernels.kv_format import FORMATS, LayerKVCache
 from kernels.triton_paged_tile import (
     LOG2E,
+    attend_sink,
     attend_tile,
     attend_tile_quantized,
     cache_kernel_args,
@@ -60,7 +62,7 @@ def _attend_coded_tile(
     stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr,
-    CODE_MAGIC: tl.constexpr, CODE_BIAS: tl.constexpr, UNPACK_ASM: tl.constexpr,
+    CODE_MAGIC: tl.constexpr, CODE_BIAS: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
 ):
     """One tile of a quantized cache (one lane: every row attends it): its scales, then
     attend_tile_quantized."""
@@ -73,21 +75,23 @@ def _attend_coded_tile(
         accs, m, l, q, qs, q_sum, q_pos, 0, (start,), kv_end, table, k_cache_ptr, v_cache_ptr, scales,
         kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
         HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS, UNPACK_ASM,
+        SINK,
     )
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, k_res_ptr, v_res_ptr, res_slots_ptr,
-    stride_m_block, stride_m_tok, stride_kc_block, stride_r_slot, stride_r_tok, stride_r_head,
-    scale_log2, num_seqs,
+    k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, k_res_ptr, v_res_ptr, res_tables_ptr, res_starts_ptr,
+    sink_ptr, sink_scale_ptr, sink_zero_ptr,
+    stride_m_block, stride_m_tok, stride_kc_block, stride_r_slot, stride_r_tok, stride_r_head, stride_res_table,
+    num_kv_heads, scale_log2, num_seqs,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
     stride_c_block, stride_c_tok, stride_c_head,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
-    CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr,
+    CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
 ):
     # Highest tile first: a sequence's last query tiles see the most keys, so the longest
     # programs start early instead of forming the tail.
@@ -137,9 +141,13 @@ def _prefill_kernel(
     else:
         q_sum = tl.sum(q.to(tl.float32), axis=1)
         coded_end = kv_end
-        if KIVI:  # positions from the last full block's end on are in the residual
-            full = ctx // BLOCK_SIZE * BLOCK_SIZE
-            coded_end = tl.minimum(kv_end, full)
+        if KIVI:  # positions from the residual start on are in the residual ring
+            res_start = tl.load(res_starts_ptr + seq)
+            coded_end = tl.minimum(kv_end, res_start)
+        if SINK:  # position 0 first, from its int8 copy
+            if coded_end > 0:
+                acc, m, l = attend_sink(q, r >= 0, table, sink_ptr, sink_scale_ptr, sink_zero_ptr, kv_head,
+                                        num_kv_heads, scale_log2, HEAD_DIM)
         qs = split_planes(q, PLANES)
         accs = split_planes(acc, PLANES)
         # Tiles wholly below every row's position need no causal mask; the rest do.
@@ -149,7 +157,7 @@ def _prefill_kernel(
                 k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok,
                 stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
-                UNPACK_ASM,
+                UNPACK_ASM, SINK,
             )
         for start in range(unmasked_end, coded_end, BLOCK_N):
             accs, m, l = _attend_coded_tile(
@@ -157,21 +165,22 @@ def _prefill_kernel(
                 k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok,
                 stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
-                UNPACK_ASM,
+                UNPACK_ASM, SINK,
             )
         acc = join_planes(accs)
         if KIVI:
-            # The residual slot as a one-block table; positions relative to the slot's start.
-            res_table = res_slots_ptr + seq
+            # The ring rows as a block table of positions from the residual start on.
+            res_table = res_tables_ptr + seq * stride_res_table
             for start in range(tl.minimum(unmasked_end, coded_end), unmasked_end, BLOCK_N):
                 acc, m, l = attend_tile(
-                    acc, m, l, q, q_pos - full, start - full, kv_end - full, res_table, k_res_ptr, v_res_ptr,
-                    kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
+                    acc, m, l, q, q_pos - res_start, start - res_start, kv_end - res_start, res_table,
+                    k_res_ptr, v_res_ptr, kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
                 )
             for start in range(tl.maximum(unmasked_end, coded_end), kv_end, BLOCK_N):
                 acc, m, l = attend_tile(
-                    acc, m, l, q, q_pos - full, start - full, kv_end - full, res_table, k_res_ptr, v_res_ptr,
+                    acc, m, l, q, q_pos - res_start, start - res_start, kv_end - res_start, res_table,
+                    k_res_ptr, v_res_ptr,
                     kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
                 )
@@ -197,7 +206,7 @@ def paged_prefill_attention_cache(
 ) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
     (kernels/kv_format.py). Returns [num_tokens, num_heads, head_dim]. Reads
-    meta.query_start_loc, context_lens, block_tables (and meta.kivi.residual_slots) on the
+    meta.query_start_loc, context_lens, block_tables (and meta.kivi's residual tables) on the
     device; meta.max_query_len (host) only picks the tile shape.
 
     Defaults measured on an H100 (benchmarks/kernel_bench.py --sweep, 4096-token prompt,
@@ -230,8 +239,7 @@ def paged_prefill_attention_cache(
     block_q = block_m // group
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
-    residual_slots = meta.kivi.residual_slots if cache.fmt.kivi else None
-    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, residual_slots)
+    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, meta.kivi)
     _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
         q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start_loc, *fmt_args,
         scale * LOG2E, num_seqs,

@@ -8,9 +8,9 @@ Reference: kv_write.write_kv_ref (the encodings: kernels/kv_quant.py).
   last axis.
 - int4, int2 (KIVI): a block is quantized only when it fills up, one program per (flushed
   block, kv head), from the residual (its earlier tokens) and this step's K/V (the rest);
-  then the tokens of still-partial blocks go to the residual with the unquantized kernel.
-  Flush first: the residual rows it reads may be overwritten by the same step's residual
-  writes.
+  int2 also stores the block's first token at int8 (its sink copy). Then the tokens from
+  each sequence's residual start on go to its residual ring with the unquantized kernel.
+  Flush first: the ring rows it reads may be overwritten by the same step's residual writes.
 
 Codes match the reference bit for bit: division is IEEE (div_rn, not the approximate '/'),
 rounding half to even as torch.round, and the fp16-rounded scale is the one encoded with.
@@ -195,14 +195,16 @@ def _write_kv_quant_kernel(
 @triton.jit
 def _kivi_flush_kernel(
     k_ptr, v_ptr, k_res_ptr, v_res_ptr, k_codes_ptr, v_codes_ptr, k_scale_ptr, k_min_ptr, v_scale_ptr, v_zero_ptr,
-    flush_blocks_ptr, flush_residual_ptr, flush_prior_ptr, flush_start_ptr,
+    flush_blocks_ptr, flush_residual_ptr, flush_prior_ptr, flush_start_ptr, sink_ptr, sink_scale_ptr, sink_zero_ptr,
     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_r_slot, stride_r_tok, stride_r_head,
     stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok, stride_kc_block, stride_kc_head,
     HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr,
+    SINK: tl.constexpr,
 ):
     row = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
+    num_kv_heads = tl.num_programs(1)
     block = tl.load(flush_blocks_ptr + row).to(tl.int64)
     if block < 0:  # padding row of a CUDA-graph batch
         return
@@ -239,6 +241,23 @@ def _kivi_flush_kernel(
     meta_dst = block * stride_m_block + t * stride_m_tok + h
     tl.store(v_scale_ptr + meta_dst, vs)
     tl.store(v_zero_ptr + meta_dst, vz)
+    if SINK:  # the block's first token at int8 per token: sink [nb, 2 (K, V), h, d]
+        _store_sink(k, (block * 2) * num_kv_heads + h, sink_ptr, sink_scale_ptr, sink_zero_ptr, HEAD_DIM)
+        _store_sink(v, (block * 2 + 1) * num_kv_heads + h, sink_ptr, sink_scale_ptr, sink_zero_ptr, HEAD_DIM)
+
+
+@triton.jit
+def _store_sink(x, at, sink_ptr, sink_scale_ptr, sink_zero_ptr, HEAD_DIM: tl.constexpr):
+    """Token 0 of a block's x [T, NB, PER] (float32, channel c at [c // PER, c % PER]) at int8,
+    to row `at` of the sink codes [.., d] and metadata [..]."""
+    C: tl.constexpr = x.shape[1] * x.shape[2]
+    t = tl.arange(0, x.shape[0])[:, None, None]
+    first = tl.reshape(tl.sum(tl.where(t == 0, x, 0.0), axis=0), (1, C, 1))
+    codes, scale, zero = _quantize_rows(first, 8, False)
+    ch = tl.arange(0, C)
+    tl.store(sink_ptr + at * HEAD_DIM + ch, tl.reshape(codes, (C,)), mask=ch < HEAD_DIM)
+    tl.store(sink_scale_ptr + at, tl.sum(scale, axis=0))
+    tl.store(sink_zero_ptr + at, tl.sum(zero, axis=0))
 
 
 def write_kv_triton(k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
@@ -289,15 +308,16 @@ def _kivi_flush(k, v, cache: LayerKVCache, blocks, residual, prior, start) -> No
     if blocks.shape[0] == 0:
         return
     res = cache.k_residual
+    sink = (cache.sink, cache.sink_scale, cache.sink_zero) if cache.fmt.sink else (cache.k,) * 3  # stand-ins
     _kivi_flush_kernel[(blocks.shape[0], num_kv_heads)](
         k, v, cache.k_residual, cache.v_residual, cache.k, cache.v, cache.k_scale, cache.k_zero,
-        cache.v_scale, cache.v_zero, blocks, residual, prior, start,
+        cache.v_scale, cache.v_zero, blocks, residual, prior, start, *sink,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         res.stride(0), res.stride(1), res.stride(2),
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v_scale.stride(0), cache.v_scale.stride(1),
         cache.k_scale.stride(0), cache.k_scale.stride(1),
         HEAD_DIM=head_dim, BLOCK_BYTES=triton.next_power_of_2(cache.fmt.codes_dim(head_dim)),
-        BLOCK_SIZE=cache.block_size, BITS=cache.fmt.bits, num_warps=4,
+        BLOCK_SIZE=cache.block_size, BITS=cache.fmt.bits, SINK=cache.fmt.sink, num_warps=4,
     )
 
 

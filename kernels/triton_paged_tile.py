@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention import KiviPlan
 from kernels.kv_format import KVFormat, LayerKVCache
 
 LOG2E = 1.4426950408889634  # the launchers pass scale * LOG2E
@@ -98,6 +99,27 @@ def _softmax_step(m, l, s, visible, MASK: tl.constexpr):
     p = tl.exp2(s - m_sub[:, None])
     l = l * alpha + tl.sum(p, axis=1)
     return m_new, l, p, alpha
+
+
+@triton.jit
+def attend_sink(q, rows, table_ptr, sink_ptr, sink_scale_ptr, sink_zero_ptr, kv_head, num_kv_heads, scale_log2,
+                HEAD_DIM: tl.constexpr):
+    """A `sink` format's position 0, read from its block's int8 copy (kernels/kv_format.py), as
+    the first step of the online softmax: (acc, m, l) of the rows where `rows` [M] holds, the
+    empty state (0, -inf, 0) elsewhere. The quantized tiles then skip position 0."""
+    base = tl.load(table_ptr).to(tl.int64) * 2 * num_kv_heads + kv_head  # [nb, 2, h]: K, then V
+    d = tl.arange(0, HEAD_DIM)
+    k = (tl.load(sink_ptr + base * HEAD_DIM + d).to(tl.float32) - tl.load(sink_zero_ptr + base).to(tl.float32)) \
+        * tl.load(sink_scale_ptr + base).to(tl.float32)
+    base += num_kv_heads
+    v = (tl.load(sink_ptr + base * HEAD_DIM + d).to(tl.float32) - tl.load(sink_zero_ptr + base).to(tl.float32)) \
+        * tl.load(sink_scale_ptr + base).to(tl.float32)
+    # In the model dtype, as the reference reads it.
+    k = k.to(q.dtype).to(tl.float32)
+    v = v.to(q.dtype).to(tl.float32)
+    s = tl.sum(q.to(tl.float32) * k[None, :], axis=1) * scale_log2
+    acc = tl.where(rows[:, None], v[None, :], 0.0)
+    return acc, tl.where(rows, s, float("-inf")), tl.where(rows, 1.0, 0.0)
 
 
 @triton.jit
@@ -287,7 +309,7 @@ def attend_tile_quantized(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
-    CODE_BIAS: tl.constexpr, UNPACK_ASM: tl.constexpr,
+    CODE_BIAS: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
 ):
     """`attend_tile` over a quantized cache (code words [num_blocks, block_size, kvh, words]), in
     planes (`split_planes`): qs and accs are q's and acc's planes, so each plane of codes goes
@@ -304,7 +326,7 @@ def attend_tile_quantized(
     `tile_scales` of the lanes' tiles. Positions from kv_end on are masked with CAUSAL or
     lanes (one lane's tiles run out first); otherwise every position is visible to every
     row. KIVI: each tile lies in one block (BLOCK_N divides BLOCK_SIZE) before the sequence's
-    last full block's end."""
+    residual start. SINK: position 0 is skipped (`attend_sink` reads it)."""
     PLANES: tl.constexpr = len(qs)
     LANES: tl.constexpr = len(starts)
     MASK: tl.constexpr = CAUSAL or LANES > 1
@@ -345,6 +367,12 @@ def attend_tile_quantized(
         if not FP8:
             s -= q_sum[:, None] * (CODE_BIAS + k_zero)
         s *= k_scale * scale_log2
+    if SINK:
+        if starts[0] == 0:  # only lane 0's tile can hold position 0
+            first = tl.arange(0, BLOCK_N)[None, :] == 0
+            if LANES > 1:
+                first = first & (lane == 0)[:, None]
+            s = tl.where(first, float("-inf"), s)
     visible = None
     if MASK:  # made here, not live across the dots
         tok = _per_row(lane, starts, False) + tl.arange(0, BLOCK_N)  # [M, N] ([N]: one lane)
@@ -392,14 +420,15 @@ def kv_codes(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.k, cache.v
 
 
-def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, residual_slots: torch.Tensor | None):
+def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, kivi: KiviPlan | None):
     """What the decode and prefill kernels pass through to the tile functions for `cache`'s
-    format, queries in `dtype`: (tensors and strides, constexprs). Absent tensors are
-    stand-ins (cache.k) that the format's constexpr branches never read."""
+    format, queries in `dtype`, and for KIVI formats the step's plan: (tensors and strides,
+    constexprs). Absent tensors are stand-ins (cache.k) that the format's constexpr branches
+    never read."""
     fmt = cache.fmt
     if not fmt.quantized:
-        return [cache.k] * 7 + [0] * 6, {"KV_BITS": 0, "FP8": False, "KIVI": False, "CODE_MAGIC": 0, "CODE_BIAS": 0.0,
-                                         "PLANES": 1, "UNPACK_ASM": ""}
+        return [cache.k] * 11 + [0] * 8, {"KV_BITS": 0, "FP8": False, "KIVI": False, "CODE_MAGIC": 0,
+                                          "CODE_BIAS": 0.0, "PLANES": 1, "UNPACK_ASM": "", "SINK": False}
     assert cache.k.is_contiguous() and cache.v.is_contiguous() and cache.k.stride() == cache.v.stride()
     if cache.k.shape[-1] < 16:  # a row's bytes are a plane's channels: the dots' K, 16 at least
         raise ValueError(f"the Triton kernels read a {fmt.name} KV cache at head_dim >= {16 * 8 // fmt.bits}")
@@ -413,20 +442,28 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, residual_slots: t
     else:
         magic, bias = 0, 0.0
     zeros = (cache.k, cache.k) if fmt.fp8 else (cache.k_zero, cache.v_zero)
+    stand_in = cache.k
     if fmt.kivi:
         res = cache.k_residual
-        assert res.stride() == cache.v_residual.stride() and res.dtype == dtype and residual_slots is not None
-        kivi = [cache.k_residual, cache.v_residual, residual_slots, cache.k_scale.stride(0),
-                res.stride(0), res.stride(1), res.stride(2)]
+        assert res.stride() == cache.v_residual.stride() and res.dtype == dtype and kivi is not None
+        assert kivi.residual_tables.is_contiguous()
+        residual = [cache.k_residual, cache.v_residual, kivi.residual_tables, kivi.residual_starts]
+        residual_strides = [cache.k_scale.stride(0), res.stride(0), res.stride(1), res.stride(2),
+                            kivi.residual_tables.stride(0)]
     else:
-        kivi = [cache.k, cache.k, cache.k, 0, 0, 0, 0]
-    tensors = [cache.k_scale, zeros[0], cache.v_scale, zeros[1], *kivi[:3],
-               cache.v_scale.stride(0), cache.v_scale.stride(1), *kivi[3:]]
+        residual, residual_strides = [stand_in] * 4, [0] * 5
+    if fmt.sink:
+        assert cache.sink.is_contiguous() and cache.sink_scale.is_contiguous() and cache.sink_zero.is_contiguous()
+        sink = [cache.sink, cache.sink_scale, cache.sink_zero]
+    else:
+        sink = [stand_in] * 3
+    tensors = [cache.k_scale, zeros[0], cache.v_scale, zeros[1], *residual, *sink,
+               cache.v_scale.stride(0), cache.v_scale.stride(1), *residual_strides, cache.k.shape[2]]
     words = word_bits(fmt, cache.k.shape[-1] * 8 // fmt.bits)
     planes = 1 if fmt.fp8 else words // fmt.bits
     # The interpreter runs no PTX; fp32 queries take codes by conversion (no magic).
     native = not triton.knobs.runtime.interpret and cache.k.device.type == "cuda"
     asm = unpack_asm(fmt.bits, planes, magic) if native and magic and planes > 1 else ""
     constexprs = {"KV_BITS": fmt.bits, "FP8": fmt.fp8, "KIVI": fmt.kivi, "CODE_MAGIC": magic, "CODE_BIAS": bias,
-                  "PLANES": planes, "UNPACK_ASM": asm}
+                  "PLANES": planes, "UNPACK_ASM": asm, "SINK": fmt.sink}
     return tensors, constexprs

@@ -9,7 +9,8 @@ import torch
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.core import EngineCore
 from engine.request import SamplingParams
-from kernels.attention import AttentionMetadata, KiviPlan, paged_attention_ref
+from engine.kivi_plan import kivi_plan, residual_start
+from kernels.attention import AttentionMetadata, paged_attention_ref
 from kernels.kv_format import (
     FORMATS,
     KV_CACHE_DTYPES,
@@ -108,7 +109,8 @@ def dense(q, k, v, scale):
 
 def expected_cache_contents(name, k, v, block_size):
     """What a sequence's K and V [ctx, KVH, D] read back as: each full block (every block, for
-    per-token formats) quantized, a KIVI format's partial last block exact."""
+    per-token formats) quantized, a KIVI format's positions from its residual start on exact,
+    and a sink format's position 0 at int8 before that."""
     fmt = kv_format(name)
     if fmt.fp8:
         return dequantize_fp8(*quantize_fp8(k)), dequantize_fp8(*quantize_fp8(v))
@@ -116,34 +118,30 @@ def expected_cache_contents(name, k, v, block_size):
         return (dequantize_per_token(*quantize_per_token(k, fmt.bits), fmt.bits),
                 dequantize_per_token(*quantize_per_token(v, fmt.bits), fmt.bits))
     kk, vv = k.clone(), v.clone()
-    for b in range(k.shape[0] // block_size):
+    begin = residual_start(0, k.shape[0], block_size, fmt.residual_blocks)
+    for b in range(begin // block_size):
         rows = slice(b * block_size, (b + 1) * block_size)
         kk[rows] = dequantize_per_channel(*quantize_per_channel(k[rows], fmt.bits), fmt.bits)
         vv[rows] = dequantize_per_token(*quantize_per_token(v[rows], fmt.bits), fmt.bits)
+    if fmt.sink and begin > 0:
+        kk[0], vv[0] = dequantize_per_token(*quantize_per_token(torch.stack([k[0], v[0]]), 8), 8)
     return kk, vv
 
 
 def write_in_steps(cache, table, residual_slot, k, v, steps):
-    """Write one sequence's K/V in steps of the given sizes, as the engine would."""
-    bs, start = cache.block_size, 0
+    """Write one sequence's K/V in steps of the given sizes, as the engine would; returns the
+    last step's KIVI plan (None for other formats)."""
+    bs, start, plan = cache.block_size, 0, None
     for n in steps:
         end = start + n
         slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(start, end)])
         meta = SimpleNamespace(slot_mapping=slots, kivi=None)
         if cache.fmt.kivi:
-            full_end = end // bs * bs
-            flush = list(range(start // bs, full_end // bs))
-            meta.kivi = KiviPlan(
-                residual_slots=torch.tensor([residual_slot], dtype=torch.int32),
-                residual_mapping=torch.tensor([-1 if p < full_end else residual_slot * bs + p % bs
-                                               for p in range(start, end)]),
-                flush_blocks=torch.tensor([table[b] for b in flush], dtype=torch.long),
-                flush_residual=torch.tensor([residual_slot] * len(flush)),
-                flush_prior=torch.tensor([max(0, start - b * bs) for b in flush]),
-                flush_start=torch.tensor([max(b * bs, start) - start for b in flush]),
-            )
+            plan = meta.kivi = kivi_plan([start], [n], [table], [(residual_slot, 0)], bs,
+                                         cache.fmt.residual_blocks, torch.device("cpu"))
         write_kv_ref(k[start:end], v[start:end], cache, meta)
         start = end
+    return plan
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
@@ -156,7 +154,7 @@ def test_attention_over_a_quantized_cache_equals_dense_attention_on_its_contents
     nb = -(-ctx // bs)
     cache = allocate_layer(kv_format(name), nb + 3, bs, kvh, d, torch.float32, torch.device("cpu"), 2)
     table = torch.randperm(nb + 3, generator=gen)[:nb].tolist()  # scattered blocks
-    write_in_steps(cache, table, 1, k, v, steps)
+    plan = write_in_steps(cache, table, 1, k, v, steps)
     want_k, want_v = expected_cache_contents(name, k, v, bs)
     qlen = steps[-1]
     q = torch.randn(qlen, num_heads, d, generator=gen)
@@ -164,7 +162,7 @@ def test_attention_over_a_quantized_cache_equals_dense_attention_on_its_contents
         slot_mapping=torch.empty(0, dtype=torch.long), block_tables=torch.tensor([table], dtype=torch.int32),
         context_lens=torch.tensor([ctx], dtype=torch.int32), query_start_loc=torch.tensor([0, qlen], dtype=torch.int32),
         query_lens=[qlen], context_lens_host=[ctx],
-        kivi=KiviPlan(*(torch.tensor([1], dtype=torch.int32) for _ in range(6))) if cache.fmt.kivi else None,
+        kivi=plan,
     )
     out = paged_attention_ref(q, cache, meta, d**-0.5)
     torch.testing.assert_close(out.double(), dense(q, want_k, want_v, d**-0.5), rtol=1e-4, atol=1e-4)

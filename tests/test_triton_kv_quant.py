@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import AttentionMetadata, KiviPlan, paged_attention_ref
+from engine.kivi_plan import kivi_plan
+from kernels.attention import AttentionMetadata, paged_attention_ref
 from kernels.kv_format import FORMATS, LayerKVCache, allocate_layer
 from kernels.kv_quant import unpack
 from kernels.kv_write import write_kv_ref
@@ -41,7 +42,7 @@ def poisoned_layer(name, num_blocks, block_size, num_kv_heads, head_dim, dtype, 
     cache = allocate_layer(FORMATS[name], num_blocks, block_size, num_kv_heads, head_dim, dtype,
                            torch.device(DEVICE), num_slots)
     for t in (cache.k, cache.v, cache.k_zero, cache.v_zero, cache.k_scale, cache.v_scale,
-              cache.k_residual, cache.v_residual):
+              cache.k_residual, cache.v_residual, cache.sink, cache.sink_scale, cache.sink_zero):
         if t is None:
             continue
         if t.dtype in (torch.uint8, torch.float8_e4m3fn):
@@ -51,38 +52,41 @@ def poisoned_layer(name, num_blocks, block_size, num_kv_heads, head_dim, dtype, 
     return cache
 
 
-def step_meta(computed, new, tables, residual_slots, block_size, kivi, flush_padding=0):
+def step_meta(computed, new, tables, residual_slots, block_size, kivi, flush_padding=0, residual_from=None):
     """AttentionMetadata for a step writing new[i] tokens after computed[i] of sequence i (the
     engine's layout, engine/model_runner.py), with `flush_padding` extra flush rows of -1 as
-    a CUDA-graph batch has."""
+    a CUDA-graph batch has. residual_from[i]: the first position sequence i wrote to its
+    residual ring (default 0; a prefix-cache hit's end)."""
     bs = block_size
     slots, starts = [], [0]
-    mapping, blocks, res, prior, first = [], [], [], [], []
-    for i, (start, n, table) in enumerate(zip(computed, new, tables)):
+    for start, n, table in zip(computed, new, tables):
         slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-        full_end = (start + n) // bs * bs
-        for b in range(start // bs, full_end // bs):
-            blocks.append(table[b])
-            res.append(residual_slots[i])
-            prior.append(max(0, start - b * bs))
-            first.append(starts[i] + max(b * bs, start) - start)
-        mapping += [-1 if p < full_end else residual_slots[i] * bs + p % bs for p in range(start, start + n)]
         starts.append(starts[-1] + n)
-    blocks += [-1] * flush_padding
-    res, prior, first = (x + [0] * flush_padding for x in (res, prior, first))
     width = max(map(len, tables)) + 1  # a spare column: padding the kernels must not follow
 
     def t(x, dtype=torch.long):
         return torch.tensor(x, dtype=dtype, device=DEVICE)
 
+    plan = None
+    if kivi:
+        since = residual_from or [0] * len(computed)
+        plan = kivi_plan(computed, new, tables, list(zip(residual_slots, since)), bs, kivi.residual_blocks,
+                         torch.device(DEVICE))
+        plan.flush_blocks = torch.cat([plan.flush_blocks, t([-1] * flush_padding)])
+        for name in ("flush_residual", "flush_prior", "flush_start"):
+            setattr(plan, name, torch.cat([getattr(plan, name), t([0] * flush_padding)]))
     ctx = [c + n for c, n in zip(computed, new)]
     return AttentionMetadata(
         slot_mapping=t(slots), block_tables=t([tb + [0] * (width - len(tb)) for tb in tables], torch.int32),
         context_lens=t(ctx, torch.int32), query_start_loc=t(starts, torch.int32),
-        query_lens=list(new), context_lens_host=ctx,
-        kivi=KiviPlan(t(residual_slots, torch.int32), t(mapping), t(blocks), t(res), t(prior), t(first))
-        if kivi else None,
+        query_lens=list(new), context_lens_host=ctx, kivi=plan,
     )
+
+
+def residual_slots_of(meta, fmt) -> list[int]:
+    """Each sequence's residual slot, from its plan's ring rows."""
+    return (meta.kivi.residual_tables[:, 0] // fmt.residual_blocks).tolist() if fmt.kivi else [0] * len(
+        meta.query_lens)
 
 
 def quantized_batch(name, query_lens, context_lens, num_heads, num_kv_heads, head_dim, dtype, block_size,
@@ -100,8 +104,10 @@ def quantized_batch(name, query_lens, context_lens, num_heads, num_kv_heads, hea
     tables = [[free.pop() for _ in range(nb)] for nb in blocks_needed]
     residual_slots = torch.randperm(n + 2, generator=gen)[:n].tolist()
     prefix = [c - q for c, q in zip(context_lens, query_lens)]
-    for computed, new in (([0] * n, prefix), (prefix, list(query_lens))):
-        meta = step_meta(computed, new, tables, residual_slots, block_size, fmt.kivi)
+    # Odd sequences read their prefix's full blocks as a prefix-cache hit would: quantized.
+    hits = [p // block_size * block_size if i % 2 else 0 for i, p in enumerate(prefix)]
+    for computed, new, since in (([0] * n, prefix, None), (prefix, list(query_lens), hits)):
+        meta = step_meta(computed, new, tables, residual_slots, block_size, fmt.kivi and fmt, residual_from=since)
         total = sum(new)
         k, v = rand(total, num_kv_heads, head_dim, dtype=dtype, gen=gen), rand(total, num_kv_heads, head_dim, dtype=dtype, gen=gen)
         k[..., 3] += 4.0  # an outlier channel, as real keys have
@@ -173,11 +179,12 @@ def test_write_kivi_flushes_full_blocks_and_fills_residuals(name, block_size, dt
     residual_slots = [3, 1, 4]
     cache = poisoned_layer(name, 9, bs, num_kv_heads, head_dim, dtype, 5, gen)
     # Earlier steps' tokens in the residual slots (a flushed block reads them).
+    ring = cache.fmt.residual_blocks
     for seq, c in enumerate(computed):
-        slot, keep = residual_slots[seq], c % bs
-        cache.k_residual[slot, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
-        cache.v_residual[slot, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
-    meta = step_meta(computed, new, tables, residual_slots, bs, kivi=True, flush_padding=1)
+        row, keep = residual_slots[seq] * ring + c // bs % ring, c % bs
+        cache.k_residual[row, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+        cache.v_residual[row, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    meta = step_meta(computed, new, tables, residual_slots, bs, kivi=cache.fmt, flush_padding=1)
     assert meta.kivi.flush_prior.tolist() == [5, 0, bs - 1, 0]
     fused = rand(sum(new), 2, num_kv_heads, head_dim, dtype=dtype, gen=gen) * 2
     fused[..., 0, :, 3] += 6.0
@@ -210,8 +217,7 @@ def test_decode_split_k(name, num_heads, num_kv_heads, head_dim, block_size, dty
     q, cache, meta = quantized_batch(name, [1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS, num_heads, num_kv_heads,
                                      head_dim, dtype, block_size, seed=2)
     scale = head_dim**-0.5
-    residual_slots = meta.kivi.residual_slots if cache.fmt.kivi else None
-    out = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, residual_slots,
+    out = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, meta.kivi,
                                        tile_tokens=32, num_splits=num_splits, lanes=lanes)
     assert_rel_close(out, reference(q, cache, meta, scale), dtype)
 
@@ -248,8 +254,8 @@ def test_decode_entry_point_and_write_kernel_together(name):
     q, cache, meta = quantized_batch(name, [1, 1, 1], [bs - 1, 40, 2 * bs - 1], 8, 2, 64, torch.float16, bs, seed=4)
     # No context is a multiple of bs: each new token lands in its sequence's last block.
     tables = [row[: -(-c // bs)] for row, c in zip(meta.block_tables.tolist(), meta.context_lens_host)]
-    residual = meta.kivi.residual_slots.tolist() if meta.kivi else [0, 0, 0]
-    step = step_meta(meta.context_lens_host, [1, 1, 1], tables, residual, bs, cache.fmt.kivi)
+    step = step_meta(meta.context_lens_host, [1, 1, 1], tables, residual_slots_of(meta, cache.fmt), bs,
+                     cache.fmt.kivi and cache.fmt)
     k, v = rand(3, 2, 64, dtype=torch.float16, gen=gen), rand(3, 2, 64, dtype=torch.float16, gen=gen)
     want = clone_cache(cache)
     write_kv_ref(k, v, want, step)
@@ -291,7 +297,8 @@ def test_planes_give_bias_plus_code_in_the_dot_dtype(bits, head_dim, dtype):
                            torch.device(DEVICE), 1)
     cache.k.view(-1).copy_(packed.view(-1))
     words = kv_codes(cache)[0].view(16, -1)
-    constexprs = cache_kernel_args(cache, dtype, torch.empty(0))[1]
+    plan = step_meta([0], [1], [[0]], [0], 16, cache.fmt.kivi and cache.fmt).kivi
+    constexprs = cache_kernel_args(cache, dtype, plan)[1]
     planes = constexprs["PLANES"]
     out = torch.empty(16, head_dim, dtype=dtype, device=DEVICE)
     resplit = torch.empty(planes, 16, words.shape[1], dtype=dtype, device=DEVICE)
@@ -306,7 +313,7 @@ def test_planes_give_bias_plus_code_in_the_dot_dtype(bits, head_dim, dtype):
 def test_planes_narrower_than_a_dot_are_refused(name, head_dim):
     cache = allocate_layer(FORMATS[name], 1, 16, 1, head_dim, torch.float16, torch.device("meta"), 1)
     with pytest.raises(ValueError, match=f"head_dim >= {2 * head_dim}"):
-        cache_kernel_args(cache, torch.float16, torch.empty(0))
+        cache_kernel_args(cache, torch.float16, None)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
@@ -318,9 +325,9 @@ def test_write_and_decode_in_a_cuda_graph(name):
     q, cache, meta = quantized_batch(name, [1, 1], [200, 64], 8, 2, 128, torch.bfloat16, bs, seed=6)
     gen = torch.Generator().manual_seed(6)
     tables = [row[: -(-c // bs)] for row, c in zip(meta.block_tables.tolist(), meta.context_lens_host)]
-    residual = meta.kivi.residual_slots.tolist() if meta.kivi else [0, 0]
     # Rewrites each sequence's last token: sequence 1's fills its block (int4/int2: a flush).
-    step = step_meta([199, 63], [1, 1], tables, residual, bs, cache.fmt.kivi, flush_padding=2)
+    step = step_meta([199, 63], [1, 1], tables, residual_slots_of(meta, cache.fmt), bs, cache.fmt.kivi and cache.fmt,
+                     flush_padding=2)
     k, v = rand(2, 2, 128, dtype=torch.bfloat16, gen=gen), rand(2, 2, 128, dtype=torch.bfloat16, gen=gen)
     want = clone_cache(cache)
 
