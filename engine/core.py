@@ -94,7 +94,8 @@ class EngineCore:
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, max_len)
         self.kv = KVCacheManager(num_blocks, cache.block_size, num_residual,
-                                 enable_prefix_caching=cache.enable_prefix_caching, kv_cache_dtype=fmt.name)
+                                 enable_prefix_caching=cache.enable_prefix_caching, kv_cache_dtype=fmt.name,
+                                 ring_blocks=max(1, fmt.residual_blocks))
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.max_queue_len = config.scheduler.max_queue_len

@@ -102,16 +102,18 @@ class KVCacheManager:
     (engine/block_hash.py), and a sequence being admitted starts from the cached blocks of its
     longest matching prefix. Only full blocks are keyed, so with KIVI a hit ends on a block
     boundary and the sequence starts with an empty residual, as a new one does, from the
-    hit's end on (`residual`)."""
+    hit's end on (`residual`), and with a ring of several blocks a little before the hit's end
+    (`prefix_to_reuse`)."""
 
     def __init__(self, num_blocks: int, block_size: int, num_residual_slots: int = 0, *,
-                 enable_prefix_caching: bool = False, kv_cache_dtype: str = "auto"):
+                 enable_prefix_caching: bool = False, kv_cache_dtype: str = "auto", ring_blocks: int = 1):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.tables: dict[int, list[int]] = {}
         self.uses_residual = num_residual_slots > 0
         self._free_residual: deque[int] = deque(range(num_residual_slots))
         self.residual_slots: dict[int, int] = {}
+        self.ring_blocks = ring_blocks  # a residual slot's blocks (kernels/kv_format.py)
         self._residual_from: dict[int, int] = {}  # per sequence, the first position in its residual
         self.enable_prefix_caching = enable_prefix_caching
         self._seed = chain_seed(kv_cache_dtype, block_size)
@@ -136,6 +138,12 @@ class KVCacheManager:
     def cached_prefix(self, seq_id: int, token_ids: list[int]) -> list[int]:
         """Cached blocks holding the longest run of the sequence's reusable blocks."""
         return self.pool.lookup(self.reusable_keys(seq_id, token_ids))
+
+    def prefix_to_reuse(self, cached: list[int]) -> list[int]:
+        """The blocks of a `cached_prefix` a sequence starts from: all of them, but with a
+        residual ring of R blocks (int2) not the last R - 1. Those it computes again, into its
+        ring, so that it reads them in full precision as it would have without the cache."""
+        return cached[: max(0, len(cached) - (self.ring_blocks - 1))]
 
     def keys_filled(self, seq_id: int, token_ids: list[int], start: int, end: int) -> list[bytes]:
         """Keys of the blocks that computing tokens [start, end) fills."""

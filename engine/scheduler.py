@@ -79,10 +79,11 @@ class Scheduler:
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # A waiting sequence has no blocks; a preempted one looks up its generated tokens too.
-            prefix = self.kv.cached_prefix(seq.seq_id, seq.token_ids)
+            found = self.kv.cached_prefix(seq.seq_id, seq.token_ids)
             reusable = self.kv.reusable_keys(seq.seq_id, seq.token_ids)
-            if len(prefix) < len(reusable) and reusable[len(prefix)] in filling:
+            if len(found) < len(reusable) and reusable[len(found)] in filling:
                 break  # its next block is being computed: it takes it from the cache next step
+            prefix = self.kv.prefix_to_reuse(found)
             cached = len(prefix) * self.kv.block_size
             n = min(seq.num_tokens - cached, budget)
             if not self.kv.can_admit(seq.seq_id, prefix, cached + n):

@@ -139,10 +139,6 @@ def _decode_kernel(
             res_start = tl.load(res_starts_ptr + seq)
             coded_tiles = res_start // TILE_N
             coded_end = res_start
-        if SINK:  # lane 0 of the split holding tile 0 takes position 0 first
-            if (tile_lo == 0) & (coded_end > 0):
-                acc, m, l = attend_sink(q, lane == 0, table, sink_ptr, sink_scale_ptr, sink_zero_ptr, kv_head,
-                                        num_kv_heads, scale_log2, HEAD_DIM)
         # Lane j takes tiles t + j of each step; the split's last step may leave lanes
         # without a tile: their positions lie past `stop` and are masked.
         coded_hi = tl.minimum(tile_hi, coded_tiles)
@@ -173,6 +169,11 @@ def _decode_kernel(
             )
             scales = next_scales
         acc = join_planes(accs)
+        if SINK:  # lane 0 of the split holding tile 0 takes position 0; after the loop, since
+            # before it the loop ran 6% slower (int2, batch 32 x 8k, H100: 0.169 -> 0.160 ms)
+            if (tile_lo == 0) & (coded_end > 0):
+                acc, m, l = attend_sink(acc, m, l, q, lane == 0, table, sink_ptr, sink_scale_ptr, sink_zero_ptr,
+                                        kv_head, num_kv_heads, scale_log2, HEAD_DIM)
         if KIVI:
             # The ring rows as a block table of positions from the residual start on; lane 0's
             # rows alone attend them (the others' positions precede them).

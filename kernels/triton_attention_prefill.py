@@ -144,10 +144,6 @@ def _prefill_kernel(
         if KIVI:  # positions from the residual start on are in the residual ring
             res_start = tl.load(res_starts_ptr + seq)
             coded_end = tl.minimum(kv_end, res_start)
-        if SINK:  # position 0 first, from its int8 copy
-            if coded_end > 0:
-                acc, m, l = attend_sink(q, r >= 0, table, sink_ptr, sink_scale_ptr, sink_zero_ptr, kv_head,
-                                        num_kv_heads, scale_log2, HEAD_DIM)
         qs = split_planes(q, PLANES)
         accs = split_planes(acc, PLANES)
         # Tiles wholly below every row's position need no causal mask; the rest do.
@@ -168,6 +164,10 @@ def _prefill_kernel(
                 UNPACK_ASM, SINK,
             )
         acc = join_planes(accs)
+        if SINK:  # position 0, from its int8 copy
+            if coded_end > 0:
+                acc, m, l = attend_sink(acc, m, l, q, r >= 0, table, sink_ptr, sink_scale_ptr, sink_zero_ptr,
+                                        kv_head, num_kv_heads, scale_log2, HEAD_DIM)
         if KIVI:
             # The ring rows as a block table of positions from the residual start on.
             res_table = res_tables_ptr + seq * stride_res_table

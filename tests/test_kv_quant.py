@@ -212,11 +212,17 @@ def test_preemption_and_forks_with_quantized_blocks(name):
     assert not engine.kv.residual_slots
 
 
-def test_int2_fork_copies_the_partial_blocks_residual():
+@pytest.mark.parametrize("ends_on_a_block", [False, True])
+def test_int2_forks_copy_the_residual_ring(ends_on_a_block):
+    """n = 3 equals n = 1: the ring holds the partial block and the last full one, so the
+    children need its copy even when the prompt ends on a block boundary (no block copied)."""
     engine = EngineCore(EngineConfig(cache=CacheConfig(kv_cache_dtype="int2", kv_cache_memory=64 << 20),
                                      scheduler=SchedulerConfig(max_num_seqs=4)))
     ids = prompt(engine, QUESTIONS[0])
-    assert len(ids) % engine.kv.block_size  # the prompt ends inside a block: its tokens are residual
+    bs = engine.kv.block_size
+    if ends_on_a_block:
+        ids = (ids * (2 * bs))[: 2 * bs]
+    assert (len(ids) % bs == 0) == ends_on_a_block
     greedy = dict(temperature=0, max_tokens=24, ignore_eos=True)
     alone = run(engine, {"a": (ids, SamplingParams(**greedy))})[0]["a"]
     forked = run(engine, {"b": (ids, SamplingParams(**greedy, n=3))})[0]["b"]

@@ -1,7 +1,7 @@
 """Automatic prefix caching. The KV manager: block keys, longest-prefix lookup, LRU eviction,
 reference counts. The engine: greedy outputs equal those of an engine without the cache for
 overlapping prompts (prefixes ending mid-block, identical prompts, a prompt that continues an
-earlier answer), under eviction and preemption, with int8 and int4 caches; the hits counted
+earlier answer), under eviction and preemption, with int8, int4 and int2 caches; the hits counted
 are the tokens expected. /metrics counts them."""
 import pytest
 import torch
@@ -293,15 +293,18 @@ def quantized_engines(kv_cache_dtype: str) -> tuple[EngineCore, EngineCore]:
     return make_engine(True, kv_cache_dtype, num_blocks), make_engine(False, kv_cache_dtype, num_blocks)
 
 
-def test_an_int4_cache_gives_the_tokens_computed_without_the_cache():
-    """int4 is KIVI: blocks of 64, the partial one in a residual slot; hits end on a block
-    boundary, so a sequence starts from cached quantized blocks and an empty residual. One
-    prompt at a time: a quantized code depends on float rounding, which depends on what else
-    is batched (see test_kv_quant.py); alone, both engines write the same blocks."""
-    cached, plain = quantized_engines("int4")
+@pytest.mark.parametrize("kv_cache_dtype", ["int4", "int2"])
+def test_a_kivi_cache_gives_the_tokens_computed_without_the_cache(kv_cache_dtype):
+    """int4 and int2 are KIVI: blocks of 64, the last ones in a residual ring (int4: the partial
+    block; int2: the last full one too). Hits end on a block boundary, and int2 computes a
+    hit's last block again, so a sequence starts from cached quantized blocks and an empty
+    ring and reads every block as it would have without the cache. One prompt at a time: a
+    quantized code depends on float rounding, which depends on what else is batched (see
+    test_kv_quant.py); alone, both engines write the same blocks."""
+    cached, plain = quantized_engines(kv_cache_dtype)
     counter = HitCounter()
     cached.observers[:] = [counter]
-    prompts = overlapping_prompts(cached)
+    prompts = overlapping_prompts(cached, SYSTEM + " " + SYSTEM)  # int2 hits from 2 blocks of 64 on
     assert run_in_waves(cached, prompts, len(prompts)) == run_in_waves(plain, prompts, len(prompts))
     assert counter.hits > 0
     assert_all_blocks_free(cached)
