@@ -27,9 +27,10 @@ no residual copy). The rows to read, in position order, are the plan's `residual
 
 int2 also keeps each block's first token at int8 ("sink"). Only a sequence's position 0 is read
 from it, the attention sink every later token attends to strongly; it is stored with each block
-because block 0 is shared by prefix caching like any other. On the default model
-(benchmarks/kv_quant_what_if.py), int2 with rotation alone is +31% perplexity, with a residual
-of 2 blocks +16%, with both that and the sink +6.8%.
+because block 0 is shared by prefix caching like any other. On the default model, int2's
+perplexity increase with rotation alone is +31%, with the 2-block ring +20%, with 4 sink
+positions in full precision +16%, with the ring and the int8 sink +6.8% (CPU, float32,
+benchmarks/kv_quant_what_if.py); as built, +8.9% on an H100 in bf16 (kv_quality_bench.py).
 
 fp8_e4m3 and int2 store each head's K and V rotated by an orthogonal matrix, which shrinks
 their error (kernels/kv_rotation.py); the kernels read and write them like the others.

@@ -104,6 +104,8 @@ def _decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
+    if KIVI:  # positions from here on are in the residual ring; loaded beside ctx, not after it
+        res_start = tl.load(res_starts_ptr + seq)
     num_tiles = tl.cdiv(ctx, TILE_N)
     per_split = tl.cdiv(num_tiles, num_splits)
     tile_lo = split * per_split
@@ -135,8 +137,7 @@ def _decode_kernel(
         q_sum = tl.sum(q.to(tl.float32), axis=1)
         coded_tiles = num_tiles
         coded_end = ctx
-        if KIVI:  # positions from the residual start on are in the residual ring
-            res_start = tl.load(res_starts_ptr + seq)
+        if KIVI:
             coded_tiles = res_start // TILE_N
             coded_end = res_start
         # Lane j takes tiles t + j of each step; the split's last step may leave lanes

@@ -103,10 +103,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="storage of cached keys and values: auto (the model's dtype), "
                             "fp8_e4m3 (scaled per token and head), int8 (asymmetric, per token and "
                             "head), int4 or int2 (KIVI: keys per channel, values per token, each "
-                            "sequence's last partial block kept in full precision); fp8_e4m3 and "
+                            "sequence's last partial block kept in full precision, for int2 the "
+                            "last full block and the first token (at int8) too); fp8_e4m3 and "
                             "int2 store each head's keys and values rotated (Hadamard), which "
                             "shrinks their error and changes no result; quantized "
-                            "caches hold 1.9x (8-bit) to 6.5x (int2) the tokens of bf16")
+                            "caches hold 1.9x (8-bit) to 6.2-6.5x (int2) the tokens of bf16")
     group.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
                        default=cache.enable_prefix_caching,
                        help="keep full KV blocks findable by their tokens (and all before them), "
