@@ -102,21 +102,23 @@ def _softmax_step(m, l, s, visible, MASK: tl.constexpr):
 
 
 @triton.jit
+def _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, row, dtype: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Row `row` of the int8 sink copies, dequantized (kv_quant's per-token encoding) and
+    rounded to `dtype` as the reference reads it; float32 [HEAD_DIM]."""
+    codes = tl.load(sink_ptr + row * HEAD_DIM + tl.arange(0, HEAD_DIM)).to(tl.float32)
+    x = (codes - tl.load(sink_zero_ptr + row).to(tl.float32)) * tl.load(sink_scale_ptr + row).to(tl.float32)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def attend_sink(acc, m, l, q, rows, table_ptr, sink_ptr, sink_scale_ptr, sink_zero_ptr, kv_head, num_kv_heads,
                 scale_log2, HEAD_DIM: tl.constexpr):
     """A `sink` format's position 0, read from its block's int8 copy (kernels/kv_format.py),
     folded into the online softmax (acc [M, HEAD_DIM], m, l) of the rows where `rows` [M]
     holds; the quantized tiles skip position 0."""
     base = tl.load(table_ptr).to(tl.int64) * 2 * num_kv_heads + kv_head  # [nb, 2, h]: K, then V
-    d = tl.arange(0, HEAD_DIM)
-    k = (tl.load(sink_ptr + base * HEAD_DIM + d).to(tl.float32) - tl.load(sink_zero_ptr + base).to(tl.float32)) \
-        * tl.load(sink_scale_ptr + base).to(tl.float32)
-    base += num_kv_heads
-    v = (tl.load(sink_ptr + base * HEAD_DIM + d).to(tl.float32) - tl.load(sink_zero_ptr + base).to(tl.float32)) \
-        * tl.load(sink_scale_ptr + base).to(tl.float32)
-    # In the model dtype, as the reference reads it.
-    k = k.to(q.dtype).to(tl.float32)
-    v = v.to(q.dtype).to(tl.float32)
+    k = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base, q.dtype, HEAD_DIM)
+    v = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base + num_kv_heads, q.dtype, HEAD_DIM)
     s = tl.where(rows, tl.sum(q.to(tl.float32) * k[None, :], axis=1) * scale_log2, float("-inf"))
     m_new = tl.maximum(m, s)
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)

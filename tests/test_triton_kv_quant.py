@@ -52,10 +52,10 @@ def poisoned_layer(name, num_blocks, block_size, num_kv_heads, head_dim, dtype, 
     return cache
 
 
-def step_meta(computed, new, tables, residual_slots, block_size, kivi, flush_padding=0, residual_from=None):
+def step_meta(computed, new, tables, residual_slots, block_size, fmt, flush_padding=0, residual_from=None):
     """AttentionMetadata for a step writing new[i] tokens after computed[i] of sequence i (the
     engine's layout, engine/model_runner.py), with `flush_padding` extra flush rows of -1 as
-    a CUDA-graph batch has. residual_from[i]: the first position sequence i wrote to its
+    a CUDA-graph batch has; a KIVI plan for a KIVI `fmt`. residual_from[i]: the first position sequence i wrote to its
     residual ring (default 0; a prefix-cache hit's end)."""
     bs = block_size
     slots, starts = [], [0]
@@ -68,9 +68,9 @@ def step_meta(computed, new, tables, residual_slots, block_size, kivi, flush_pad
         return torch.tensor(x, dtype=dtype, device=DEVICE)
 
     plan = None
-    if kivi:
+    if fmt.kivi:
         since = residual_from or [0] * len(computed)
-        plan = kivi_plan(computed, new, tables, list(zip(residual_slots, since)), bs, kivi.residual_blocks,
+        plan = kivi_plan(computed, new, tables, list(zip(residual_slots, since)), bs, fmt.residual_blocks,
                          torch.device(DEVICE))
         plan.flush_blocks = torch.cat([plan.flush_blocks, t([-1] * flush_padding)])
         for name in ("flush_residual", "flush_prior", "flush_start"):
@@ -107,7 +107,7 @@ def quantized_batch(name, query_lens, context_lens, num_heads, num_kv_heads, hea
     # Odd sequences read their prefix's full blocks as a prefix-cache hit would: quantized.
     hits = [p // block_size * block_size if i % 2 else 0 for i, p in enumerate(prefix)]
     for computed, new, since in (([0] * n, prefix, None), (prefix, list(query_lens), hits)):
-        meta = step_meta(computed, new, tables, residual_slots, block_size, fmt.kivi and fmt, residual_from=since)
+        meta = step_meta(computed, new, tables, residual_slots, block_size, fmt, residual_from=since)
         total = sum(new)
         k, v = rand(total, num_kv_heads, head_dim, dtype=dtype, gen=gen), rand(total, num_kv_heads, head_dim, dtype=dtype, gen=gen)
         k[..., 3] += 4.0  # an outlier channel, as real keys have
@@ -184,7 +184,7 @@ def test_write_kivi_flushes_full_blocks_and_fills_residuals(name, block_size, dt
         row, keep = residual_slots[seq] * ring + c // bs % ring, c % bs
         cache.k_residual[row, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
         cache.v_residual[row, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
-    meta = step_meta(computed, new, tables, residual_slots, bs, kivi=cache.fmt, flush_padding=1)
+    meta = step_meta(computed, new, tables, residual_slots, bs, cache.fmt, flush_padding=1)
     assert meta.kivi.flush_prior.tolist() == [5, 0, bs - 1, 0]
     fused = rand(sum(new), 2, num_kv_heads, head_dim, dtype=dtype, gen=gen) * 2
     fused[..., 0, :, 3] += 6.0
@@ -255,7 +255,7 @@ def test_decode_entry_point_and_write_kernel_together(name):
     # No context is a multiple of bs: each new token lands in its sequence's last block.
     tables = [row[: -(-c // bs)] for row, c in zip(meta.block_tables.tolist(), meta.context_lens_host)]
     step = step_meta(meta.context_lens_host, [1, 1, 1], tables, residual_slots_of(meta, cache.fmt), bs,
-                     cache.fmt.kivi and cache.fmt)
+                     cache.fmt)
     k, v = rand(3, 2, 64, dtype=torch.float16, gen=gen), rand(3, 2, 64, dtype=torch.float16, gen=gen)
     want = clone_cache(cache)
     write_kv_ref(k, v, want, step)
@@ -297,7 +297,7 @@ def test_planes_give_bias_plus_code_in_the_dot_dtype(bits, head_dim, dtype):
                            torch.device(DEVICE), 1)
     cache.k.view(-1).copy_(packed.view(-1))
     words = kv_codes(cache)[0].view(16, -1)
-    plan = step_meta([0], [1], [[0]], [0], 16, cache.fmt.kivi and cache.fmt).kivi
+    plan = step_meta([0], [1], [[0]], [0], 16, cache.fmt).kivi
     constexprs = cache_kernel_args(cache, dtype, plan)[1]
     planes = constexprs["PLANES"]
     out = torch.empty(16, head_dim, dtype=dtype, device=DEVICE)
@@ -326,7 +326,7 @@ def test_write_and_decode_in_a_cuda_graph(name):
     gen = torch.Generator().manual_seed(6)
     tables = [row[: -(-c // bs)] for row, c in zip(meta.block_tables.tolist(), meta.context_lens_host)]
     # Rewrites each sequence's last token: sequence 1's fills its block (int4/int2: a flush).
-    step = step_meta([199, 63], [1, 1], tables, residual_slots_of(meta, cache.fmt), bs, cache.fmt.kivi and cache.fmt,
+    step = step_meta([199, 63], [1, 1], tables, residual_slots_of(meta, cache.fmt), bs, cache.fmt,
                      flush_padding=2)
     k, v = rand(2, 2, 128, dtype=torch.bfloat16, gen=gen), rand(2, 2, 128, dtype=torch.bfloat16, gen=gen)
     want = clone_cache(cache)
