@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig
+from wattserve.engine.config import ModelConfig
 
 
 def cuda_time(fn, warmup: int = 10, iters: int = 30) -> float:

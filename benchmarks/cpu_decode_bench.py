@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from engine.config import CacheConfig, EngineConfig
-from engine.core import EngineCore
-from engine.loader import default_model_path
-from engine.request import SamplingParams
+from wattserve.engine.config import CacheConfig, EngineConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.loader import default_model_path
+from wattserve.engine.request import SamplingParams
 
 RESULTS = Path(__file__).parent / "results" / "cpu_decode.json"
 

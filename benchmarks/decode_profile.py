@@ -25,12 +25,12 @@ import torch
 from _roofline import copy_bandwidth, cuda_time, weight_bytes_per_step
 from llama8b_config import write_checkpoint_dir
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.core import EngineCore
-from engine.request import SamplingParams
-from kernels.dispatch import Ops, triton_ops
-from kernels.triton_gemv import DEFAULT_CONFIG, gemv_triton
-from kernels.triton_rotary import rotary_then_write_kv
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.request import SamplingParams
+from wattserve.kernels.dispatch import Ops, triton_ops
+from wattserve.kernels.triton_gemv import DEFAULT_CONFIG, gemv_triton
+from wattserve.kernels.triton_rotary import rotary_then_write_kv
 
 _GEMM_MARKERS = ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "cublas")
 

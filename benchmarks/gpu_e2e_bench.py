@@ -32,10 +32,10 @@ from _roofline import (
 from _results import write_results
 from llama8b_config import LLAMA31_8B, write_checkpoint_dir
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.core import EngineCore
-from engine.loader import load_tokenizer_only
-from engine.request import SamplingParams
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.loader import load_tokenizer_only
+from wattserve.engine.request import SamplingParams
 
 
 def generate(engine: EngineCore, prompt: list[int], n: int, min_tokens: int = 0) -> tuple[list[int], float]:
@@ -51,8 +51,8 @@ def generate(engine: EngineCore, prompt: list[int], n: int, min_tokens: int = 0)
 
 
 def last_logits(engine: EngineCore, prompt: list[int]) -> torch.Tensor:
-    from engine.detokenizer import IncrementalDetokenizer
-    from engine.sequence import Sequence
+    from wattserve.engine.detokenizer import IncrementalDetokenizer
+    from wattserve.engine.sequence import Sequence
 
     seq = Sequence("x", 0, prompt, SamplingParams(), 1, IncrementalDetokenizer(engine.tokenizer.hf, [], []))
     engine.kv.allocate(seq.seq_id, len(prompt))

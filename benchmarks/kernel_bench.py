@@ -35,18 +35,18 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.activation import silu_and_mul_ref
-from kernels.attention import AttentionMetadata, paged_attention_ref
-from kernels.kv_format import FORMATS, LayerKVCache
-from kernels.kv_write import write_kv_ref
-from kernels.norm import add_rms_norm_ref, rms_norm_ref
-from kernels.rotary import apply_rotary_ref, rope_cos_sin
-from kernels.triton_activation import silu_and_mul_triton
-from kernels.triton_attention_decode import default_num_splits, paged_decode_attention, paged_decode_attention_ref
-from kernels.triton_attention_prefill import paged_prefill_attention
-from kernels.triton_kv_write import write_kv_unquantized
-from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
-from kernels.triton_rotary import apply_rotary_triton
+from wattserve.kernels.activation import silu_and_mul_ref
+from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
+from wattserve.kernels.kv_format import FORMATS, LayerKVCache
+from wattserve.kernels.kv_write import write_kv_ref
+from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from wattserve.kernels.rotary import apply_rotary_ref, rope_cos_sin
+from wattserve.kernels.triton_activation import silu_and_mul_triton
+from wattserve.kernels.triton_attention_decode import default_num_splits, paged_decode_attention, paged_decode_attention_ref
+from wattserve.kernels.triton_attention_prefill import paged_prefill_attention
+from wattserve.kernels.triton_kv_write import write_kv_unquantized
+from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+from wattserve.kernels.triton_rotary import apply_rotary_triton
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, HIDDEN, INTER = 32, 8, 128, 16, 4096, 14336  # Llama-3.1-8B
 DTYPE = torch.bfloat16

@@ -21,10 +21,10 @@ from llama8b_config import (  # benchmarks/ is the script's directory
     write_checkpoint_dir,
 )
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.core import EngineCore
-from engine.request import SamplingParams
-from kernels.kv_format import (
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.request import SamplingParams
+from wattserve.kernels.kv_format import (
     KV_CACHE_DTYPES,
     bytes_per_block,
     bytes_per_residual_slot,

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.core import EngineCore
-from engine.request import SamplingParams
-from engine.sequence import Sequence
-from kernels.kv_format import (
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.request import SamplingParams
+from wattserve.engine.sequence import Sequence
+from wattserve.kernels.kv_format import (
     KV_CACHE_DTYPES,
     bytes_per_block,
     bytes_per_residual_slot,

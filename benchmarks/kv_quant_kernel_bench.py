@@ -46,21 +46,21 @@ from kernel_bench import (
     warm_up_gpu,
 )
 
-from engine.kivi_plan import kivi_plan, residual_start
-from kernels.attention import AttentionMetadata, KiviPlan, paged_attention_ref
-from kernels.kv_format import (
+from wattserve.engine.kivi_plan import kivi_plan, residual_start
+from wattserve.kernels.attention import AttentionMetadata, KiviPlan, paged_attention_ref
+from wattserve.kernels.kv_format import (
     KV_CACHE_DTYPES,
     allocate_layer,
     default_block_size,
     kv_format,
 )
-from kernels.kv_quant import unpack
-from kernels.kv_write import write_kv_ref
-from kernels.triton_attention_decode import (
+from wattserve.kernels.kv_quant import unpack
+from wattserve.kernels.kv_write import write_kv_ref
+from wattserve.kernels.triton_attention_decode import (
     default_num_splits,
     paged_decode_attention_cache,
 )
-from kernels.triton_kv_write import write_kv_triton
+from wattserve.kernels.triton_kv_write import write_kv_triton
 
 BATCH, CONTEXT, PREFILL = 32, 8192, 4096
 CHECK_SEQS = 4  # sequences the float32 reference attends over (it materializes K and V)

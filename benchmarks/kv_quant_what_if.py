@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from kv_quality_bench import corpus_tokens
 
-from engine.config import CacheConfig, EngineConfig
-from engine.core import EngineCore
-from kernels.dispatch import REFERENCE_OPS, Ops
-from kernels.kv_quant import (
+from wattserve.engine.config import CacheConfig, EngineConfig
+from wattserve.engine.core import EngineCore
+from wattserve.kernels.dispatch import REFERENCE_OPS, Ops
+from wattserve.kernels.kv_quant import (
     FP8_MAX,
     stored_scale,
     dequantize_fp8,
@@ -40,8 +40,8 @@ from kernels.kv_quant import (
     quantize_per_channel,
     quantize_per_token,
 )
-from kernels.kv_rotation import rotation
-from kernels.rotary import apply_rotary_ref
+from wattserve.kernels.kv_rotation import rotation
+from wattserve.kernels.rotary import apply_rotary_ref
 
 RESULTS = Path(__file__).parent / "results"
 KIVI_BLOCK = 64

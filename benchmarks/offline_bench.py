@@ -34,12 +34,12 @@ from _results import write_results
 from llama8b_config import LLAMA31_8B, write_checkpoint_dir
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.core import EngineCore
-from engine.loader import default_model_path
-from engine.request import SamplingParams
-from engine.stats import StatsObserver, StepStats
-from server.cli import parse_size
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.loader import default_model_path
+from wattserve.engine.request import SamplingParams
+from wattserve.engine.stats import StatsObserver, StepStats
+from wattserve.server.cli import parse_size
 
 WARMUP_OUTPUT_LEN = 2  # enough to run the prefill shapes and a mixed step before timing
 

@@ -27,13 +27,13 @@ import torch
 from _results import write_results
 from llama8b_config import write_checkpoint_dir
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.energy import EnergyMeter
-from engine.power import PowerSampler
-from engine.power_cap import PowerCapController
-from engine.power_sources import open_power_source
-from engine.request import FinishReason, SamplingParams
-from engine.stats import StatsObserver
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.energy import EnergyMeter
+from wattserve.engine.power import PowerSampler
+from wattserve.engine.power_cap import PowerCapController
+from wattserve.engine.power_sources import open_power_source
+from wattserve.engine.request import FinishReason, SamplingParams
+from wattserve.engine.stats import StatsObserver
 
 
 
@@ -128,7 +128,7 @@ def main() -> None:
     if source is None or source.read()[0].energy_j is None:
         sys.exit("power_bench: NVML gives no energy counter for this GPU (the log says why); "
                  "nothing was measured")
-    from engine.core import EngineCore
+    from wattserve.engine.core import EngineCore
 
     core = EngineCore(EngineConfig(
         model=str(write_checkpoint_dir()), load_format="dummy", dtype="bfloat16", tokenizer=args.tokenizer,

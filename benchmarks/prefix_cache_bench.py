@@ -29,11 +29,11 @@ from _roofline import matmul_flops, prefill_flops  # benchmarks/ is the script's
 from _results import write_results
 from llama8b_config import write_checkpoint_dir
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.core import EngineCore
-from engine.request import SamplingParams
-from engine.stats import RequestStats, StatsObserver, StepStats
-from server.cli import parse_size
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.request import SamplingParams
+from wattserve.engine.stats import RequestStats, StatsObserver, StepStats
+from wattserve.server.cli import parse_size
 
 # The warm-up runs on other tokens, so it caches nothing the measured run can use. On CUDA it
 # is the whole workload: Triton compiles a kernel per class of arguments (a batch of 1, a batch

@@ -11,7 +11,7 @@ rates=${2:-4,8,12,16,20,24}
 prompts=${3:-120}
 chunk=${4:-2048}
 model_dir=$(python3 benchmarks/llama8b_config.py "$(mktemp -d)")
-python3 -m server.cli serve "$model_dir" --load-format dummy --tokenizer "$tokenizer" --dtype bfloat16 \
+wattserve serve "$model_dir" --load-format dummy --tokenizer "$tokenizer" --dtype bfloat16 \
     --max-num-seqs 256 --max-num-batched-tokens "$chunk" --max-model-len 4096 --port 8000 \
     >/tmp/serve.log 2>&1 &
 server=$!

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from engine.config import EngineConfig
-from engine.core import EngineCore, EngineStats
-from engine.request import EngineDead, QueueFull, RequestOutput, SamplingParams
-from engine.slo import SLO
+from wattserve.engine.config import EngineConfig
+from wattserve.engine.core import EngineCore, EngineStats
+from wattserve.engine.request import EngineDead, QueueFull, RequestOutput, SamplingParams
+from wattserve.engine.slo import SLO
 
 log = logging.getLogger("wattserve.engine")
 

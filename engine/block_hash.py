@@ -12,7 +12,7 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
-from engine.sequence import PLACEHOLDER
+from wattserve.engine.sequence import PLACEHOLDER
 
 
 def chain_seed(kv_cache_dtype: str, block_size: int) -> bytes:

@@ -17,7 +17,7 @@ import jinja2
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine.request import InvalidRequestError
+from wattserve.engine.request import InvalidRequestError
 
 
 class _TemplateRaised(jinja2.TemplateError):

@@ -7,24 +7,24 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.energy import EnergyMeter
-from engine.kv_cache import KVCacheManager
-from engine.loader import load_checkpoint
-from engine.model_runner import ModelRunner
-from engine.request import (
+from wattserve.engine.config import EngineConfig
+from wattserve.engine.detokenizer import IncrementalDetokenizer
+from wattserve.engine.energy import EnergyMeter
+from wattserve.engine.kv_cache import KVCacheManager
+from wattserve.engine.loader import load_checkpoint
+from wattserve.engine.model_runner import ModelRunner
+from wattserve.engine.request import (
     ContextLengthExceeded, FinishReason, InvalidRequestError, RequestOutput, SamplingParams,
     SequenceOutput,
 )
-from engine.gpu_timer import GpuSpan
-from engine.host_to_device import device_tensor
-from engine.sampler import SampledTokens, Sampler, reads_own_tokens
-from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import PLACEHOLDER, Sequence
-from engine.slo import SLO
-from engine.stats import RequestStats, StatsObserver, StepStats
-from kernels.kv_format import kv_format
+from wattserve.engine.gpu_timer import GpuSpan
+from wattserve.engine.host_to_device import device_tensor
+from wattserve.engine.sampler import SampledTokens, Sampler, reads_own_tokens
+from wattserve.engine.scheduler import ScheduledBatch, Scheduler
+from wattserve.engine.sequence import PLACEHOLDER, Sequence
+from wattserve.engine.slo import SLO
+from wattserve.engine.stats import RequestStats, StatsObserver, StepStats
+from wattserve.kernels.kv_format import kv_format
 
 log = logging.getLogger("wattserve.engine")
 

@@ -14,8 +14,8 @@ from dataclasses import fields
 
 import torch
 
-from kernels.attention import AttentionMetadata, KiviPlan
-from kernels.kv_format import LayerKVCache
+from wattserve.kernels.attention import AttentionMetadata, KiviPlan
+from wattserve.kernels.kv_format import LayerKVCache
 
 log = logging.getLogger("wattserve.engine")
 

@@ -15,7 +15,7 @@ the total over output tokens, so prefill energy is priced into the tokens it ena
 """
 from __future__ import annotations
 
-from engine.power import PowerSampler
+from wattserve.engine.power import PowerSampler
 
 
 class EnergyMeter:

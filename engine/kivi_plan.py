@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.host_to_device import device_tensor
-from kernels.attention import KiviPlan
+from wattserve.engine.host_to_device import device_tensor
+from wattserve.kernels.attention import KiviPlan
 
 
 def residual_start(residual_from: int, context_len: int, block_size: int, ring_blocks: int) -> int:

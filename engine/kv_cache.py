@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
-from engine.block_hash import chain_seed, extend_block_hashes
+from wattserve.engine.block_hash import chain_seed, extend_block_hashes
 
 
 class BlockPool:

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import CacheConfig, ModelConfig
-from engine.cuda_graphs import DecodeGraphs
-from engine.gpu_timer import GpuBusyTimer, GpuSpan
-from engine.host_to_device import device_tensor
-from engine.kivi_plan import kivi_plan
-from engine.models.llama import LlamaModel
-from engine.sequence import PLACEHOLDER, Sequence
-from kernels.attention import AttentionMetadata
-from kernels.dispatch import ops_for
-from kernels.kv_format import (
+from wattserve.engine.config import CacheConfig, ModelConfig
+from wattserve.engine.cuda_graphs import DecodeGraphs
+from wattserve.engine.gpu_timer import GpuBusyTimer, GpuSpan
+from wattserve.engine.host_to_device import device_tensor
+from wattserve.engine.kivi_plan import kivi_plan
+from wattserve.engine.models.llama import LlamaModel
+from wattserve.engine.sequence import PLACEHOLDER, Sequence
+from wattserve.kernels.attention import AttentionMetadata
+from wattserve.kernels.dispatch import ops_for
+from wattserve.kernels.kv_format import (
     KVFormat,
     LayerKVCache,
     allocate_layer,

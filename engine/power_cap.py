@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engine.stats import StatsObserver, StepStats
+from wattserve.engine.stats import StatsObserver, StepStats
 
 MAX_IDLE = 0.9
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.power import PowerReading, PowerSource
+from wattserve.engine.power import PowerReading, PowerSource
 
 log = logging.getLogger("wattserve.power")
 

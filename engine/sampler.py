@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.host_to_device import device_tensor
-from engine.request import TokenLogprob
-from engine.sequence import Sequence
+from wattserve.engine.host_to_device import device_tensor
+from wattserve.engine.request import TokenLogprob
+from wattserve.engine.sequence import Sequence
 
 
 @dataclass

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.config import SchedulerConfig
-from engine.kv_cache import KVCacheManager
-from engine.request import SequenceStatus
-from engine.sequence import Sequence
+from wattserve.engine.config import SchedulerConfig
+from wattserve.engine.kv_cache import KVCacheManager
+from wattserve.engine.request import SequenceStatus
+from wattserve.engine.sequence import Sequence
 
 
 @dataclass

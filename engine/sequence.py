@@ -5,8 +5,8 @@ import itertools
 
 import torch
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.request import FinishReason, SamplingParams, SequenceStatus, TokenLogprob
+from wattserve.engine.detokenizer import IncrementalDetokenizer
+from wattserve.engine.request import FinishReason, SamplingParams, SequenceStatus, TokenLogprob
 
 _ids = itertools.count()
 

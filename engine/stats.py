@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.request import FinishReason
-from engine.slo import SLO
+from wattserve.engine.request import FinishReason
+from wattserve.engine.slo import SLO
 
 
 @dataclass

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.chat_template import ChatTemplate
-from engine.request import InvalidRequestError
+from wattserve.engine.chat_template import ChatTemplate
+from wattserve.engine.request import InvalidRequestError
 
 
 class Tokenizer:

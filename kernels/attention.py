@@ -12,8 +12,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from kernels.kv_format import LayerKVCache
-from kernels.kv_quant import (
+from wattserve.kernels.kv_format import LayerKVCache
+from wattserve.kernels.kv_quant import (
     dequantize_fp8,
     dequantize_per_channel,
     dequantize_per_token,

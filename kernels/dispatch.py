@@ -13,11 +13,11 @@ from typing import Callable
 
 import torch
 
-from kernels.activation import silu_and_mul_ref
-from kernels.attention import paged_attention_ref
-from kernels.kv_rotation import in_model_basis
-from kernels.norm import add_rms_norm_ref, rms_norm_ref
-from kernels.rotary import rotary_write_kv_ref
+from wattserve.kernels.activation import silu_and_mul_ref
+from wattserve.kernels.attention import paged_attention_ref
+from wattserve.kernels.kv_rotation import in_model_basis
+from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from wattserve.kernels.rotary import rotary_write_kv_ref
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,11 @@ def ops_for(device: torch.device) -> Ops:
 
 def triton_ops() -> Ops:
     # Imported here: CPU-only installs have no triton.
-    from kernels.triton_activation import silu_and_mul_triton
-    from kernels.triton_attention import paged_attention_triton
-    from kernels.triton_gemv import linear_triton
-    from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
-    from kernels.triton_rotary import rotary_write_kv_triton
+    from wattserve.kernels.triton_activation import silu_and_mul_triton
+    from wattserve.kernels.triton_attention import paged_attention_triton
+    from wattserve.kernels.triton_gemv import linear_triton
+    from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+    from wattserve.kernels.triton_rotary import rotary_write_kv_triton
 
     return Ops(
         rms_norm=rms_norm_triton,

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_rotation import rotation
+from wattserve.kernels.kv_rotation import rotation
 
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "int8", "int4", "int2")
 # KIVI keys share one range per channel per block: 64 tokens keep that range's metadata small

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:  # kv_format imports this module
-    from kernels.kv_format import LayerKVCache
+    from wattserve.kernels.kv_format import LayerKVCache
 
 
 @functools.cache

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention import AttentionMetadata
-from kernels.kv_format import LayerKVCache
-from kernels.kv_quant import quantize_fp8, quantize_per_channel, quantize_per_token
+from wattserve.kernels.attention import AttentionMetadata
+from wattserve.kernels.kv_format import LayerKVCache
+from wattserve.kernels.kv_quant import quantize_fp8, quantize_per_channel, quantize_per_token
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:

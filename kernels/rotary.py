@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from kernels.attention import AttentionMetadata
-from kernels.kv_format import LayerKVCache
-from kernels.kv_rotation import rotate_into_cache
-from kernels.kv_write import write_kv_ref
+from wattserve.kernels.attention import AttentionMetadata
+from wattserve.kernels.kv_format import LayerKVCache
+from wattserve.kernels.kv_rotation import rotate_into_cache
+from wattserve.kernels.kv_write import write_kv_ref
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

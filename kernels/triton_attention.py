@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention import AttentionMetadata
-from kernels.kv_format import LayerKVCache
-from kernels.triton_attention_decode import paged_decode_attention_cache
-from kernels.triton_attention_prefill import paged_prefill_attention_cache
+from wattserve.kernels.attention import AttentionMetadata
+from wattserve.kernels.kv_format import LayerKVCache
+from wattserve.kernels.triton_attention_decode import paged_decode_attention_cache
+from wattserve.kernels.triton_attention_prefill import paged_prefill_attention_cache
 
 
 def paged_attention_triton(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import AttentionMetadata
-from kernels.kv_format import FORMATS, LayerKVCache
-from kernels.triton_paged_tile import (
+from wattserve.kernels.attention import AttentionMetadata
+from wattserve.kernels.kv_format import FORMATS, LayerKVCache
+from wattserve.kernels.triton_paged_tile import (
     LOG2E,
     attend_sink,
     attend_tile,

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import AttentionMetadata
-from kernels.kv_format import LayerKVCache
-from kernels.kv_quant import FP8_MAX, FP8_TOP_STEP, FP8_TOPS
+from wattserve.kernels.attention import AttentionMetadata
+from wattserve.kernels.kv_format import LayerKVCache
+from wattserve.kernels.kv_quant import FP8_MAX, FP8_TOP_STEP, FP8_TOPS
 
 # 1.5 * 2**23: adding then subtracting it rounds a float32 of magnitude < 2**22 to an integer,
 # half to even (the hardware's rounding of the add), as torch.round does.

@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import KiviPlan
-from kernels.kv_format import KVFormat, LayerKVCache
+from wattserve.kernels.attention import KiviPlan
+from wattserve.kernels.kv_format import KVFormat, LayerKVCache
 
 LOG2E = 1.4426950408889634  # the launchers pass scale * LOG2E
 

@@ -13,10 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import AttentionMetadata
-from kernels.kv_format import LayerKVCache
-from kernels.kv_rotation import rotate_into_cache
-from kernels.triton_kv_write import write_kv_triton
+from wattserve.kernels.attention import AttentionMetadata
+from wattserve.kernels.kv_format import LayerKVCache
+from wattserve.kernels.kv_rotation import rotate_into_cache
+from wattserve.kernels.triton_kv_write import write_kv_triton
 
 
 @triton.jit

@@ -6,11 +6,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from engine.power import PowerSource
-from server import errors
-from server.middleware import ApiKey, BodyLimit, RequestId
-from server.routes import chat, completions, models, ops
-from server.state import VERSION, ServerConfig, ServerState
+from wattserve.engine.power import PowerSource
+from wattserve.server import errors
+from wattserve.server.middleware import ApiKey, BodyLimit, RequestId
+from wattserve.server.routes import chat, completions, models, ops
+from wattserve.server.state import VERSION, ServerConfig, ServerState
 
 log = logging.getLogger("wattserve.server")
 

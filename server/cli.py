@@ -14,10 +14,10 @@ import sys
 
 import uvicorn
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from kernels.kv_format import KV_CACHE_DTYPES
-from server.config_file import PresetError, load_preset
-from server.state import ServerConfig
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.kernels.kv_format import KV_CACHE_DTYPES
+from wattserve.server.config_file import PresetError, load_preset
+from wattserve.server.state import ServerConfig
 
 log = logging.getLogger("wattserve.server")
 
@@ -206,11 +206,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def serve(args: argparse.Namespace) -> None:
-    from engine.async_engine import AsyncEngine  # torch loads here, not for --help
-    from engine.config import UnsupportedModelError
-    from engine.loader import ModelLoadError
-    from engine.power_sources import open_power_source
-    from server.app import build_app
+    from wattserve.engine.async_engine import AsyncEngine  # torch loads here, not for --help
+    from wattserve.engine.config import UnsupportedModelError
+    from wattserve.engine.loader import ModelLoadError
+    from wattserve.engine.power_sources import open_power_source
+    from wattserve.server.app import build_app
 
     config = server_config(args)
     logging.basicConfig(level=config.log_level.upper(),
@@ -232,7 +232,7 @@ def serve(args: argparse.Namespace) -> None:
 
 def _log_startup(engine, names: list[str], config: ServerConfig) -> None:
     # The engine has logged dtype, device, KV blocks and context length as it loaded.
-    from engine.loader import default_model_path
+    from wattserve.engine.loader import default_model_path
 
     log.info("serving %s (%s) as %s", engine.core.model_name,
              engine.core.config.model or default_model_path(), ", ".join(names))
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(args)
     elif args.command == "top":
-        from server.top import run
+        from wattserve.server.top import run
 
         run(args.url, args.interval)
 

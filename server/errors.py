@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from engine.request import ContextLengthExceeded, EngineDead, InvalidRequestError, QueueFull
-from server.protocol import ErrorResponse
+from wattserve.engine.request import ContextLengthExceeded, EngineDead, InvalidRequestError, QueueFull
+from wattserve.server.protocol import ErrorResponse
 
 log = logging.getLogger("wattserve.server")
 

@@ -17,15 +17,15 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from engine.request import (
+from wattserve.engine.request import (
     RequestOutput,
     SamplingParams,
     SequenceOutput,
     TokenLogprob,
 )
-from engine.slo import SLO
-from server.errors import ClientDisconnected, timed_out
-from server.protocol import Usage
+from wattserve.engine.slo import SLO
+from wattserve.server.errors import ClientDisconnected, timed_out
+from wattserve.server.protocol import Usage
 
 log = logging.getLogger("wattserve.server")
 T = TypeVar("T")

@@ -6,8 +6,8 @@ text ("<|im_end|>"): an alternative that decodes to "" would tell the client not
 """
 from __future__ import annotations
 
-from engine.request import TokenLogprob
-from server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprobs, TopLogprob
+from wattserve.engine.request import TokenLogprob
+from wattserve.server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprobs, TopLogprob
 
 
 def chat_logprobs(tokenizer, logprobs: list[TokenLogprob]) -> ChatLogprobs:

@@ -16,13 +16,13 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from engine.power import PowerSampler
-from engine.power_cap import PowerCapController
-from engine.request import FinishReason
-from engine.slo import SLO
-from engine.stats import RequestStats, StatsObserver, StepStats
-from server.metrics_collectors import PREFIX, EngineCollector, PowerCollector, SLOCollector
-from server.window import SlidingWindow
+from wattserve.engine.power import PowerSampler
+from wattserve.engine.power_cap import PowerCapController
+from wattserve.engine.request import FinishReason
+from wattserve.engine.slo import SLO
+from wattserve.engine.stats import RequestStats, StatsObserver, StepStats
+from wattserve.server.metrics_collectors import PREFIX, EngineCollector, PowerCollector, SLOCollector
+from wattserve.server.window import SlidingWindow
 
 # vLLM's buckets; the per-token ones start lower, as a GPU decode step takes ~10 ms.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,

@@ -6,10 +6,10 @@ import time
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from engine.power import PowerSampler
-from engine.power_cap import PowerCapController
-from engine.slo import SLO
-from server.window import SlidingWindow
+from wattserve.engine.power import PowerSampler
+from wattserve.engine.power_cap import PowerCapController
+from wattserve.engine.slo import SLO
+from wattserve.server.window import SlidingWindow
 
 PREFIX = "wattserve:"  # vLLM's "vllm:", renamed
 

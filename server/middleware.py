@@ -13,7 +13,7 @@ import uuid
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import body_too_large, unauthorized
+from wattserve.server.errors import body_too_large, unauthorized
 
 log = logging.getLogger("wattserve.access")
 

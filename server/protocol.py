@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from engine.request import InvalidRequestError, SamplingParams
-from engine.slo import SLO
+from wattserve.engine.request import InvalidRequestError, SamplingParams
+from wattserve.engine.slo import SLO
 
 
 class _Request(BaseModel):

@@ -12,12 +12,12 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
-from engine.energy import EnergyMeter
-from engine.power import PowerSampler, PowerSource
-from engine.power_cap import PowerCapController
-from engine.slo import SLO
-from server.errors import model_not_found, not_ready
-from server.metrics import Metrics
+from wattserve.engine.energy import EnergyMeter
+from wattserve.engine.power import PowerSampler, PowerSource
+from wattserve.engine.power_cap import PowerCapController
+from wattserve.engine.slo import SLO
+from wattserve.server.errors import model_not_found, not_ready
+from wattserve.server.metrics import Metrics
 
 T = TypeVar("T")
 

@@ -9,9 +9,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
-from engine.request import RequestOutput
-from server.errors import to_api_error
-from server.generation import Generation
+from wattserve.engine.request import RequestOutput
+from wattserve.server.errors import to_api_error
+from wattserve.server.generation import Generation
 
 DONE = "data: [DONE]\n\n"
 

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from engine.loader import default_model_path, load_tokenizer_only
+    from wattserve.engine.loader import default_model_path, load_tokenizer_only
 
     return load_tokenizer_only(default_model_path())
 
@@ -27,6 +27,9 @@ def tokenizer():
 # ---- live wattserve servers, for tests/test_api_*.py and test_cli.py ---------------------
 
 REPO = Path(__file__).resolve().parents[1]
+# The console script, as users run it: `python -m` from the repository root would put the
+# root's `kernels/` folder ahead of PyPI's `kernels` package, which transformers imports.
+WATTSERVE = str(Path(sys.executable).parent / "wattserve")
 
 
 class LiveServer:
@@ -39,7 +42,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         # A small KV cache keeps "every block is free again" checks meaningful and quick.
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+        cmd = [WATTSERVE, "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--kv-cache-memory", "256MiB", *args]
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from engine.core import EngineStats
-from server.app import build_app
-from server.state import ServerConfig
+from wattserve.engine.core import EngineStats
+from wattserve.server.app import build_app
+from wattserve.server.state import ServerConfig
 
 
 class NeverStartedEngine:

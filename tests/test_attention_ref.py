@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels.attention import AttentionMetadata, paged_attention_ref
-from kernels.kv_format import FORMATS, LayerKVCache
-from kernels.kv_write import write_kv_ref
+from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
+from wattserve.kernels.kv_format import FORMATS, LayerKVCache
+from wattserve.kernels.kv_write import write_kv_ref
 
 
 def dense_causal(q, k, v, scale):

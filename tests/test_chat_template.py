@@ -5,8 +5,8 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from engine.chat_template import ChatTemplate
-from engine.request import InvalidRequestError
+from wattserve.engine.chat_template import ChatTemplate
+from wattserve.engine.request import InvalidRequestError
 
 # Llama 3.1-style: bos_token, header tokens, a dated system header, strict role order.
 LLAMA3_TEMPLATE = """{{- bos_token }}

@@ -1,13 +1,13 @@
 """`wattserve serve`: flags, sizes, defaults, help, start-up log, a model that cannot load."""
 import argparse
 import subprocess
-import sys
 
 import pytest
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from server.cli import add_serve_arguments, build_parser, engine_config, parse_size, server_config
-from server.state import ServerConfig
+from conftest import WATTSERVE
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.server.cli import add_serve_arguments, build_parser, engine_config, parse_size, server_config
+from wattserve.server.state import ServerConfig
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def test_every_flag_reaches_its_config(monkeypatch):
 
 
 def test_every_flag_is_explained():
-    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--help"],
+    done = subprocess.run([WATTSERVE, "serve", "--help"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     serve = argparse.ArgumentParser()
@@ -80,7 +80,7 @@ def test_startup_log_tells_what_is_served(live_server):
 
 def test_a_model_that_cannot_load_is_a_clean_error(tmp_path):
     missing = tmp_path / "missing.gguf"
-    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", str(missing)],
+    done = subprocess.run([WATTSERVE, "serve", str(missing)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "cannot load the model" in done.stderr and "Traceback" not in done.stderr

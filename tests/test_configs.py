@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.core import EngineCore
-from engine.request import SamplingParams
-from server.cli import add_serve_arguments, engine_config, parse_args, server_config
+from wattserve.engine.core import EngineCore
+from wattserve.engine.request import SamplingParams
+from wattserve.server.cli import add_serve_arguments, engine_config, parse_args, server_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(CONFIGS.glob("*.yaml"))

@@ -1,6 +1,6 @@
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer
+from wattserve.engine.detokenizer import IncrementalDetokenizer
 
 
 def stream(tokenizer, text, stop=(), prompt="Say:"):

@@ -16,8 +16,8 @@ import httpx
 import pytest
 import yaml
 
-from conftest import LiveServer
-from engine.loader import default_model_path
+from conftest import WATTSERVE, LiveServer
+from wattserve.engine.loader import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -109,7 +109,7 @@ def test_compose_passes_every_variable_the_entrypoint_reads():
 
 
 def test_entrypoint_flags_are_serve_flags():
-    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--help"], cwd=REPO,
+    done = subprocess.run([WATTSERVE, "serve", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     flags = re.findall(r"^pass WATTSERVE_\w+ (--[\w-]+)$", ENTRYPOINT.read_text(), re.M)
     assert flags and [f for f in flags if f not in done.stdout] == []

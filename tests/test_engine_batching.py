@@ -1,9 +1,9 @@
 """Continuous batching: outputs do not depend on what else runs; preemption and n > 1 forks."""
 import pytest
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.core import EngineCore
-from engine.request import FinishReason, SamplingParams
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.request import FinishReason, SamplingParams
 
 QUESTIONS = [
     "What is the capital of France?", "Name a color.", "Count to five.", "What is 2+2?",

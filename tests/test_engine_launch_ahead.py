@@ -4,11 +4,11 @@ freed, and the step statistics still add up. Run on CPU with launch_ahead="on" (
 there is off), where the device tokens are CPU tensors but the bookkeeping is the same."""
 import pytest
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.core import EngineCore
-from engine.request import SamplingParams
-from engine.sequence import PLACEHOLDER
-from engine.stats import StatsObserver
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.request import SamplingParams
+from wattserve.engine.sequence import PLACEHOLDER
+from wattserve.engine.stats import StatsObserver
 from test_engine_batching import QUESTIONS, assert_all_blocks_free, prompt
 
 

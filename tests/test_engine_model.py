@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from engine.config import CacheConfig, EngineConfig
-from engine.core import EngineCore
-from engine.loader import default_model_path
-from engine.request import SamplingParams
+from wattserve.engine.config import CacheConfig, EngineConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.loader import default_model_path
+from wattserve.engine.request import SamplingParams
 
 PROMPTS = [
     "The capital of France is",
@@ -25,8 +25,8 @@ def greedy(engine, prompt_ids, n):
 
 def prompt_logits(engine, prompt_ids):
     """Last-position logits of a prompt, through the engine's paged prefill."""
-    from engine.sequence import Sequence
-    from engine.detokenizer import IncrementalDetokenizer
+    from wattserve.engine.sequence import Sequence
+    from wattserve.engine.detokenizer import IncrementalDetokenizer
 
     seq = Sequence("x", 0, prompt_ids, SamplingParams(), 1, IncrementalDetokenizer(engine.tokenizer.hf, [], []))
     engine.kv.allocate(seq.seq_id, len(prompt_ids))

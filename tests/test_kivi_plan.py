@@ -3,8 +3,8 @@ ring row of the residual, and where attention starts reading the ring; and the K
 record of where each sequence's ring starts (a prefix-cache hit's end, a fork's parent's)."""
 import torch
 
-from engine.kivi_plan import kivi_plan, residual_start
-from engine.kv_cache import KVCacheManager
+from wattserve.engine.kivi_plan import kivi_plan, residual_start
+from wattserve.engine.kv_cache import KVCacheManager
 
 CPU = torch.device("cpu")
 

@@ -1,6 +1,6 @@
 import pytest
 
-from engine.kv_cache import BlockPool, KVCacheManager
+from wattserve.engine.kv_cache import BlockPool, KVCacheManager
 
 
 def test_allocate_grows_table_by_whole_blocks():

@@ -6,19 +6,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.core import EngineCore
-from engine.request import SamplingParams
-from engine.kivi_plan import kivi_plan, residual_start
-from kernels.attention import AttentionMetadata, paged_attention_ref
-from kernels.kv_format import (
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.request import SamplingParams
+from wattserve.engine.kivi_plan import kivi_plan, residual_start
+from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
+from wattserve.kernels.kv_format import (
     FORMATS,
     KV_CACHE_DTYPES,
     allocate_layer,
     bytes_per_block,
     kv_format,
 )
-from kernels.kv_quant import (
+from wattserve.kernels.kv_quant import (
     dequantize_fp8,
     dequantize_per_channel,
     dequantize_per_token,
@@ -28,8 +28,8 @@ from kernels.kv_quant import (
     quantize_per_token,
     unpack,
 )
-from kernels.kv_write import write_kv_ref
-from tests.test_engine_batching import QUESTIONS, assert_all_blocks_free, prompt, run
+from wattserve.kernels.kv_write import write_kv_ref
+from test_engine_batching import QUESTIONS, assert_all_blocks_free, prompt, run
 
 QUANTIZED = [n for n in KV_CACHE_DTYPES if n != "auto"]
 

@@ -3,12 +3,12 @@ model, and it shrinks fp8's error where queries and keys share outlier channels.
 import pytest
 import torch
 
-from kernels.attention import AttentionMetadata
-from kernels.dispatch import REFERENCE_OPS
-from kernels.kv_format import allocate_layer, kv_format
-from kernels.kv_quant import dequantize_fp8, quantize_fp8
-from kernels.kv_rotation import rotation
-from kernels.rotary import rope_cos_sin
+from wattserve.kernels.attention import AttentionMetadata
+from wattserve.kernels.dispatch import REFERENCE_OPS
+from wattserve.kernels.kv_format import allocate_layer, kv_format
+from wattserve.kernels.kv_quant import dequantize_fp8, quantize_fp8
+from wattserve.kernels.kv_rotation import rotation
+from wattserve.kernels.rotary import rope_cos_sin
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 96])

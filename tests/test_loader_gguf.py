@@ -6,9 +6,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from engine.config import UnsupportedModelError
-from engine.loader import ModelLoadError, default_model_path, load_checkpoint
-from engine.loader.gguf import read_gguf
+from wattserve.engine.config import UnsupportedModelError
+from wattserve.engine.loader import ModelLoadError, default_model_path, load_checkpoint
+from wattserve.engine.loader.gguf import read_gguf
 
 # A one-layer llama small enough to write in milliseconds; FFN 256 so that ffn_down rows
 # hold whole 256-element K-quant blocks.

@@ -7,8 +7,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from engine.config import UnsupportedModelError
-from engine.loader import ModelLoadError, load_checkpoint
+from wattserve.engine.config import UnsupportedModelError
+from wattserve.engine.loader import ModelLoadError, load_checkpoint
 
 QWEN2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, rope_theta=1e6,
@@ -97,7 +97,7 @@ def test_tokenizer_argument_overrides_the_model_directory(qwen2_dir, tmp_path):
 
 def test_dummy_without_tokenizer_borrows_the_default_one(qwen2_dir, tmp_path, monkeypatch):
     # Stand the saved copy of the default tokenizer in for the (10 s) GGUF one.
-    monkeypatch.setattr("engine.loader.default_model_path", lambda: qwen2_dir[0])
+    monkeypatch.setattr("wattserve.engine.loader.default_model_path", lambda: qwen2_dir[0])
     config_path = os.path.join(write_config(tmp_path / "bare"), "config.json")
     ckpt = load_checkpoint(config_path, load_format="dummy")
     assert ckpt.weights is None and ckpt.model_config.vocab_size == 256

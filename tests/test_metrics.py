@@ -18,8 +18,8 @@ import uvicorn
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.power import PowerReading
-from server.cli import build_parser, server_config
+from wattserve.engine.power import PowerReading
+from wattserve.server.cli import build_parser, server_config
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "docker" / "grafana" / "dashboards" / "wattserve.json"
 MODEL = "metrics-test"
@@ -56,10 +56,10 @@ class Scrape:
 
 @pytest.fixture(scope="module")
 def server():
-    from engine.async_engine import AsyncEngine
-    from engine.config import CacheConfig, EngineConfig
-    from server.app import build_app
-    from server.state import ServerConfig
+    from wattserve.engine.async_engine import AsyncEngine
+    from wattserve.engine.config import CacheConfig, EngineConfig
+    from wattserve.server.app import build_app
+    from wattserve.server.state import ServerConfig
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,15 +6,15 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from engine.config import SchedulerConfig
-from engine.core import EngineStats
-from engine.power import PowerReading, PowerSampler
-from engine.power_cap import PowerCapController
-from engine.request import FinishReason
-from engine.slo import SLO
-from engine.stats import RequestStats, StepStats
-from server.metrics import Metrics
-from server.top import Scrape, quantile, render
+from wattserve.engine.config import SchedulerConfig
+from wattserve.engine.core import EngineStats
+from wattserve.engine.power import PowerReading, PowerSampler
+from wattserve.engine.power_cap import PowerCapController
+from wattserve.engine.request import FinishReason
+from wattserve.engine.slo import SLO
+from wattserve.engine.stats import RequestStats, StepStats
+from wattserve.server.metrics import Metrics
+from wattserve.server.top import Scrape, quantile, render
 
 
 def test_quantile_interpolates_inside_the_bucket_like_prometheus():

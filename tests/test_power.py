@@ -7,13 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.energy import EnergyMeter
-from engine.power import PowerReading, PowerSampler
-from engine.power_cap import MAX_IDLE, PowerCapController
-from engine.power_sources import NvmlPowerSource, RaplPowerSource, open_power_source
-from engine.request import SamplingParams
-from engine.stats import StatsObserver, StepStats
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.energy import EnergyMeter
+from wattserve.engine.power import PowerReading, PowerSampler
+from wattserve.engine.power_cap import MAX_IDLE, PowerCapController
+from wattserve.engine.power_sources import NvmlPowerSource, RaplPowerSource, open_power_source
+from wattserve.engine.request import SamplingParams
+from wattserve.engine.stats import StatsObserver, StepStats
 
 
 class Clock:
@@ -71,7 +71,7 @@ def test_no_power_readings_is_logged_with_the_reason(tmp_path, caplog, monkeypat
     caplog.set_level(logging.INFO, "wattserve.power")
     assert open_power_source(torch.device("cpu"), rapl_root=tmp_path) is None
     rapl_tree(tmp_path, {"package-0": 1})
-    monkeypatch.setattr("engine.power_sources.os.access", lambda path, mode: False)
+    monkeypatch.setattr("wattserve.engine.power_sources.os.access", lambda path, mode: False)
     assert open_power_source(torch.device("cpu"), rapl_root=tmp_path) is None
     # No NVIDIA driver on the test machine: NVML must fail softly, not raise.
     assert open_power_source(torch.device("cuda:0")) is None
@@ -227,7 +227,7 @@ class Recorder(StatsObserver):
 
 @pytest.fixture(scope="module")
 def engine():
-    from engine.core import EngineCore
+    from wattserve.engine.core import EngineCore
 
     core = EngineCore(EngineConfig(cache=CacheConfig(kv_cache_memory=32 << 20),
                                    scheduler=SchedulerConfig(max_num_batched_tokens=256)))

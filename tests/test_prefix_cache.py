@@ -6,14 +6,14 @@ are the tokens expected. /metrics counts them."""
 import pytest
 import torch
 
-from engine.block_hash import chain_seed, extend_block_hashes
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.core import EngineCore
-from engine.kv_cache import KVCacheManager
-from engine.request import SamplingParams
-from engine.stats import StatsObserver, StepStats
-from kernels.kv_format import bytes_per_block, bytes_per_residual_slot, default_block_size, kv_format
-from tests.test_engine_batching import QUESTIONS, assert_all_blocks_free, run
+from wattserve.engine.block_hash import chain_seed, extend_block_hashes
+from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.core import EngineCore
+from wattserve.engine.kv_cache import KVCacheManager
+from wattserve.engine.request import SamplingParams
+from wattserve.engine.stats import StatsObserver, StepStats
+from wattserve.kernels.kv_format import bytes_per_block, bytes_per_residual_slot, default_block_size, kv_format
+from test_engine_batching import QUESTIONS, assert_all_blocks_free, run
 
 
 # ---- the KV manager (block size 4) ---------------------------------------------------------

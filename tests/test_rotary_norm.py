@@ -4,8 +4,8 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from kernels.norm import add_rms_norm_ref, rms_norm_ref
-from kernels.rotary import apply_rotary_ref, rope_cos_sin, rope_inv_freq
+from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from wattserve.kernels.rotary import apply_rotary_ref, rope_cos_sin, rope_inv_freq
 
 LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

@@ -1,8 +1,8 @@
 import torch
 
-from engine.request import SamplingParams
-from engine.sampler import Sampler
-from engine.sequence import Sequence
+from wattserve.engine.request import SamplingParams
+from wattserve.engine.sampler import Sampler
+from wattserve.engine.sequence import Sequence
 
 EOS = 0
 

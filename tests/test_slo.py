@@ -5,13 +5,13 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.core import EngineStats
-from engine.request import FinishReason
-from engine.slo import SLO
-from engine.stats import RequestStats, StepStats
-from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, SLOSpec
-from server.window import SlidingWindow
+from wattserve.engine.core import EngineStats
+from wattserve.engine.request import FinishReason
+from wattserve.engine.slo import SLO
+from wattserve.engine.stats import RequestStats, StepStats
+from wattserve.server.metrics import Metrics
+from wattserve.server.protocol import ChatCompletionRequest, SLOSpec
+from wattserve.server.window import SlidingWindow
 
 
 def finished(ttft: float, tokens: int, tpot: float, arrival: float = 1000.0) -> RequestStats:

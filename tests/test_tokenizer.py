@@ -2,8 +2,8 @@
 engine.loader.load_tokenizer_only in the session fixture `tokenizer`)."""
 import pytest
 
-from engine.request import InvalidRequestError
-from engine.tokenizer import Tokenizer
+from wattserve.engine.request import InvalidRequestError
+from wattserve.engine.tokenizer import Tokenizer
 
 IM_START, IM_END = 1, 2  # SmolLM2's <|im_start|> and <|im_end|>
 

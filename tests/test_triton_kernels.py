@@ -12,21 +12,21 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are deco
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul_ref
-from kernels.attention import AttentionMetadata, paged_attention_ref
-from kernels.dispatch import REFERENCE_OPS, ops_for
-from kernels.kv_format import FORMATS, LayerKVCache, allocate_layer
-from kernels.kv_write import write_kv_ref
-from kernels.norm import add_rms_norm_ref, rms_norm_ref
-from kernels.rotary import apply_rotary_ref, rope_cos_sin, rotary_write_kv_ref
-from kernels.triton_activation import silu_and_mul_triton
-from kernels.triton_attention import paged_attention_triton
-from kernels.triton_attention_decode import paged_decode_attention, paged_decode_attention_ref
-from kernels.triton_attention_prefill import paged_prefill_attention
-from kernels.triton_gemv import gemv_triton, linear_triton
-from kernels.triton_kv_write import write_kv_triton
-from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
-from kernels.triton_rotary import apply_rotary_triton, rotary_write_kv_triton
+from wattserve.kernels.activation import silu_and_mul_ref
+from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
+from wattserve.kernels.dispatch import REFERENCE_OPS, ops_for
+from wattserve.kernels.kv_format import FORMATS, LayerKVCache, allocate_layer
+from wattserve.kernels.kv_write import write_kv_ref
+from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from wattserve.kernels.rotary import apply_rotary_ref, rope_cos_sin, rotary_write_kv_ref
+from wattserve.kernels.triton_activation import silu_and_mul_triton
+from wattserve.kernels.triton_attention import paged_attention_triton
+from wattserve.kernels.triton_attention_decode import paged_decode_attention, paged_decode_attention_ref
+from wattserve.kernels.triton_attention_prefill import paged_prefill_attention
+from wattserve.kernels.triton_gemv import gemv_triton, linear_triton
+from wattserve.kernels.triton_kv_write import write_kv_triton
+from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+from wattserve.kernels.triton_rotary import apply_rotary_triton, rotary_write_kv_triton
 
 AUTO = FORMATS["auto"]
 

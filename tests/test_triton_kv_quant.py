@@ -18,20 +18,20 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kivi_plan import kivi_plan
-from kernels.attention import AttentionMetadata, paged_attention_ref
-from kernels.kv_format import FORMATS, LayerKVCache, allocate_layer
-from kernels.kv_quant import unpack
-from kernels.kv_write import write_kv_ref
-from kernels.triton_attention import paged_attention_triton
-from kernels.triton_attention_decode import paged_decode_attention_cache
-from kernels.triton_attention_prefill import paged_prefill_attention_cache
-from kernels.triton_kv_write import write_kv_triton
-from kernels.triton_paged_tile import cache_kernel_args, join_planes, kv_codes, split_planes, unpack_planes
+from wattserve.engine.kivi_plan import kivi_plan
+from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
+from wattserve.kernels.kv_format import FORMATS, LayerKVCache, allocate_layer
+from wattserve.kernels.kv_quant import unpack
+from wattserve.kernels.kv_write import write_kv_ref
+from wattserve.kernels.triton_attention import paged_attention_triton
+from wattserve.kernels.triton_attention_decode import paged_decode_attention_cache
+from wattserve.kernels.triton_attention_prefill import paged_prefill_attention_cache
+from wattserve.kernels.triton_kv_write import write_kv_triton
+from wattserve.kernels.triton_paged_tile import cache_kernel_args, join_planes, kv_codes, split_planes, unpack_planes
 
 # Importing it applies its interpreter fix. Error bounds as there: the kernels' rounding of q,
 # p (and q * scale, p * scale) to the model dtype is the error measured.
-from tests.test_triton_kernels import DEVICE, ON_GPU, assert_rel_close, rand
+from test_triton_kernels import DEVICE, ON_GPU, assert_rel_close, rand
 
 QUANTIZED = ["fp8_e4m3", "int8", "int4", "int2"]
 

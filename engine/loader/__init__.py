@@ -16,8 +16,8 @@ from typing import Iterable, Sequence
 import jinja2
 import torch
 
-from engine.config import ModelConfig
-from engine.tokenizer import Tokenizer
+from wattserve.engine.config import ModelConfig
+from wattserve.engine.tokenizer import Tokenizer
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
@@ -160,4 +160,4 @@ def load_tokenizer_only(source: str, eos_token_ids: Sequence[int] = ()) -> Token
 
 
 # At the bottom: the submodules import ModelLoadError from this package.
-from engine.loader import gguf, hf  # noqa: E402
+from wattserve.engine.loader import gguf, hf  # noqa: E402

@@ -18,8 +18,8 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from tqdm import tqdm
 
-from engine.config import ModelConfig, UnsupportedModelError
-from engine.loader import ModelLoadError
+from wattserve.engine.config import ModelConfig, UnsupportedModelError
+from wattserve.engine.loader import ModelLoadError
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 

@@ -10,8 +10,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from engine.config import ModelConfig
-from engine.loader import ModelLoadError
+from wattserve.engine.config import ModelConfig
+from wattserve.engine.loader import ModelLoadError
 
 
 def read_config(directory: str) -> ModelConfig:

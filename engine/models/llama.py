@@ -11,11 +11,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
-from kernels.attention import AttentionMetadata
-from kernels.dispatch import Ops
-from kernels.kv_format import LayerKVCache
-from kernels.rotary import rope_cos_sin
+from wattserve.engine.config import ModelConfig
+from wattserve.kernels.attention import AttentionMetadata
+from wattserve.kernels.dispatch import Ops
+from wattserve.kernels.kv_format import LayerKVCache
+from wattserve.kernels.rotary import rope_cos_sin
 
 
 class RMSNormWeight(nn.Module):

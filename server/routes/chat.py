@@ -5,10 +5,10 @@ from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 
-from server.errors import documented
-from server.generation import Generation, until_disconnect
-from server.logprobs import chat_logprobs
-from server.protocol import (
+from wattserve.server.errors import documented
+from wattserve.server.generation import Generation, until_disconnect
+from wattserve.server.logprobs import chat_logprobs
+from wattserve.server.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -17,9 +17,9 @@ from server.protocol import (
     ChatCompletionResponse,
     Delta,
 )
-from server.routes.common import start
-from server.state import State
-from server.streaming import event, sse_response, stream_events
+from wattserve.server.routes.common import start
+from wattserve.server.state import State
+from wattserve.server.streaming import event, sse_response, stream_events
 
 router = APIRouter()
 

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 from fastapi import Request
 
-from engine.request import InvalidRequestError, SamplingParams
-from server.generation import Generation
-from server.protocol import SLOSpec
-from server.state import ServerState
+from wattserve.engine.request import InvalidRequestError, SamplingParams
+from wattserve.server.generation import Generation
+from wattserve.server.protocol import SLOSpec
+from wattserve.server.state import ServerState
 
 
 async def start(request: Request, state: ServerState, model: str | None, id_prefix: str,

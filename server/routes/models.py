@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.errors import documented, model_not_found
-from server.protocol import ModelCard, ModelList
-from server.state import ServerState, State
+from wattserve.server.errors import documented, model_not_found
+from wattserve.server.protocol import ModelCard, ModelList
+from wattserve.server.state import ServerState, State
 
 router = APIRouter()
 

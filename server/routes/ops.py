@@ -5,8 +5,8 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.errors import documented, not_ready
-from server.state import VERSION, State
+from wattserve.server.errors import documented, not_ready
+from wattserve.server.state import VERSION, State
 
 router = APIRouter()
 
