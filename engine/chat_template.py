@@ -70,6 +70,10 @@ class ChatTemplate:
         self.source = source
         self._template = env.from_string(source)  # TemplateSyntaxError for a broken template
 
+    def __reduce__(self):
+        # Compiled templates do not pickle: the engine process sends the source to the front end.
+        return ChatTemplate, (self.source,)
+
     def render(self, messages: list[dict], *, tools: list[dict] | None = None,
                add_generation_prompt: bool = True, **variables: Any) -> str:
         """Render the prompt text; `variables` are e.g. bos_token, eos_token, enable_thinking.

@@ -110,6 +110,14 @@ class SchedulerConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Power readings and the power cap, run beside the engine core (engine/monitor.py)."""
+
+    power_cap_watts: float | None = None
+    power_sample_interval_ms: float = 100.0
+
+
+@dataclass
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct Q4_1 GGUF)
     load_format: str = "auto"  # auto | gguf | safetensors | dummy

@@ -11,11 +11,11 @@ from wattserve.engine.config import EngineConfig
 from wattserve.engine.detokenizer import IncrementalDetokenizer
 from wattserve.engine.energy import EnergyMeter
 from wattserve.engine.kv_cache import KVCacheManager
-from wattserve.engine.loader import load_checkpoint
+from wattserve.engine.loader import default_model_path, load_checkpoint
 from wattserve.engine.model_runner import ModelRunner
 from wattserve.engine.request import (
-    ContextLengthExceeded, FinishReason, InvalidRequestError, RequestOutput, SamplingParams,
-    SequenceOutput,
+    FinishReason, InvalidRequestError, QueueFull, RequestOutput, SamplingParams, SequenceOutput,
+    check_request,
 )
 from wattserve.engine.gpu_timer import GpuSpan
 from wattserve.engine.host_to_device import device_tensor
@@ -23,21 +23,10 @@ from wattserve.engine.sampler import SampledTokens, Sampler, reads_own_tokens
 from wattserve.engine.scheduler import ScheduledBatch, Scheduler
 from wattserve.engine.sequence import PLACEHOLDER, Sequence
 from wattserve.engine.slo import SLO
-from wattserve.engine.stats import RequestStats, StatsObserver, StepStats
+from wattserve.engine.stats import EngineStats, RequestStats, StatsObserver, StepStats
 from wattserve.kernels.kv_format import kv_format
 
 log = logging.getLogger("wattserve.engine")
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_total_blocks: int
-    num_free_blocks: int
-    block_size: int
-    num_preemptions: int
-    kv_cache_tokens: int
 
 
 @dataclass
@@ -67,6 +56,7 @@ class EngineCore:
         self.device = _pick_device(config.device)
         ckpt = load_checkpoint(config.model, config.load_format, config.tokenizer)
         self.model_name = ckpt.name
+        self.model_path = config.model or default_model_path()
         self.model_config = mc = ckpt.model_config
         self.tokenizer = ckpt.tokenizer
         self.dtype = _pick_dtype(config.dtype, self.device, mc.torch_dtype)
@@ -117,30 +107,16 @@ class EngineCore:
         )
 
     # ---- requests ----------------------------------------------------------------------
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise InvalidRequestError for anything the engine could not serve."""
-        params.validate(self.model_config.vocab_size)
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_token_ids):
-            raise InvalidRequestError("the prompt has token ids outside the vocabulary", "prompt")
-        if n >= self.max_model_len:
-            raise ContextLengthExceeded(
-                f"the prompt has {n} tokens; this model's context length is {self.max_model_len}", "prompt"
-            )
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ContextLengthExceeded(
-                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length "
-                f"{self.max_model_len}", "max_tokens",
-            )
-
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, slo: SLO | None = None) -> None:
-        """`arrival_time`: time.monotonic() when the request reached the server, if earlier."""
-        self.check_request(prompt_token_ids, params)
+        """`arrival_time`: time.monotonic() when the request reached the server, if earlier.
+        Raises InvalidRequestError, or QueueFull when more than max_queue_len requests would
+        wait for a free sequence slot."""
+        check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        if self.num_queued() >= self.max_queue_len:
+            raise QueueFull(f"{self.max_queue_len} requests are already waiting")
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         seqs = [
             Sequence(request_id, i, prompt_token_ids, params, max_tokens,
@@ -165,6 +141,12 @@ class EngineCore:
     def abort_all(self) -> None:
         for rid in list(self.requests):
             self.abort(rid)
+
+    def num_queued(self) -> int:
+        """Waiting requests beyond those the free sequence slots admit at the next step: a
+        burst on an idle engine is not a queue."""
+        free_slots = self.scheduler.config.max_num_seqs - len(self.scheduler.running)
+        return max(0, len(self.scheduler.waiting) - free_slots)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None

@@ -22,7 +22,7 @@ class QueueFull(RuntimeError):
 
 
 class EngineDead(RuntimeError):
-    """The engine loop stopped; no request can be served."""
+    """The engine loop stopped (or the server is shutting down); no request can be served."""
 
 
 @dataclass
@@ -81,6 +81,25 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
+                  max_model_len: int) -> None:
+    """Raise InvalidRequestError for anything the engine could not serve. The front end runs
+    it before a request leaves for the engine process, the engine again when it arrives."""
+    params.validate(vocab_size)
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise InvalidRequestError("the prompt is empty", "prompt")
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise InvalidRequestError("the prompt has token ids outside the vocabulary", "prompt")
+    if n >= max_model_len:
+        raise ContextLengthExceeded(
+            f"the prompt has {n} tokens; this model's context length is {max_model_len}", "prompt")
+    if params.max_tokens is not None and n + params.max_tokens > max_model_len:
+        raise ContextLengthExceeded(
+            f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length "
+            f"{max_model_len}", "max_tokens")
 
 
 class SequenceStatus(enum.Enum):

@@ -14,6 +14,19 @@ from wattserve.engine.slo import SLO
 
 
 @dataclass
+class EngineStats:
+    """The engine's state now: what the queue and KV-cache gauges show."""
+
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+    block_size: int
+    num_preemptions: int
+    kv_cache_tokens: int
+
+
+@dataclass
 class StepStats:
     """One engine step: what it processed, what it produced, what it cost."""
 

@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from wattserve.engine.power import PowerSource
+from wattserve.engine.client import EngineClient
 from wattserve.server import errors
 from wattserve.server.middleware import ApiKey, BodyLimit, RequestId
 from wattserve.server.routes import chat, completions, models, ops
@@ -15,21 +15,19 @@ from wattserve.server.state import VERSION, ServerConfig, ServerState
 log = logging.getLogger("wattserve.server")
 
 
-def build_app(engine, config: ServerConfig, power_source: PowerSource | None = None) -> FastAPI:
-    """`engine`: an AsyncEngine with its model loaded; the app starts its loop on startup
-    and stops it on shutdown, after uvicorn has drained or cancelled in-flight requests.
-    `power_source`: the engine's devices' power (engine/power_sources.py), for the power and
-    energy metrics and --power-cap-watts; None: neither."""
-    state = ServerState(engine, config, power_source)
+def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+    """`engine`: a client whose engine has its model loaded; the app starts it on startup and
+    stops it on shutdown, after the drain (server/drain.py) has finished or ended every
+    request."""
+    state = ServerState(engine, config)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        state.start()  # power sampling first: the engine's first step reads a sample
-        engine.start()
+        await engine.start()
         try:
             yield
         finally:
-            stats = engine.stats()
+            stats = engine.snapshot().stats
             log.info("stopping the engine (%d running, %d waiting requests are aborted)",
                      stats.num_running, stats.num_waiting)
             await engine.shutdown()

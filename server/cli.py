@@ -14,7 +14,8 @@ import sys
 
 import uvicorn
 
-from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.client import EngineInfo
+from wattserve.engine.config import CacheConfig, EngineConfig, MonitorConfig, SchedulerConfig
 from wattserve.kernels.kv_format import KV_CACHE_DTYPES
 from wattserve.server.config_file import PresetError, load_preset
 from wattserve.server.state import ServerConfig
@@ -148,14 +149,15 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="largest request body accepted (413 above it), e.g. 1MiB")
     group.add_argument("--shutdown-grace-seconds", type=float,
                        default=server.shutdown_grace_seconds,
-                       help="on SIGTERM, stop accepting and let in-flight requests finish for "
-                            "this long, then abort them")
+                       help="on SIGTERM, answer new requests with 503 and let in-flight ones "
+                            "finish for this long, then end them with an error (a 503, or an "
+                            "error event and [DONE] in a stream); a second signal stops at once")
     group.add_argument("--log-level", default=server.log_level,
                        choices=["debug", "info", "warning", "error"], help="logging verbosity")
 
 
 def _add_monitoring_args(parser: argparse.ArgumentParser) -> None:
-    server = ServerConfig()
+    server, monitor = ServerConfig(), MonitorConfig()
     group = parser.add_argument_group("power and SLO monitoring")
     group.add_argument("--slo-ttft-ms", type=float, default=server.slo_ttft_ms,
                        help="time-to-first-token SLO in ms for the SLO attainment and goodput "
@@ -164,12 +166,12 @@ def _add_monitoring_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slo-tpot-ms", type=float, default=server.slo_tpot_ms,
                        help="time-per-output-token SLO in ms, (e2e - TTFT) / (tokens - 1) as "
                             "DistServe defines it")
-    group.add_argument("--power-cap-watts", type=float, default=server.power_cap_watts,
+    group.add_argument("--power-cap-watts", type=float, default=monitor.power_cap_watts,
                        help="keep the moving-average power of the engine's GPU under this by "
                             "admitting fewer tokens per step and then pacing steps; the GPU's "
                             "clocks and power limit are left alone")
     group.add_argument("--power-sample-interval-ms", type=float,
-                       default=server.power_sample_interval_ms,
+                       default=monitor.power_sample_interval_ms,
                        help="how often to read power, energy, temperature and clocks (NVML on "
                             "a GPU, RAPL on a CPU)")
     group.add_argument("--metrics-window-seconds", type=float,
@@ -200,42 +202,45 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_request_bytes=args.max_request_bytes,
         shutdown_grace_seconds=args.shutdown_grace_seconds, log_level=args.log_level,
         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
-        power_cap_watts=args.power_cap_watts,
-        power_sample_interval_ms=args.power_sample_interval_ms,
         metrics_window_seconds=args.metrics_window_seconds)
 
 
+def monitor_config(args: argparse.Namespace) -> MonitorConfig:
+    return MonitorConfig(power_cap_watts=args.power_cap_watts,
+                         power_sample_interval_ms=args.power_sample_interval_ms)
+
+
 def serve(args: argparse.Namespace) -> None:
-    from wattserve.engine.async_engine import AsyncEngine  # torch loads here, not for --help
     from wattserve.engine.config import UnsupportedModelError
     from wattserve.engine.loader import ModelLoadError
-    from wattserve.engine.power_sources import open_power_source
+    from wattserve.engine.mp_client import EngineStartError, MPClient
     from wattserve.server.app import build_app
+    from wattserve.server.drain import ENDED_WRITE_S, DrainingServer
 
     config = server_config(args)
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = AsyncEngine.from_config(engine_config(args))
-    except (ModelLoadError, UnsupportedModelError) as exc:  # the user's input: no traceback
+        engine = MPClient.launch(engine_config(args), monitor_config(args), config.log_level)
+    except (ModelLoadError, UnsupportedModelError, EngineStartError) as exc:  # no traceback
         sys.exit(f"wattserve: cannot load the model: {exc}")
-    try:
-        app = build_app(engine, config, open_power_source(engine.core.device))
     except ValueError as exc:  # --power-cap-watts without power readings
         sys.exit(f"wattserve: {exc}")
-    _log_startup(engine, app.state.server.model_names, config)
-    uvicorn.Server(uvicorn.Config(
+    app = build_app(engine, config)
+    _log_startup(engine.info, app.state.server.model_names, config)
+    server = DrainingServer(uvicorn.Config(
         app, host=config.host, port=config.port, log_config=None, log_level=config.log_level,
         access_log=False,  # server.middleware logs each request with its id
-        timeout_graceful_shutdown=config.shutdown_grace_seconds)).run()
+        timeout_graceful_shutdown=ENDED_WRITE_S), app.state.server, config.shutdown_grace_seconds)
+    engine.on_death = lambda: server.stop_after("the engine process died")
+    server.run()
+    if engine.error is not None:  # exit non-zero, so that an orchestrator restarts the server
+        sys.exit(f"wattserve: {engine.error}")
 
 
-def _log_startup(engine, names: list[str], config: ServerConfig) -> None:
+def _log_startup(info: EngineInfo, names: list[str], config: ServerConfig) -> None:
     # The engine has logged dtype, device, KV blocks and context length as it loaded.
-    from wattserve.engine.loader import default_model_path
-
-    log.info("serving %s (%s) as %s", engine.core.model_name,
-             engine.core.config.model or default_model_path(), ", ".join(names))
+    log.info("serving %s (%s) as %s", info.model_name, info.model_path, ", ".join(names))
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     auth = ' -H "Authorization: Bearer $WATTSERVE_API_KEY"' if config.api_key else ""
     log.info("listening on http://%s:%d; try: curl http://%s:%d/v1/models%s", config.host,

@@ -3,21 +3,22 @@
 Names and types follow vLLM's (`vllm:` becomes `wattserve:`), so dashboards and alerts written
 for vLLM carry over; every series has a `model_name` label. Two ways in:
 
-- pushed: Metrics is an engine StatsObserver; the engine hands it each step's and each
-  finished request's stats on the engine thread, before the outputs reach their clients, so a
-  client that has its answer already sees it counted. prometheus_client's metrics are
-  thread-safe; the engine itself never imports prometheus_client.
-- pulled at scrape time (server/metrics_collectors.py): gauges of state that already lives
-  elsewhere (queue lengths, KV blocks, power samples, the throttle), so they cannot go stale.
+- pushed: Metrics is an engine StatsObserver; the engine client hands it each step's and each
+  finished request's stats (from the core process, with the step's outputs) before the
+  outputs reach their clients, so a client that has its answer already sees it counted.
+  prometheus_client's metrics are thread-safe; the engine never imports prometheus_client.
+- pulled at scrape time (server/metrics_collectors.py): gauges of the engine's state (queue
+  lengths, KV blocks, power samples, the throttle) from its latest snapshot, which the core
+  sends with every step and twice a second while idle.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from wattserve.engine.power import PowerSampler
-from wattserve.engine.power_cap import PowerCapController
+from wattserve.engine.client import EngineInfo, EngineSnapshot
 from wattserve.engine.request import FinishReason
 from wattserve.engine.slo import SLO
 from wattserve.engine.stats import RequestStats, StatsObserver, StepStats
@@ -45,14 +46,14 @@ def one_two_five(low: float, high: float) -> list[float]:
 
 
 class Metrics(StatsObserver):
-    def __init__(self, engine, model_name: str, window_s: float = 60.0, slo: SLO | None = None,
-                 power: PowerSampler | None = None, power_cap: PowerCapController | None = None,
-                 gpu_timed: bool = False):
-        """`gpu_timed`: the engine times its forward passes on a GPU (StepStats.gpu_busy_s)."""
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], info: EngineInfo, model_name: str,
+                 window_s: float = 60.0, slo: SLO | None = None):
+        """`snapshot`: the engine's state now, for the gauges read at scrape time."""
         self.registry = CollectorRegistry()
         self._model = model_name
         now = time.monotonic()
         self._slo_window = SlidingWindow(window_s, 3, now)  # with an SLO, met, met tokens
+        power = info.power_average_window_s is not None
         self._energy_window = SlidingWindow(window_s, 2, now) if power else None  # J, tokens
 
         def counter(name: str, doc: str):
@@ -63,7 +64,7 @@ class Metrics(StatsObserver):
             return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets,
                              registry=self.registry).labels(model_name)
 
-        tokens = one_two_five(1, engine.max_model_len)
+        tokens = one_two_five(1, info.max_model_len)
         self.prompt_tokens = counter("prompt_tokens",
                                      "Prompt tokens of requests that began answering.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
@@ -74,7 +75,7 @@ class Metrics(StatsObserver):
         self.gpu_busy = counter("gpu_busy_seconds",
                                 "GPU time of the forward passes of engine steps (CUDA events); "
                                 "1 - its increase / engine_step_seconds' increase is the share "
-                                "of step time the GPU sat idle.") if gpu_timed else None
+                                "of step time the GPU sat idle.") if info.gpu_timed else None
         self.prefix_cache_queries = counter("prefix_cache_queries",
                                             "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits",
@@ -111,7 +112,7 @@ class Metrics(StatsObserver):
         self.slo_ttft_met = counter("slo_ttft_met", "Requests with an SLO whose TTFT met it.")
         self.slo_tpot_met = counter("slo_tpot_met", "Requests with an SLO whose TPOT met it.")
         self.slo_met = counter("slo_met", "Requests with an SLO that met both TTFT and TPOT.")
-        self.registry.register(EngineCollector(engine, model_name))
+        self.registry.register(EngineCollector(snapshot, model_name))
         self.registry.register(SLOCollector(self._slo_window, model_name, slo))
         if power is not None:
             self.energy = counter("inference_energy_joules",
@@ -120,13 +121,12 @@ class Metrics(StatsObserver):
             self.request_energy = histogram("request_energy_joules",
                                             "Energy attributed to each request.",
                                             one_two_five(0.1, 1e5))
-            self.registry.register(PowerCollector(power, self._energy_window, model_name,
-                                                  power_cap))
+            self.registry.register(PowerCollector(snapshot, info, self._energy_window, model_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    # ---- the engine's stats, on the engine thread ------------------------------------------
+    # ---- the engine's stats, before the step's outputs reach their clients ----------------
     def on_step(self, step: StepStats) -> None:
         self.prompt_tokens.inc(step.num_prompt_tokens)
         self.generation_tokens.inc(step.num_generation_tokens)

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from wattserve.engine.power import PowerSampler
-from wattserve.engine.power_cap import PowerCapController
+from wattserve.engine.client import EngineInfo, EngineSnapshot
 from wattserve.engine.slo import SLO
 from wattserve.server.window import SlidingWindow
 
@@ -25,11 +25,11 @@ def _ratio(num: float, den: float) -> float:
 
 
 class EngineCollector:
-    def __init__(self, engine, model_name: str):
-        self._engine, self._model = engine, model_name
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], model_name: str):
+        self._snapshot, self._model = snapshot, model_name
 
     def collect(self):
-        stats = self._engine.stats()
+        stats = self._snapshot().stats
         used = stats.num_total_blocks - stats.num_free_blocks
         for name, doc, value in (
             ("num_requests_running", "Requests whose sequences are being decoded.",
@@ -72,12 +72,13 @@ class SLOCollector:
 class PowerCollector:
     """Each device's last sample, the energy-per-token window and the power cap's state."""
 
-    def __init__(self, power: PowerSampler, window: SlidingWindow, model_name: str,
-                 power_cap: PowerCapController | None):
-        self._power, self._window, self._model, self._cap = power, window, model_name, power_cap
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], info: EngineInfo,
+                 window: SlidingWindow, model_name: str):
+        self._snapshot, self._info, self._window, self._model = snapshot, info, window, model_name
 
     def collect(self):
-        snap = self._power.snapshot
+        engine = self._snapshot()
+        snap = engine.power
         if snap is None:
             return
         labels = ["model_name", "device"]
@@ -102,7 +103,7 @@ class PowerCollector:
                     family.add_metric([self._model, device.device], value)
         yield from (f for f in families.values() if f.samples)
         yield _gauge("power_average_watts", f"Power of all devices, averaged over "
-                     f"{self._power.average_window_s:g} s (what a power cap compares).",
+                     f"{self._info.power_average_window_s:g} s (what a power cap compares).",
                      snap.average_power_w, self._model)
         _, (energy, tokens) = self._window.totals(time.monotonic())
         span = f" over the last {self._window.span_s:g} s"
@@ -110,10 +111,11 @@ class PowerCollector:
                      + span + "; prefill energy included.", _ratio(energy, tokens), self._model)
         yield _gauge("output_tokens_per_joule", "Output tokens per joule of engine steps" + span
                      + ".", _ratio(tokens, energy), self._model)
-        if self._cap is not None:
+        if engine.power_cap is not None:
             yield _gauge("power_cap_watts", "The --power-cap-watts the engine keeps under.",
-                         self._cap.cap_w, self._model)
+                         self._info.power_cap_w, self._model)
             yield _gauge("power_throttle", "0: unthrottled; 0.5: token budget at its floor; "
-                         "1: the engine idles 90% of the time.", self._cap.throttle, self._model)
+                         "1: the engine idles 90% of the time.", engine.power_cap.throttle,
+                         self._model)
             yield _gauge("scheduler_token_budget", "Tokens the scheduler admits per step now.",
-                         self._cap.core.scheduler.token_budget, self._model)
+                         engine.power_cap.token_budget, self._model)

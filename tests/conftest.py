@@ -17,6 +17,16 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 
+def engine_info(**overrides):
+    """An EngineInfo for tests of the server's parts without an engine behind them."""
+    from wattserve.engine.client import EngineInfo
+
+    fields = dict(model_name="smol", model_path="smol.gguf", dtype="float32", device="cpu",
+                  max_model_len=2048, vocab_size=49152, gpu_timed=False,
+                  power_average_window_s=None, power_cap_w=None)
+    return EngineInfo(**{**fields, **overrides})
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from wattserve.engine.loader import default_model_path, load_tokenizer_only

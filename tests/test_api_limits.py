@@ -86,13 +86,16 @@ def test_sigterm_finishes_in_flight_requests_then_exits(server):
         next(lines)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        with pytest.raises(httpx.ConnectError):  # no longer admitting
-            httpx.get(server.url + "/health")
+        health = httpx.get(server.url + "/health")  # still answering, but draining
+        assert health.status_code == 503 and health.json() == {"status": "draining"}
+        refused = post_chat(server, {**ENDLESS, "max_tokens": 2})
+        assert refused.status_code == 503
+        assert "shutting down" in refused.json()["error"]["message"]
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
     try:
-        server.proc.wait(15)
+        assert server.proc.wait(15) == 0
     except subprocess.TimeoutExpired:
         pytest.fail("the server did not exit after its in-flight request finished")
-    assert "stopping the engine" in server.log()
+    assert "stopping the engine" in server.log() and "Traceback" not in server.log()

@@ -3,26 +3,28 @@
 Most run in-process against an app whose engine never started: that is also how "not
 ready" looks, and it needs no model.
 """
-from types import SimpleNamespace
-
 import httpx
 import pytest
 
-from wattserve.engine.core import EngineStats
+from conftest import engine_info
+from wattserve.engine.client import EngineClient, EngineSnapshot
+from wattserve.engine.request import EngineDead
+from wattserve.engine.stats import EngineStats
 from wattserve.server.app import build_app
 from wattserve.server.state import ServerConfig
 
 
-class NeverStartedEngine:
-    started = False
-    is_alive = False
-    max_model_len = 2048
-    core = SimpleNamespace(model_name="smol", dtype="float32", device="cpu", observers=[],
-                           runner=SimpleNamespace(gpu_timer=SimpleNamespace(enabled=False)))
+class NeverStartedEngine(EngineClient):
+    def __init__(self):
+        super().__init__(engine_info(), tokenizer=None)
 
-    def stats(self) -> EngineStats:
-        return EngineStats(num_running=0, num_waiting=0, num_total_blocks=10, num_free_blocks=10,
-                           block_size=16, num_preemptions=0, kv_cache_tokens=160)
+    def snapshot(self) -> EngineSnapshot:
+        return EngineSnapshot(EngineStats(num_running=0, num_waiting=0, num_total_blocks=10,
+                                          num_free_blocks=10, block_size=16, num_preemptions=0,
+                                          kv_cache_tokens=160), None, None)
+
+    def add_observer(self, observer) -> None:
+        pass
 
 
 @pytest.fixture
@@ -50,9 +52,21 @@ async def test_not_ready_is_503_but_alive(app_client):
 
 
 async def test_an_engine_loop_that_died_fails_liveness(app, app_client):
-    app.state.server.engine.started = True  # started, yet not alive: the loop died
+    engine = app.state.server.engine
+    engine._started = True  # started, then died
+    engine._die(EngineDead("the engine process exited with code -9"))
     resp = await app_client.get("/health")
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "not_ready"
+    assert "exited with code -9" in resp.json()["error"]["message"]
+
+
+async def test_a_draining_server_says_so_and_refuses_new_requests(app, app_client):
+    app.state.server.engine._started = True
+    app.state.server.draining = True
+    health = await app_client.get("/health")
+    assert health.status_code == 503 and health.json() == {"status": "draining"}
+    resp = await app_client.post("/v1/completions", json={"prompt": "Hi"})
+    assert resp.status_code == 503 and "shutting down" in resp.json()["error"]["message"]
 
 
 async def test_served_model_names(app_client):

@@ -2,8 +2,9 @@
 for requests made to miss and to meet, energy from an injected constant power source, the
 power cap's gauges, and the Grafana dashboard's queries against a live scrape.
 
-The server runs in-process (build_app + uvicorn in a thread), so a fake power source can be
-handed to it the way `wattserve serve` hands it NVML or RAPL.
+The server runs in-process (build_app + uvicorn in a thread) with the engine stepped by an
+InprocClient, so a fake power source can be handed to the engine the way its core process
+hands it NVML or RAPL.
 """
 import json
 import re
@@ -19,7 +20,8 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from wattserve.engine.power import PowerReading
-from wattserve.server.cli import build_parser, server_config
+from wattserve.engine.config import MonitorConfig
+from wattserve.server.cli import build_parser, monitor_config, server_config
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "docker" / "grafana" / "dashboards" / "wattserve.json"
 MODEL = "metrics-test"
@@ -56,19 +58,21 @@ class Scrape:
 
 @pytest.fixture(scope="module")
 def server():
-    from wattserve.engine.async_engine import AsyncEngine
-    from wattserve.engine.config import CacheConfig, EngineConfig
+    from wattserve.engine.config import CacheConfig, EngineConfig, MonitorConfig
+    from wattserve.engine.inproc_client import InprocClient
     from wattserve.server.app import build_app
     from wattserve.server.state import ServerConfig
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    engine = AsyncEngine.from_config(EngineConfig(cache=CacheConfig(kv_cache_memory=64 << 20)))
+    engine = InprocClient.from_config(EngineConfig(cache=CacheConfig(kv_cache_memory=64 << 20)),
+                                      MonitorConfig(power_cap_watts=CAP_WATTS,
+                                                    power_sample_interval_ms=20),
+                                      ConstantPower())
     config = ServerConfig(served_model_names=[MODEL], slo_ttft_ms=60_000, slo_tpot_ms=60_000,
-                          power_cap_watts=CAP_WATTS, power_sample_interval_ms=20,
                           metrics_window_seconds=600)
-    app = build_app(engine, config, ConstantPower())
+    app = build_app(engine, config)
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
                                        log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -227,14 +231,14 @@ def test_every_dashboard_query_reads_an_exported_series(server):
     assert uids == {"prometheus"}  # the data source docker/grafana/provisioning names
 
 
-def test_the_flags_reach_the_server_config():
+def test_the_flags_reach_the_server_and_monitor_configs():
     args = build_parser().parse_args([
         "serve", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50", "--power-cap-watts", "450",
         "--power-sample-interval-ms", "50", "--metrics-window-seconds", "30"])
     config = server_config(args)
-    assert (config.slo_ttft_ms, config.slo_tpot_ms, config.power_cap_watts,
-            config.power_sample_interval_ms, config.metrics_window_seconds) == (200, 50, 450, 50, 30)
+    assert (config.slo_ttft_ms, config.slo_tpot_ms, config.metrics_window_seconds) == (200, 50, 30)
     assert config.default_slo().ttft_s == 0.2
+    assert monitor_config(args) == MonitorConfig(power_cap_watts=450, power_sample_interval_ms=50)
 
 
 def test_without_power_readings_power_metrics_are_absent_and_the_log_says_why(live_server):

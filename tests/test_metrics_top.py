@@ -1,18 +1,16 @@
 """`wattserve top`: percentiles from bucket deltas, and one frame rendered from real metrics."""
 import math
 import time
-from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
 
-from wattserve.engine.config import SchedulerConfig
-from wattserve.engine.core import EngineStats
+from conftest import engine_info
+from wattserve.engine.client import EngineSnapshot, PowerCapState
 from wattserve.engine.power import PowerReading, PowerSampler
-from wattserve.engine.power_cap import PowerCapController
 from wattserve.engine.request import FinishReason
 from wattserve.engine.slo import SLO
-from wattserve.engine.stats import RequestStats, StepStats
+from wattserve.engine.stats import EngineStats, RequestStats, StepStats
 from wattserve.server.metrics import Metrics
 from wattserve.server.top import Scrape, quantile, render
 
@@ -36,21 +34,16 @@ class OneGpu:
         pass
 
 
-class BusyEngine:
-    max_model_len = 2048
-
-    def stats(self) -> EngineStats:
-        return EngineStats(num_running=3, num_waiting=1, num_total_blocks=100, num_free_blocks=75,
-                           block_size=16, num_preemptions=0, kv_cache_tokens=1600)
+BUSY = EngineStats(num_running=3, num_waiting=1, num_total_blocks=100, num_free_blocks=75,
+                   block_size=16, num_preemptions=0, kv_cache_tokens=1600)
 
 
 def test_a_frame_shows_load_latency_slo_and_power():
     power = PowerSampler(OneGpu())
     power.sample()
-    core = SimpleNamespace(scheduler=SimpleNamespace(
-        config=SchedulerConfig(), token_budget=2048), step_pause_s=0.0)
-    cap = PowerCapController(core, lambda: 420.0, cap_w=500.0)
-    metrics = Metrics(BusyEngine(), "m", slo=SLO(0.5, 0.05), power=power, power_cap=cap)
+    engine = EngineSnapshot(BUSY, power.snapshot, PowerCapState(throttle=0.0, token_budget=2048))
+    info = engine_info(power_average_window_s=power.average_window_s, power_cap_w=500.0)
+    metrics = Metrics(lambda: engine, info, "m", slo=SLO(0.5, 0.05))
     before = Scrape(metrics.render().decode(), now=0.0)
     now = time.monotonic()
     for i in range(10):  # ten requests: TTFT 0.1 s .. 1.0 s, 20 ms per token, 40 tokens

@@ -5,7 +5,9 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from wattserve.engine.core import EngineStats
+from conftest import engine_info
+from wattserve.engine.client import EngineSnapshot
+from wattserve.engine.stats import EngineStats
 from wattserve.engine.request import FinishReason
 from wattserve.engine.slo import SLO
 from wattserve.engine.stats import RequestStats, StepStats
@@ -69,12 +71,10 @@ def test_window_sums_the_last_seconds_only():
     assert window.totals(200.0) == (10.0, [0.0, 0.0])
 
 
-class IdleEngine:
-    max_model_len = 2048
-
-    def stats(self) -> EngineStats:
-        return EngineStats(num_running=0, num_waiting=0, num_total_blocks=10, num_free_blocks=10,
-                           block_size=16, num_preemptions=0, kv_cache_tokens=160)
+def idle_engine() -> EngineSnapshot:
+    return EngineSnapshot(EngineStats(num_running=0, num_waiting=0, num_total_blocks=10,
+                                      num_free_blocks=10, block_size=16, num_preemptions=0,
+                                      kv_cache_tokens=160), None, None)
 
 
 def scrape(metrics: Metrics) -> dict[str, float]:
@@ -86,7 +86,7 @@ def test_slo_counters_attainment_and_goodput():
     import time
 
     now = time.monotonic()
-    metrics = Metrics(IdleEngine(), "m", window_s=60.0, slo=SLO(0.2, 0.05))
+    metrics = Metrics(idle_engine, engine_info(), "m", window_s=60.0, slo=SLO(0.2, 0.05))
     tight = SLO(ttft_s=0.2, tpot_s=0.05)
     for ttft, tokens, tpot, slo in [(0.1, 10, 0.01, tight), (0.3, 10, 0.01, tight),
                                     (0.1, 4, 0.09, tight), (0.1, 1, 0, tight),
@@ -113,7 +113,7 @@ def test_slo_counters_attainment_and_goodput():
 
 
 def test_no_slo_finished_yet_is_nan_attainment_and_zero_goodput():
-    m = scrape(Metrics(IdleEngine(), "m"))
+    m = scrape(Metrics(idle_engine, engine_info(), "m"))
     assert math.isnan(m["wattserve:slo_attainment"])
     assert m["wattserve:goodput_requests_per_second"] == 0.0
     assert "wattserve:slo_ttft_seconds" not in m  # no server SLO: no line to draw

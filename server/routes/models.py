@@ -11,8 +11,8 @@ router = APIRouter()
 
 
 def _card(state: ServerState, name: str) -> ModelCard:
-    return ModelCard(id=name, created=state.created, root=state.engine.core.model_name,
-                     max_model_len=state.engine.max_model_len)
+    return ModelCard(id=name, created=state.created, root=state.engine.info.model_name,
+                     max_model_len=state.engine.info.max_model_len)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=documented(401))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from wattserve.server.errors import documented, not_ready
@@ -12,11 +12,14 @@ router = APIRouter()
 
 
 @router.get("/health", responses=documented(503))
-async def health(state: State) -> dict:
-    """Liveness: the process answers, and its engine loop, once started, has not died (only
-    a restart brings it back). Never needs an API key."""
+async def health(state: State):
+    """Liveness: the process answers, and its engine process, once started, has not died
+    (only a restart brings it back). 503 with status "draining" while a SIGTERM drains the
+    open requests. Never needs an API key."""
     if state.engine.started and not state.engine.is_alive:
-        raise not_ready("the engine loop has stopped")
+        raise not_ready(str(state.engine.error or "the engine has stopped"))
+    if state.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
     return {"status": "ok"}
 
 
