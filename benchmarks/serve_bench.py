@@ -80,6 +80,11 @@ class Load:
             return f"concurrency {self.concurrency}"
         return f"rate {self.rate:g}/s" if math.isfinite(self.rate) else "all at once"
 
+    def num_prompts(self, at_least: int, arrival_seconds: float) -> int:
+        if self.rate is None or not math.isfinite(self.rate):
+            return at_least
+        return max(at_least, math.ceil(self.rate * arrival_seconds))
+
 
 async def send(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int) -> Result:
     result = Result(len(prompt), output_len)
@@ -268,6 +273,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--arrivals", choices=["poisson", "fixed"], default="poisson",
                     help="gaps between arrivals at a rate: exponential or constant")
     ap.add_argument("--num-prompts", type=int, default=200, help="requests per load")
+    ap.add_argument("--arrival-seconds", type=float, default=0,
+                    help="at a finite request rate, send at least rate x this many requests, so "
+                         "that arrivals last this long (a short run can miss a stall)")
     ap.add_argument("--input-len", type=int, default=512, help="prompt tokens (the mean if uniform)")
     ap.add_argument("--output-len", type=int, default=128, help="output tokens (the mean if uniform)")
     ap.add_argument("--len-distribution", choices=["fixed", "uniform"], default="fixed")
@@ -301,8 +309,9 @@ async def bench(args: argparse.Namespace) -> dict:
         for i, load in enumerate(loads):
             # Fresh prompts per load, so a server's prefix cache cannot serve one load from another.
             rng = random.Random(args.seed + i)
-            requests = make_requests(args.num_prompts, args.input_len, args.output_len,
-                                     args.len_distribution, args.vocab_size, rng)
+            requests = make_requests(load.num_prompts(args.num_prompts, args.arrival_seconds),
+                                     args.input_len, args.output_len, args.len_distribution,
+                                     args.vocab_size, rng)
             before = await scrape(client)
             results, duration = await run_load(client, model, requests, load,
                                                args.arrivals == "poisson", rng)
@@ -337,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "serve", "device": label, "base_url": args.base_url, "model": measured["model"],
         "command": "python " + " ".join(sys.argv),
-        "config": {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "len_distribution",
+        "config": {k: getattr(args, k) for k in ("num_prompts", "arrival_seconds", "input_len", "output_len", "len_distribution",
                                                    "arrivals", "seed", "slo_ttft_ms", "slo_tpot_ms",
                                                    "warmup_requests")},
         "slo_attainment_goal": SLO_ATTAINMENT_GOAL,

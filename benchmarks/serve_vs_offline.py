@@ -1,0 +1,51 @@
+"""The served path against the engine alone: reads the JSON that offline_bench.py and
+serve_bench.py wrote in one run of serve_gpu.sh (same device, same workload) and reports, per
+request rate, served output tok/s as a fraction of offline's, the GPU's idle share of step
+time, and whether the SLO curve is monotonic (no rate failing between two that pass).
+
+Usage: python benchmarks/serve_vs_offline.py [--device LABEL]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from _results import RESULTS, write_results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", help="the label in the results' names (default: this host's GPU)")
+    args = ap.parse_args()
+    label = args.device or torch.cuda.get_device_name()
+    offline = json.loads((RESULTS / f"offline_{label.replace(' ', '_')}.json").read_text())
+    serve = json.loads((RESULTS / f"serve_{label.replace(' ', '_')}.json").read_text())
+    engine_tok_s = offline["wattserve"]["output_tok_s"]
+    rows = []
+    print(f"engine alone (offline_bench): {engine_tok_s:,.0f} output tok/s")
+    print(f"{'load':<16}{'out tok/s':>11}{'vs offline':>12}{'GPU idle':>10}{'SLO met':>9}")
+    for run in serve["runs"]:
+        met = run["slo_attainment"] >= serve["slo_attainment_goal"]
+        rows.append({"load": run["load"], "output_tok_s": run["output_tok_s"],
+                     "vs_offline": round(run["output_tok_s"] / engine_tok_s, 3),
+                     "gpu_idle_fraction": run["gpu_idle_fraction"], "slo_met": met})
+        idle = run["gpu_idle_fraction"]
+        print(f"{run['load']:<16}{run['output_tok_s']:>11,.0f}{rows[-1]['vs_offline']:>12.2f}"
+              f"{'-' if idle is None else format(idle, '.1%'):>10}{'yes' if met else 'no':>9}")
+    passed = [row["slo_met"] for row in rows if row["load"] != "all at once"]
+    monotonic = passed == sorted(passed, reverse=True)
+    print(f"saturation: {max(r['vs_offline'] for r in rows):.2f}x offline; SLO curve "
+          f"{'monotonic' if monotonic else 'NOT monotonic'}; heaviest load meeting it: "
+          f"{serve['heaviest_load_meeting_slo']}")
+    write_results({"benchmark": "serve_vs_offline", "device": label,
+                   "offline_output_tok_s": engine_tok_s,
+                   "offline_first_vs_second": offline.get("first_vs_second"),
+                   "saturation_vs_offline": max(r["vs_offline"] for r in rows),
+                   "slo_curve_monotonic": monotonic,
+                   "heaviest_load_meeting_slo": serve["heaviest_load_meeting_slo"], "runs": rows},
+                  "serve_vs_offline", label)
+
+
+if __name__ == "__main__":
+    main()
