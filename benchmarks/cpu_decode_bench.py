@@ -15,23 +15,18 @@ from pathlib import Path
 
 import torch
 
-from wattserve.engine.config import CacheConfig, EngineConfig
-from wattserve.engine.core import EngineCore
+from wattserve.engine.llm import LLM
 from wattserve.engine.loader import default_model_path
 from wattserve.engine.request import SamplingParams
 
 RESULTS = Path(__file__).parent / "results" / "cpu_decode.json"
 
 
-def engine_run(engine: EngineCore, prompt: list[int], batch: int, new_tokens: int) -> float:
+def engine_run(llm: LLM, prompt: list[int], batch: int, new_tokens: int) -> float:
     """Output tokens per second for `batch` identical-length requests submitted together."""
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
-    for i in range(batch):
-        engine.add_request(f"b{i}", prompt, params)
-    produced = 0
-    while engine.has_work():
-        produced += sum(len(s.token_ids) for o in engine.step() for s in o.outputs)
+    produced = sum(len(r.choices[0].token_ids) for r in llm.generate([prompt] * batch, params))
     assert produced == batch * new_tokens
     return produced / (time.perf_counter() - start)
 
@@ -60,20 +55,20 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     # No prefix caching: every run repeats one prompt, and HF's generate computes it each time.
-    engine = EngineCore(EngineConfig(cache=CacheConfig(kv_cache_memory=256 << 20, enable_prefix_caching=False)))
+    llm = LLM(kv_cache_memory=256 << 20, enable_prefix_caching=False)
     path = default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32).eval()
-    text = engine.tokenizer.render_chat([{"role": "user", "content": "Tell me about the history of Paris."}])
-    prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+    text = llm.core.tokenizer.render_chat([{"role": "user", "content": "Tell me about the history of Paris."}])
+    prompt = llm.core.tokenizer.encode(text, add_special_tokens=False)
 
     n, r = args.new_tokens, args.repeats
     hf_tps = median_of(lambda: hf_run(hf, prompt, n), r)
-    one_tps = median_of(lambda: engine_run(engine, prompt, 1, n), r)
-    many_tps = median_of(lambda: engine_run(engine, prompt, args.concurrency, n), r)
+    one_tps = median_of(lambda: engine_run(llm, prompt, 1, n), r)
+    many_tps = median_of(lambda: engine_run(llm, prompt, args.concurrency, n), r)
     result = {
         "benchmark": "cpu_decode",
-        "model": engine.model_name,
+        "model": llm.core.model_name,
         "dtype": "float32",
         "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,8 +24,8 @@ import torch
 from _roofline import copy_bandwidth, cuda_time, weight_bytes_per_step
 from llama8b_config import write_checkpoint_dir
 
-from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from wattserve.engine.core import EngineCore
+from wattserve.engine.llm import LLM
 from wattserve.engine.request import SamplingParams
 from wattserve.kernels.dispatch import Ops, triton_ops
 from wattserve.kernels.triton_gemv import DEFAULT_CONFIG, gemv_triton
@@ -35,14 +34,10 @@ from wattserve.kernels.triton_rotary import rotary_then_write_kv
 _GEMM_MARKERS = ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "cublas")
 
 
-def decode_tok_s(engine: EngineCore, prompt: list[int], new_tokens: int) -> float:
-    engine.add_request("d", prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
-    engine.step()  # prefill
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    while engine.has_work():
-        engine.step()
-    return (new_tokens - 1) / (time.perf_counter() - start)
+def decode_tok_s(llm: LLM, prompt: list[int], new_tokens: int) -> float:
+    """Tokens/s of the decode steps: from the first token (the prefill's) to the last."""
+    (result,) = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    return 1 / result.stats.tpot
 
 
 def use_ops(engine: EngineCore, ops: Ops) -> None:
@@ -52,9 +47,10 @@ def use_ops(engine: EngineCore, ops: Ops) -> None:
     engine.runner.capture_decode_graphs(engine.config.scheduler.max_num_seqs, engine.max_model_len)
 
 
-def before_and_after(engine: EngineCore, prompt: list[int]) -> list[dict]:
+def before_and_after(llm: LLM, prompt: list[int]) -> list[dict]:
     """Engine tok/s (best of 3) for each ops set, launching ahead and not; leaves the
     engine on the current ops."""
+    engine = llm.core
     now = triton_ops()
     before = dataclasses.replace(now, linear=torch.nn.functional.linear, rotary_write_kv=rotary_then_write_kv)
     rows = []
@@ -62,7 +58,7 @@ def before_and_after(engine: EngineCore, prompt: list[int]) -> list[dict]:
         use_ops(engine, ops)
         for ahead in (False, True):
             engine.launch_ahead = ahead
-            tok_s = max(decode_tok_s(engine, prompt, 256) for _ in range(3))
+            tok_s = max(decode_tok_s(llm, prompt, 256) for _ in range(3))
             rows.append({"ops": name, "launch_ahead": ahead, "tok_s": round(tok_s, 1)})
     return rows
 
@@ -140,14 +136,13 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="sweep the decode matmul's tile configs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    engine = EngineCore(EngineConfig(
-        model=str(write_checkpoint_dir()), load_format="dummy", dtype="bfloat16", tokenizer=args.tokenizer,
-        cache=CacheConfig(kv_cache_memory=4 << 30),
-        scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192)))
+    llm = LLM(str(write_checkpoint_dir()), load_format="dummy", dtype="bfloat16", tokenizer=args.tokenizer,
+              kv_cache_memory=4 << 30, max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192)
+    engine = llm.core
     bw = copy_bandwidth()
     read = weight_bytes_per_step(engine.runner.model)
     prompt = list(range(1000, 1007))
-    variants = before_and_after(engine, prompt)
+    variants = before_and_after(llm, prompt)
     tok_s = variants[-1]["tok_s"]
     # Leave a sequence of ~100 tokens in the cache for the graph's attention to read.
     graphs, model = engine.runner.graphs, engine.runner.model

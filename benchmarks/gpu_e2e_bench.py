@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -32,22 +31,17 @@ from _roofline import (
 from _results import write_results
 from llama8b_config import LLAMA31_8B, write_checkpoint_dir
 
-from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from wattserve.engine.core import EngineCore
+from wattserve.engine.llm import LLM
 from wattserve.engine.loader import load_tokenizer_only
 from wattserve.engine.request import SamplingParams
 
 
-def generate(engine: EngineCore, prompt: list[int], n: int, min_tokens: int = 0) -> tuple[list[int], float]:
-    """Greedy tokens and the seconds of the decode steps (after the prefill step)."""
+def generate(llm: LLM, prompt: list[int], n: int, min_tokens: int = 0) -> tuple[list[int], float]:
+    """Greedy tokens and the seconds of the decode steps (from the prefill's token to the last)."""
     params = SamplingParams(temperature=0, max_tokens=n, min_tokens=min_tokens, ignore_eos=not min_tokens)
-    engine.add_request("g", prompt, params)
-    tokens = [t for o in engine.step() for s in o.outputs for t in s.token_ids]
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    while engine.has_work():
-        tokens += [t for o in engine.step() for s in o.outputs for t in s.token_ids]
-    return tokens, time.perf_counter() - start
+    (result,) = llm.generate([prompt], params)
+    return result.choices[0].token_ids, result.stats.decode_time
 
 
 def last_logits(engine: EngineCore, prompt: list[int]) -> torch.Tensor:
@@ -81,40 +75,39 @@ def agreement(logits: torch.Tensor, tokens: list[int], ref: tuple[torch.Tensor, 
             "greedy_tokens_equal": same}
 
 
-def engine_outputs(engine: EngineCore, prompts: list[list[int]], steps: int) -> list[tuple[torch.Tensor, list[int]]]:
-    return [(last_logits(engine, p), generate(engine, p, steps, min_tokens=steps)[0]) for p in prompts]
+def engine_outputs(llm: LLM, prompts: list[list[int]], steps: int) -> list[tuple[torch.Tensor, list[int]]]:
+    return [(last_logits(llm.core, p), generate(llm, p, steps, min_tokens=steps)[0]) for p in prompts]
 
 
-def dtype_study(make_engine, hf, prompts: list[list[int]], steps: int = 32):
+def dtype_study(make_llm, hf, prompts: list[list[int]], steps: int = 32):
     """Random weights are an ill-conditioned oracle in bf16: their logits are nearly flat, so
     rounding alone flips greedy choices. So the engine is checked in float32 against HF in
     float32 (same function: tiny error, equal tokens), and in bf16 its distance from the
     float32 answer is set beside HF's own bf16 distance from it. `hf` comes in float32 and
-    leaves in bf16; returns (results, the bf16 engine)."""
+    leaves in bf16; returns (results, the bf16 LLM)."""
     ref = hf_reference(hf, prompts, steps)
-    engine = make_engine("float32")
-    fp32 = [agreement(*o, r) for o, r in zip(engine_outputs(engine, prompts, steps), ref)]
-    del engine
+    llm = make_llm("float32")
+    fp32 = [agreement(*o, r) for o, r in zip(engine_outputs(llm, prompts, steps), ref)]
+    del llm
     gc.collect()
     torch.cuda.empty_cache()
-    engine = make_engine("bfloat16")
+    llm = make_llm("bfloat16")
     hf = hf.to(torch.bfloat16)
     results = {
         "prompt_tokens": [len(p) for p in prompts],
         "float32_engine_vs_hf_float32": fp32,
-        "bf16_engine_vs_hf_float32": [agreement(*o, r) for o, r in zip(engine_outputs(engine, prompts, steps), ref)],
+        "bf16_engine_vs_hf_float32": [agreement(*o, r) for o, r in zip(engine_outputs(llm, prompts, steps), ref)],
         "bf16_hf_vs_hf_float32": [agreement(*o, r) for o, r in zip(hf_reference(hf, prompts, steps), ref)],
         "float32_all_greedy_equal": all(r["greedy_tokens_equal"] == steps for r in fp32),
     }
-    return results, engine
+    return results, llm
 
 
-def dummy_engine(workdir: Path, dtype: str, tokenizer: str | None) -> EngineCore:
-    return EngineCore(EngineConfig(
-        model=str(workdir), load_format="dummy", dtype=dtype, tokenizer=tokenizer,
-        # No prefix caching: the prefill measurement runs one prompt again and again.
-        cache=CacheConfig(kv_cache_memory=4 << 30, enable_prefix_caching=False),
-        scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192)))
+def dummy_llm(workdir: Path, dtype: str, tokenizer: str | None) -> LLM:
+    return LLM(str(workdir), load_format="dummy", dtype=dtype, tokenizer=tokenizer,
+               # No prefix caching: the prefill measurement runs one prompt again and again.
+               kv_cache_memory=4 << 30, enable_prefix_caching=False,
+               max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192)
 
 
 def llama8b_section(args, results: dict) -> None:
@@ -127,12 +120,13 @@ def llama8b_section(args, results: dict) -> None:
     with torch.device("cuda"):
         hf = LlamaForCausalLM(LlamaConfig(**LLAMA31_8B)).eval()
 
-    def make_engine(dtype):
-        engine = dummy_engine(workdir, dtype, args.tokenizer)
-        engine.runner.model.load_weights(hf.state_dict().items())
-        return engine
+    def make_llm(dtype):
+        llm = dummy_llm(workdir, dtype, args.tokenizer)
+        llm.core.runner.model.load_weights(hf.state_dict().items())
+        return llm
 
-    results["llama8b_vs_hf"], engine = dtype_study(make_engine, hf, prompts)
+    results["llama8b_vs_hf"], llm = dtype_study(make_llm, hf, prompts)
+    engine = llm.core
     del hf
     gc.collect()
     torch.cuda.empty_cache()
@@ -143,7 +137,7 @@ def llama8b_section(args, results: dict) -> None:
     roofline = bw / read_per_token
     best = 0.0
     for _ in range(3):
-        _, seconds = generate(engine, prompts[0], 256)
+        _, seconds = generate(llm, prompts[0], 256)
         best = max(best, 255 / seconds)
     # The GPU's share of a step: one graph replay plus the lm_head, without the host's work.
     graphs, model = engine.runner.graphs, engine.runner.model
@@ -162,9 +156,9 @@ def llama8b_section(args, results: dict) -> None:
     total_flops = prefill_flops(model, engine.model_config, len(prompt))
 
     def prefill():
-        engine.add_request("p", prompt, SamplingParams(max_tokens=1))
-        engine.step()
-        assert not engine.has_work()
+        steps = []
+        llm.generate([prompt], SamplingParams(max_tokens=1), on_step=steps.append)
+        assert len(steps) == 1  # the whole prompt in one step
 
     seconds = cuda_time(prefill, warmup=2, iters=5)
     results["prefill_4096"] = {
@@ -172,7 +166,7 @@ def llama8b_section(args, results: dict) -> None:
         "matmul_tflops": round(flops / 1e12, 1), "fraction_of_matmul": round(total_flops / seconds / flops, 3),
         "flops_counted": total_flops,
     }
-    del engine
+    del llm, engine
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -183,13 +177,13 @@ def default_model_section(args, results: dict) -> None:
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(args.gguf), gguf_file=os.path.basename(args.gguf),
                                               dtype=torch.float32).to("cuda").eval()
 
-    def make_engine(dtype):
-        return EngineCore(EngineConfig(model=args.gguf, dtype=dtype, cache=CacheConfig(kv_cache_memory=1 << 30)))
+    def make_llm(dtype):
+        return LLM(args.gguf, dtype=dtype, kv_cache_memory=1 << 30)
 
     tok = load_tokenizer_only(args.gguf)
     prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}]), add_special_tokens=False)
                for q in ("What is the capital of France?", "Write a haiku about GPUs.")]
-    results["default_model_vs_hf"], _ = dtype_study(make_engine, hf, prompts)
+    results["default_model_vs_hf"], _ = dtype_study(make_llm, hf, prompts)
 
 
 def main() -> None:

@@ -21,8 +21,7 @@ from llama8b_config import (  # benchmarks/ is the script's directory
     write_checkpoint_dir,
 )
 
-from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from wattserve.engine.core import EngineCore
+from wattserve.engine.llm import LLM
 from wattserve.engine.request import SamplingParams
 from wattserve.kernels.kv_format import (
     KV_CACHE_DTYPES,
@@ -46,35 +45,35 @@ def largest_batch(dtype: str, args) -> int:
     return int(args.kv_memory_gib * 2**30) // per_seq
 
 
-def make_engine(dtype: str, workdir: Path, args, max_num_seqs: int) -> EngineCore:
-    return EngineCore(EngineConfig(
-        model=str(workdir), load_format="dummy", dtype="bfloat16", tokenizer=args.tokenizer,
-        cache=CacheConfig(kv_cache_dtype=dtype, kv_cache_memory=int(args.kv_memory_gib * 2**30),
-                          block_size=default_block_size(dtype)),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=16384,
-                                  max_model_len=args.prompt_len + args.output_len)))
+def make_llm(dtype: str, workdir: Path, args, max_num_seqs: int) -> LLM:
+    return LLM(str(workdir), load_format="dummy", dtype="bfloat16", tokenizer=args.tokenizer,
+               kv_cache_dtype=dtype, kv_cache_memory=int(args.kv_memory_gib * 2**30),
+               block_size=default_block_size(dtype), max_num_seqs=max_num_seqs, max_num_batched_tokens=16384,
+               max_model_len=args.prompt_len + args.output_len)
 
 
-def run_batch(engine: EngineCore, batch: int, args) -> dict:
+def run_batch(llm: LLM, batch: int, args) -> dict:
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"s{i}", torch.randint(0, 128000, (args.prompt_len,), generator=gen).tolist(), params)
+    prompts = [torch.randint(0, 128000, (args.prompt_len,), generator=gen).tolist() for _ in range(batch)]
     started = set()
     produced = 0
-    begin = time.perf_counter()
-    all_started = None
-    while engine.has_work():
-        for out in engine.step():
-            produced += sum(len(s.token_ids) for s in out.outputs)
-            started.add(out.request_id)
+    all_started = produced_at_start = None
+
+    def watch(outputs) -> None:  # the decode phase starts when every sequence has its first token
+        nonlocal produced, all_started, produced_at_start
+        produced += sum(len(s.token_ids) for out in outputs for s in out.outputs)
+        started.update(out.request_id for out in outputs)
         if all_started is None and len(started) == batch:
             torch.cuda.synchronize()
             all_started, produced_at_start = time.perf_counter(), produced
+
+    begin = time.perf_counter()
+    llm.generate(prompts, params, on_step=watch)
     end = time.perf_counter()
     assert produced == batch * args.output_len
     return {
-        "batch": batch, "preemptions": engine.scheduler.num_preemptions,
+        "batch": batch, "preemptions": llm.core.scheduler.num_preemptions,
         "prefill_s": all_started - begin, "decode_s": end - all_started,
         "decode_output_tok_s": (produced - produced_at_start) / (end - all_started),
         "output_tok_s": produced / (end - begin),
@@ -93,9 +92,9 @@ def main() -> None:
     rows = {}
     for dtype in args.dtypes.split(","):
         batch = largest_batch(dtype, args)
-        engine = make_engine(dtype, workdir, args, max_num_seqs=batch)
-        rows[dtype] = run_batch(engine, batch, args)
-        del engine
+        llm = make_llm(dtype, workdir, args, max_num_seqs=batch)
+        rows[dtype] = run_batch(llm, batch, args)
+        del llm
         torch.cuda.empty_cache()
         print(dtype, rows[dtype], flush=True)
     base = rows.get("auto")

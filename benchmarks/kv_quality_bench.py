@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from wattserve.engine.core import EngineCore
+from wattserve.engine.llm import LLM
 from wattserve.engine.request import SamplingParams
 from wattserve.engine.sequence import Sequence
 from wattserve.kernels.kv_format import (
@@ -131,11 +131,8 @@ def main() -> None:
     engines = {}
     for name in dtypes:
         # Eager: the scoring loop drives the model directly, never the decode graphs.
-        config = EngineConfig(device=args.device, enforce_eager=True,
-                              cache=CacheConfig(kv_cache_dtype=name, kv_cache_memory=args.kv_memory),
-                              scheduler=SchedulerConfig(max_num_seqs=args.tokens // args.window,
-                                                        max_model_len=args.window))
-        engines[name] = EngineCore(config)
+        engines[name] = LLM(device=args.device, enforce_eager=True, kv_cache_dtype=name, kv_cache_memory=args.kv_memory,
+                            max_num_seqs=args.tokens // args.window, max_model_len=args.window).core
     ids = corpus_tokens(engines["auto"].tokenizer, args.tokens)
     windows = [ids[w : w + args.window] for w in range(0, len(ids) - args.window + 1, args.window)]
     targets = torch.tensor(windows, device=engines["auto"].device)[:, 1:]  # [windows, window - 1]

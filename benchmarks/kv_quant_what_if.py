@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from kv_quality_bench import corpus_tokens
 
-from wattserve.engine.config import CacheConfig, EngineConfig
-from wattserve.engine.core import EngineCore
+from wattserve.engine.llm import LLM
 from wattserve.kernels.dispatch import REFERENCE_OPS, Ops
 from wattserve.kernels.kv_quant import (
     FP8_MAX,
@@ -175,7 +174,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024, help="tokens per window (a multiple of 64)")
     parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"from: {', '.join(SCHEMES)}")
     args = parser.parse_args()
-    engine = EngineCore(EngineConfig(device="cpu", enforce_eager=True, cache=CacheConfig(kv_cache_memory=16 << 20)))
+    engine = LLM(device="cpu", enforce_eager=True, kv_cache_memory=16 << 20).core
     model = engine.runner.model
     attention = WhatIfAttention(args.windows, args.window)
     for layer in model.layers:

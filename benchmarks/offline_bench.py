@@ -34,8 +34,8 @@ from _results import write_results
 from llama8b_config import LLAMA31_8B, write_checkpoint_dir
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
-from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from wattserve.engine.core import EngineCore
+from wattserve.engine.llm import LLM
 from wattserve.engine.loader import default_model_path
 from wattserve.engine.request import SamplingParams
 from wattserve.engine.stats import StatsObserver, StepStats
@@ -59,18 +59,14 @@ class StepTotals(StatsObserver):
             self.gpu_busy_s = (self.gpu_busy_s or 0.0) + step.gpu_busy_s
 
 
-def run_engine(engine: EngineCore, prompts: list[list[int]], output_len: int) -> dict:
+def run_engine(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     totals = StepTotals()
-    engine.observers.append(totals)
+    llm.core.observers.append(totals)
     start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, params)
-    produced = 0
-    while engine.has_work():
-        produced += sum(len(s.token_ids) for o in engine.step() for s in o.outputs)
+    produced = sum(len(r.choices[0].token_ids) for r in llm.generate(prompts, params))
     seconds = time.perf_counter() - start
-    engine.observers.remove(totals)
+    llm.core.observers.remove(totals)
     expect_tokens("wattserve", produced, len(prompts) * output_len)
     busy = totals.gpu_busy_s
     return {
@@ -136,27 +132,25 @@ def physical_bound(engine: EngineCore, num_requests: int, input_len: int, output
 
 
 def build(args, device: torch.device):
-    """The engine and, with --hf-peer, HF's model with the same weights (on the same device)."""
-    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                max_model_len=args.input_len + args.output_len)
-    cache = CacheConfig(kv_cache_memory=args.kv_cache_memory)
+    """The LLM and, with --hf-peer, HF's model with the same weights (on the same device)."""
+    options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                   max_model_len=args.input_len + args.output_len, kv_cache_memory=args.kv_cache_memory)
     if device.type == "cpu":
-        engine = EngineCore(EngineConfig(device="cpu", cache=cache, scheduler=scheduler))
+        llm = LLM(device="cpu", **options)
         path = default_model_path()
         hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                   dtype=torch.float32).eval() if args.hf_peer else None
-        return engine, hf
+        return llm, hf
     hf = None
     if args.hf_peer:
         torch.manual_seed(args.seed)
         with torch.device(device):
             hf = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA31_8B), dtype=torch.bfloat16).eval()
-    engine = EngineCore(EngineConfig(model=str(write_checkpoint_dir()), load_format="dummy", dtype="bfloat16",
-                                     device=str(device), tokenizer=args.tokenizer, seed=args.seed,
-                                     cache=cache, scheduler=scheduler))
+    llm = LLM(str(write_checkpoint_dir()), load_format="dummy", dtype="bfloat16", device=str(device),
+              tokenizer=args.tokenizer, seed=args.seed, **options)
     if hf is not None:
-        engine.runner.model.load_weights(hf.state_dict().items())
-    return engine, hf
+        llm.core.runner.model.load_weights(hf.state_dict().items())
+    return llm, hf
 
 
 def main() -> None:
@@ -179,7 +173,8 @@ def main() -> None:
     if device.type == "cuda":  # measured before the models hold memory, then handed back for the KV cache
         limits = (matmul_flops(), copy_bandwidth())
         torch.cuda.empty_cache()
-    engine, hf = build(args, device)
+    llm, hf = build(args, device)
+    engine = llm.core
     gen = torch.Generator().manual_seed(args.seed)
     # Warm-up prompts of their own: the prefix cache would serve the measured ones from them.
     prompts, warmup = torch.randint(0, engine.model_config.vocab_size, (2, args.num_requests, args.input_len),
@@ -192,11 +187,11 @@ def main() -> None:
         "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
     }
-    run_engine(engine, warmup, WARMUP_OUTPUT_LEN)
-    results["wattserve"] = ours = run_engine(engine, prompts, args.output_len)
+    run_engine(llm, warmup, WARMUP_OUTPUT_LEN)
+    results["wattserve"] = ours = run_engine(llm, prompts, args.output_len)
     results["bound"] = None if limits is None else physical_bound(
         engine, args.num_requests, args.input_len, args.output_len, *limits)
-    del engine
+    del llm, engine
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # HF's cache sizes itself to the memory left free

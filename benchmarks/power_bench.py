@@ -1,7 +1,7 @@
 """Energy and power on one GPU: what the server reports against NVML, and a power cap.
 
 Random-weight Llama-3.1-8B shapes (bf16, --load-format dummy, context 8192), one in-process
-EngineCore with the server's own power sampler, energy meter and power cap controller:
+engine (LLM) with the server's own power sampler, energy meter and power cap controller:
 
   1. batch 1: one request at a time (128-token prompt, 256 tokens out, ignore_eos).
   2. saturating: --concurrency requests always in flight (512 in, 256 out), closed loop.
@@ -18,6 +18,7 @@ Usage: python benchmarks/power_bench.py [--phase-seconds S] [--concurrency N]
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -27,7 +28,6 @@ import torch
 from _results import write_results
 from llama8b_config import write_checkpoint_dir
 
-from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from wattserve.engine.energy import EnergyMeter
 from wattserve.engine.power import PowerSampler
 from wattserve.engine.power_cap import PowerCapController
@@ -57,35 +57,29 @@ def nvml_energy_j(source) -> float:
     return source.read()[0].energy_j
 
 
-def run_load(core, source, concurrency: int, seconds: float, prompt_len: int, output_len: int,
+def run_load(llm, source, concurrency: int, seconds: float, prompt_len: int, output_len: int,
              gen: torch.Generator, settle_s: float = 0.0) -> dict:
     """Keep `concurrency` requests in flight for settle_s + seconds; measure the last `seconds`."""
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     recorder = Recorder()
-    in_flight, n = set(), 0
     begin = time.monotonic()
-    measuring_from = begin + settle_s
-    window = None  # (t0, nvml J at t0) once measuring
-    while True:
+    window = []  # (time, nvml J) where the measured window opens, then where it closes
+
+    def watch(outputs) -> bool:
         now = time.monotonic()
-        if window is None and now >= measuring_from:
-            core.observers.append(recorder)
-            window = (now, nvml_energy_j(source))
-        if window is not None and now >= window[0] + seconds:
-            break
-        while len(in_flight) < concurrency:
-            rid = f"r{n}"
-            core.add_request(rid, torch.randint(0, 128000, (prompt_len,), generator=gen).tolist(),
-                             params)
-            in_flight.add(rid)
-            n += 1
-        for out in core.step():
-            if out.finished:
-                in_flight.discard(out.request_id)
-    nvml_j = nvml_energy_j(source) - window[1]
-    elapsed = time.monotonic() - window[0]
-    core.observers.remove(recorder)
-    core.abort_all()  # the window ends under full load, not in a draining tail
+        if not window and now >= begin + settle_s:
+            llm.core.observers.append(recorder)
+            window.append((now, nvml_energy_j(source)))
+        elif window and now >= window[0][0] + seconds:
+            window.append((now, nvml_energy_j(source)))
+            llm.core.observers.remove(recorder)
+            return True  # the window ends under full load, not in a draining tail: abort the rest
+        return False
+
+    prompts = (torch.randint(0, 128000, (prompt_len,), generator=gen).tolist() for _ in itertools.count())
+    llm.generate(prompts, params, max_in_flight=concurrency, on_step=watch)
+    (t0, j0), (t1, j1) = window
+    nvml_j, elapsed = j1 - j0, t1 - t0
     attributed = sum(s.energy_j for s in recorder.steps)
     tokens = sum(s.num_generation_tokens for s in recorder.steps)
     done = recorder.finished
@@ -128,13 +122,12 @@ def main() -> None:
     if source is None or source.read()[0].energy_j is None:
         sys.exit("power_bench: NVML gives no energy counter for this GPU (the log says why); "
                  "nothing was measured")
-    from wattserve.engine.core import EngineCore
+    from wattserve.engine.llm import LLM
 
-    core = EngineCore(EngineConfig(
-        model=str(write_checkpoint_dir()), load_format="dummy", dtype="bfloat16", tokenizer=args.tokenizer,
-        cache=CacheConfig(kv_cache_memory=8 << 30),
-        scheduler=SchedulerConfig(max_num_seqs=args.concurrency, max_num_batched_tokens=4096,
-                                  max_model_len=8192)))
+    llm = LLM(str(write_checkpoint_dir()), load_format="dummy", dtype="bfloat16", tokenizer=args.tokenizer,
+              kv_cache_memory=8 << 30, max_num_seqs=args.concurrency, max_num_batched_tokens=4096,
+              max_model_len=8192)
+    core = llm.core
     sampler = PowerSampler(source, interval_s=args.sample_interval_ms / 1e3)
     sampler.start()
     core.energy_meter = EnergyMeter(sampler)
@@ -145,14 +138,14 @@ def main() -> None:
                      "model": "Llama-3.1-8B shapes, random weights, bf16",
                      "energy_reference": "NVML nvmlDeviceGetTotalEnergyConsumption delta"}
     try:
-        run_load(core, source, 4, 5, 512, 64, gen)  # warm-up: kernels, allocator
-        results["batch1"] = run_load(core, source, 1, args.phase_seconds, 128, 256, gen)
-        sat = run_load(core, source, args.concurrency, args.phase_seconds, 512, 256, gen)
+        run_load(llm, source, 4, 5, 512, 64, gen)  # warm-up: kernels, allocator
+        results["batch1"] = run_load(llm, source, 1, args.phase_seconds, 128, 256, gen)
+        sat = run_load(llm, source, args.concurrency, args.phase_seconds, 512, 256, gen)
         results["saturating"] = sat
         cap_w = args.cap_fraction * sat["average_power_w"]
         cap = PowerCapController(core, lambda: sampler.snapshot.average_power_w, cap_w)
         core.observers.append(cap)
-        capped = run_load(core, source, args.concurrency, args.phase_seconds, 512, 256, gen,
+        capped = run_load(llm, source, args.concurrency, args.phase_seconds, 512, 256, gen,
                           settle_s=args.settle_seconds)
         capped.update({
             "cap_w": round(cap_w, 1), "power_vs_cap": round(capped["average_power_w"] / cap_w - 1, 4),

@@ -22,17 +22,17 @@ import argparse
 import gc
 import statistics
 import sys
-import time
 
 import torch
 from _roofline import matmul_flops, prefill_flops  # benchmarks/ is the script's directory
 from _results import write_results
 from llama8b_config import write_checkpoint_dir
 
-from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from wattserve.engine.config import SchedulerConfig
 from wattserve.engine.core import EngineCore
+from wattserve.engine.llm import LLM
 from wattserve.engine.request import SamplingParams
-from wattserve.engine.stats import RequestStats, StatsObserver, StepStats
+from wattserve.engine.stats import StatsObserver, StepStats
 from wattserve.server.cli import parse_size
 
 # The warm-up runs on other tokens, so it caches nothing the measured run can use. On CUDA it
@@ -41,16 +41,12 @@ from wattserve.server.cli import parse_size
 CPU_WARMUP_REQUESTS = 2
 
 
-class RunRecorder(StatsObserver):
+class StepRecorder(StatsObserver):
     def __init__(self):
         self.steps: list[StepStats] = []
-        self.requests: list[RequestStats] = []
 
     def on_step(self, step: StepStats) -> None:
         self.steps.append(step)
-
-    def on_finished(self, request: RequestStats) -> None:
-        self.requests.append(request)
 
 
 def workload(args, vocab_size: int, seed: int, num_requests: int) -> list[list[int]]:
@@ -60,17 +56,14 @@ def workload(args, vocab_size: int, seed: int, num_requests: int) -> list[list[i
     return [prefix + q for q in questions]
 
 
-def run(engine: EngineCore, prompts: list[list[int]], max_tokens: int) -> dict:
-    recorder = RunRecorder()
-    engine.observers.append(recorder)
+def run(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
+    recorder = StepRecorder()
+    llm.core.observers.append(recorder)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, params)
-    while engine.has_work():
-        engine.step()
-    engine.observers.remove(recorder)
-    requests, steps = recorder.requests, recorder.steps
-    assert len(requests) == len(prompts) and all(r.generation_tokens == max_tokens for r in requests)
+    requests = [r.stats for r in llm.generate(prompts, params)]
+    llm.core.observers.remove(recorder)
+    steps = recorder.steps
+    assert all(r.generation_tokens == max_tokens for r in requests)
     ttfts = sorted(r.ttft for r in requests)
     busy = [s.gpu_busy_s for s in steps if s.gpu_busy_s is not None]
     return {
@@ -88,16 +81,14 @@ def run(engine: EngineCore, prompts: list[list[int]], max_tokens: int) -> dict:
     }
 
 
-def build_engine(args, device: str, prefix_caching: bool) -> EngineCore:
+def build_llm(args, device: str, prefix_caching: bool) -> LLM:
     model = args.model
     if model is None and args.load_format == "dummy":
         model = str(write_checkpoint_dir())  # Llama-3.1-8B shapes
-    return EngineCore(EngineConfig(
-        model=model, load_format=args.load_format, device=device, tokenizer=args.tokenizer,
-        cache=CacheConfig(kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=args.num_requests,
-                                  max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_model_len=args.prefix_len + args.question_len + args.max_tokens)))
+    return LLM(model, load_format=args.load_format, device=device, tokenizer=args.tokenizer,
+               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=prefix_caching,
+               max_num_seqs=args.num_requests, max_num_batched_tokens=args.max_num_batched_tokens,
+               max_model_len=args.prefix_len + args.question_len + args.max_tokens)
 
 
 def ideal_tokens_ratio(args, block_size: int) -> float:
@@ -149,14 +140,14 @@ def main() -> None:
     matmul = matmul_flops() if device == "cuda" else None
     runs = {}
     for name, prefix_caching in (("no_cache", False), ("prefix_cache", True)):
-        engine = build_engine(args, device, prefix_caching)
-        vocab = engine.model_config.vocab_size
+        llm = build_llm(args, device, prefix_caching)
+        vocab = llm.core.model_config.vocab_size
         warmup = args.num_requests if device == "cuda" else CPU_WARMUP_REQUESTS
-        run(engine, workload(args, vocab, seed=1, num_requests=warmup), args.max_tokens)
-        runs[name] = run(engine, workload(args, vocab, seed=0, num_requests=args.num_requests), args.max_tokens)
-        about = describe(engine, args, matmul)
+        run(llm, workload(args, vocab, seed=1, num_requests=warmup), args.max_tokens)
+        runs[name] = run(llm, workload(args, vocab, seed=0, num_requests=args.num_requests), args.max_tokens)
+        about = describe(llm.core, args, matmul)
         print(name, runs[name], flush=True)
-        del engine
+        del llm
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()  # the next engine sizes its KV cache to the memory left free
