@@ -1,7 +1,10 @@
-"""Batch-1 greedy decode and 16-way concurrency on CPU, default model, against HF transformers.
+"""Batch-1 greedy decode and 16-way concurrency on CPU, default model, against HF transformers;
+and batch 1 served: streamed through /v1/completions of a `wattserve serve` started here.
 
-Both sides run the same dequantized SmolLM2-135M-Instruct weights in float32 on the same
-threads, measured in the same run. Usage: python benchmarks/cpu_decode_bench.py [--new-tokens N]
+All run the same dequantized SmolLM2-135M-Instruct weights in float32 on the same threads,
+measured in the same run, the batch-1 runs alternating (HF, engine, served) so that a change
+in the machine's load touches all three. Usage: python benchmarks/cpu_decode_bench.py
+[--new-tokens N]
 """
 from __future__ import annotations
 
@@ -9,10 +12,15 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import torch
 
 from wattserve.engine.llm import LLM
@@ -40,9 +48,57 @@ def hf_run(model, prompt: list[int], new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
-def median_of(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, thread pool, first-call paths
-    return statistics.median(fn() for _ in range(repeats))
+@contextmanager
+def served(kv_cache_memory: str):
+    """`wattserve serve` (two processes: HTTP front end and engine core) on a free loopback
+    port, with this engine's settings; yields its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    wattserve = Path(sys.executable).parent / "wattserve"
+    server = subprocess.Popen([str(wattserve), "serve", "--host", "127.0.0.1", "--port", str(port),
+                               "--kv-cache-memory", kv_cache_memory, "--no-prefix-caching",
+                               "--log-level", "warning"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while not _ready(url):
+            assert server.poll() is None, "the server exited"
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/ready").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def served_run(url: str, prompt: list[int], new_tokens: int) -> float:
+    """Output tokens per second of one streamed request, from sending it to its last token."""
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as resp:
+        chunks = [line for line in resp.iter_lines() if line.startswith("data: {")]
+    elapsed = time.perf_counter() - start
+    assert json.loads(chunks[-1].removeprefix("data: "))["usage"]["completion_tokens"] == new_tokens
+    return new_tokens / elapsed
+
+
+def medians_alternating(runs: dict, repeats: int) -> dict[str, float]:
+    """Each run once as a warm-up (allocator, thread pool, first-call paths), then `repeats`
+    rounds of all of them in turn; the median of each."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for name, fn in runs.items():
+        fn()
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(fn())
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -63,9 +119,12 @@ def main() -> None:
     prompt = llm.core.tokenizer.encode(text, add_special_tokens=False)
 
     n, r = args.new_tokens, args.repeats
-    hf_tps = median_of(lambda: hf_run(hf, prompt, n), r)
-    one_tps = median_of(lambda: engine_run(llm, prompt, 1, n), r)
-    many_tps = median_of(lambda: engine_run(llm, prompt, args.concurrency, n), r)
+    with served("256MiB") as url:
+        batch1 = medians_alternating({"hf": lambda: hf_run(hf, prompt, n),
+                                      "engine": lambda: engine_run(llm, prompt, 1, n),
+                                      "served": lambda: served_run(url, prompt, n)}, r)
+    hf_tps, one_tps, served_tps = batch1["hf"], batch1["engine"], batch1["served"]
+    many_tps = medians_alternating({"many": lambda: engine_run(llm, prompt, args.concurrency, n)}, r)["many"]
     result = {
         "benchmark": "cpu_decode",
         "model": llm.core.model_name,
@@ -77,6 +136,9 @@ def main() -> None:
         "hf_generate_tok_s": round(hf_tps, 2),
         "wattserve_batch1_tok_s": round(one_tps, 2),
         "wattserve_batch1_vs_hf": round(one_tps / hf_tps, 3),
+        "served_batch1_tok_s": round(served_tps, 2),
+        "served_batch1_vs_engine": round(served_tps / one_tps, 3),
+        "served_batch1_vs_hf": round(served_tps / hf_tps, 3),
         f"wattserve_concurrent{args.concurrency}_tok_s": round(many_tps, 2),
         "concurrency_speedup_vs_batch1": round(many_tps / one_tps, 2),
         "command": "python benchmarks/cpu_decode_bench.py",
@@ -84,6 +146,8 @@ def main() -> None:
     print(f"{'run':<34}{'output tok/s':>14}")
     print(f"{'HF transformers generate, batch 1':<34}{hf_tps:>14.1f}")
     print(f"{'wattserve, batch 1':<34}{one_tps:>14.1f}   ({one_tps / hf_tps:.2f}x HF)")
+    print(f"{'wattserve served, batch 1':<34}{served_tps:>14.1f}   ({served_tps / one_tps:.2f}x engine, "
+          f"{served_tps / hf_tps:.2f}x HF)")
     print(f"{f'wattserve, {args.concurrency} concurrent':<34}{many_tps:>14.1f}   ({many_tps / one_tps:.2f}x batch 1)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
