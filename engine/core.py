@@ -136,6 +136,9 @@ class EngineCore:
         for seq in req.seqs:
             if seq not in req.unforked:  # finish() frees a stopped sequence's blocks too
                 self.scheduler.finish(seq)
+            # A step launched ahead may still hold a token for it: marked, the token is
+            # dropped, even if a new request has taken the id meanwhile.
+            seq.finish_reason = seq.finish_reason or FinishReason.ABORT
         self._finish(req.stats, FinishReason.ABORT, time.monotonic())
 
     def abort_all(self) -> None:
@@ -226,7 +229,7 @@ class EngineCore:
         tokens, logprobs = launched.sampled.resolve()
         sampled: dict[str, int] = {}  # request id -> tokens sampled this step
         for seq, position, tok, lp in zip(launched.samplers, launched.positions, tokens, logprobs):
-            if seq.request_id not in self.requests or seq.finish_reason is not None:
+            if seq.finish_reason is not None:
                 continue  # aborted, or stopped by the previous step's token: this one ran ahead for nothing
             self._append_token(seq, position, tok, lp)
             sampled[seq.request_id] = sampled.get(seq.request_id, 0) + 1
@@ -248,8 +251,8 @@ class EngineCore:
                          prefix_cache_queries=batch.prefix_cache_queries, prefix_cache_hits=batch.prefix_cache_hits)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             req = self.requests.get(seq.request_id)
-            if req is None:
-                continue  # aborted while the step ran
+            if req is None or all(s is not seq for s in req.seqs):
+                continue  # aborted or finished while the step ran; its id may be a new request's
             if req.stats.scheduled_time is None:
                 req.stats.scheduled_time = launched.start
             if energy is not None:  # split by tokens processed: see engine/energy.py

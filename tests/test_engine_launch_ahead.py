@@ -132,3 +132,20 @@ class HitCounter(StatsObserver):
 
     def on_step(self, step):
         self.tokens += step.prefix_cache_hits
+
+
+def test_an_id_reused_after_an_abort_with_a_step_in_flight():
+    """The aborted request's token, still in flight, is dropped: it must not land in the new
+    request that took its id (it once appended to freed blocks and crashed)."""
+    engine, reference = make("on"), make("off")
+    ids = prompt(engine, QUESTIONS[0])
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine.add_request("r0", ids, params)
+    for _ in range(3):
+        engine.step()
+    assert engine._in_flight is not None  # a step launched ahead, its tokens unread
+    engine.abort("r0")
+    again = collect(engine, {"r0": (ids, params)})
+    assert again == collect(reference, {"r0": (ids, params)})
+    assert len(again["r0"]["tokens"][0]) == 8
+    assert_all_blocks_free(engine)
