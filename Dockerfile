@@ -47,13 +47,15 @@ COPY docker/entrypoint.sh /usr/local/bin/wattserve-entrypoint
 # uid to a user `ubuntu`, which nothing here needs.
 RUN if id ubuntu >/dev/null 2>&1; then userdel ubuntu; fi \
     && useradd --create-home --uid 1000 wattserve \
-    && mkdir -p /models/hf-cache \
+    && mkdir -p /models/hf-cache /models/triton-cache \
     && chown -R wattserve:wattserve /models
-# /models: local model directories and GGUF files, and the Hugging Face cache, kept across
-# containers when a host directory or a named volume is mounted there.
+# /models: local model directories and GGUF files, the Hugging Face cache and Triton's compiled
+# kernels, kept across containers when a host directory or a named volume is mounted there: a
+# restart's warm-up (engine/warmup.py) then loads its kernels instead of compiling them.
 VOLUME /models
 ENV PATH=/opt/wattserve/venv/bin:$PATH \
     HF_HOME=/models/hf-cache \
+    TRITON_CACHE_DIR=/models/triton-cache \
     WATTSERVE_PORT=8000
 # By number: Kubernetes' runAsNonRoot can only check a numeric user.
 USER 1000

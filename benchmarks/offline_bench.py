@@ -12,10 +12,14 @@ dequantized weights; no bound (its probes are CUDA's).
 
 Both sides are timed from the first request submitted to the last token; HF's manager start-up
 and shut-down (seconds even on CPU) fall outside where transformers records request times,
-inside otherwise (`wall_seconds` has them). Each side runs a short warm-up first.
+inside otherwise (`wall_seconds` has them). HF runs a short warm-up first; the engine warms
+itself up when it starts (engine/warmup.py). --repeat 2 runs the batch twice (fresh prompts each
+time, so the prefix cache serves none) and reports each run: the first is the first batch a
+server sees after it starts, so on a GPU it shows what compiling on the way still costs
+(with --no-warm-up, what the warm-up saves).
 
 Usage: python benchmarks/offline_bench.py [--num-requests 256] [--input-len 512]
-       [--output-len 128] [--hf-peer] [--tokenizer DIR]
+       [--output-len 128] [--hf-peer] [--tokenizer DIR] [--repeat 2] [--no-warm-up]
 Writes benchmarks/results/offline_<device>.json.
 """
 from __future__ import annotations
@@ -41,7 +45,7 @@ from wattserve.engine.request import SamplingParams
 from wattserve.engine.stats import StatsObserver, StepStats
 from wattserve.server.cli import parse_size
 
-WARMUP_OUTPUT_LEN = 2  # enough to run the prefill shapes and a mixed step before timing
+HF_WARMUP_OUTPUT_LEN = 2  # enough to run the prefill shapes and a mixed step before timing
 
 
 @dataclass
@@ -83,7 +87,7 @@ def run_hf(model, prompts: list[list[int]], output_len: int, batching: dict) -> 
     def config(n: int) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1)  # -1: never stop early
 
-    model.generate_batch(inputs=prompts[:2], generation_config=config(WARMUP_OUTPUT_LEN), **batching)
+    model.generate_batch(inputs=prompts[:2], generation_config=config(HF_WARMUP_OUTPUT_LEN), **batching)
     start = time.perf_counter()
     outputs = list(model.generate_batch(inputs=prompts, generation_config=config(output_len), **batching).values())
     wall = time.perf_counter() - start
@@ -136,7 +140,7 @@ def build(args, device: torch.device):
     options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                    max_model_len=args.input_len + args.output_len, kv_cache_memory=args.kv_cache_memory)
     if device.type == "cpu":
-        llm = LLM(device="cpu", **options)
+        llm = LLM(device="cpu", warm_up=args.warm_up, **options)
         path = default_model_path()
         hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                   dtype=torch.float32).eval() if args.hf_peer else None
@@ -147,7 +151,7 @@ def build(args, device: torch.device):
         with torch.device(device):
             hf = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA31_8B), dtype=torch.bfloat16).eval()
     llm = LLM(str(write_checkpoint_dir()), load_format="dummy", dtype="bfloat16", device=str(device),
-              tokenizer=args.tokenizer, seed=args.seed, **options)
+              tokenizer=args.tokenizer, seed=args.seed, warm_up=args.warm_up, **options)
     if hf is not None:
         llm.core.runner.model.load_weights(hf.state_dict().items())
     return llm, hf
@@ -165,6 +169,10 @@ def main() -> None:
                     help="bytes for the KV cache, e.g. 24GiB (default: the engine's rule)")
     ap.add_argument("--tokenizer", help="CUDA: tokenizer dir for the random-weight model (default: the default model's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the batch this many times in the process; the last run is compared")
+    ap.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                    help="start the engine without its warm-up (engine/warmup.py)")
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/offline_<device>.json)")
     args = ap.parse_args()
 
@@ -176,9 +184,10 @@ def main() -> None:
     llm, hf = build(args, device)
     engine = llm.core
     gen = torch.Generator().manual_seed(args.seed)
-    # Warm-up prompts of their own: the prefix cache would serve the measured ones from them.
-    prompts, warmup = torch.randint(0, engine.model_config.vocab_size, (2, args.num_requests, args.input_len),
-                                    generator=gen).tolist()
+    # Prompts of its own for each run: the prefix cache would serve a repeated one.
+    batches = torch.randint(0, engine.model_config.vocab_size, (args.repeat, args.num_requests, args.input_len),
+                            generator=gen).tolist()
+    prompts = batches[-1]
     label = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     results: dict = {
         "benchmark": "offline", "device": label, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -187,8 +196,11 @@ def main() -> None:
         "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
     }
-    run_engine(llm, warmup, WARMUP_OUTPUT_LEN)
-    results["wattserve"] = ours = run_engine(llm, prompts, args.output_len)
+    results["repeat"], results["warm_up"] = args.repeat, args.warm_up
+    results["wattserve_runs"] = runs = [run_engine(llm, batch, args.output_len) for batch in batches]
+    results["wattserve"] = ours = runs[-1]
+    if len(runs) > 1:
+        results["first_vs_last_output_tok_s"] = round(runs[0]["output_tok_s"] / ours["output_tok_s"], 3)
     results["bound"] = None if limits is None else physical_bound(
         engine, args.num_requests, args.input_len, args.output_len, *limits)
     del llm, engine
@@ -203,13 +215,16 @@ def main() -> None:
     print(f"{args.num_requests} requests x {args.input_len} prompt tokens -> {args.output_len} output tokens, "
           f"{results['model']} ({results['dtype']}) on {label}")
     print(f"{'run':<34}{'output tok/s':>14}{'total tok/s':>13}{'seconds':>10}")
-    for name, r in (("wattserve", ours), ("HF transformers generate_batch", peer)):
+    named = [(f"wattserve run {i + 1}" if len(runs) > 1 else "wattserve", r) for i, r in enumerate(runs)]
+    for name, r in (*named, ("HF transformers generate_batch", peer)):
         if r is not None:
             print(f"{name:<34}{r['output_tok_s']:>14}{r['total_tok_s']:>13}{r['seconds']:>10}")
     if bound is not None:
         print(f"{'physical bound':<34}{bound['output_tok_s']:>14}{'':>13}{bound['prefill_s'] + bound['decode_s']:>10.3f}")
         print(f"wattserve at {results['fraction_of_bound']:.0%} of the bound (prefill {bound['prefill_s']} s at "
               f"{bound['matmul_tflops']} TFLOP/s + {bound['decode_steps']} steps at {bound['copy_bandwidth_TBps']} TB/s)")
+    if len(runs) > 1:
+        print(f"first run at {results['first_vs_last_output_tok_s']:.1%} of the last run's output tok/s")
     if peer is not None:
         print(f"wattserve / HF: {results['vs_hf']}x")
     if ours["gpu_idle_fraction_of_step_time"] is not None:

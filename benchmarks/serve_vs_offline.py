@@ -40,7 +40,7 @@ def main() -> None:
           f"{serve['heaviest_load_meeting_slo']}")
     write_results({"benchmark": "serve_vs_offline", "device": label,
                    "offline_output_tok_s": engine_tok_s,
-                   "offline_first_vs_second": offline.get("first_vs_second"),
+                   "offline_first_vs_last": offline.get("first_vs_last_output_tok_s"),
                    "saturation_vs_offline": max(r["vs_offline"] for r in rows),
                    "slo_curve_monotonic": monotonic,
                    "heaviest_load_meeting_slo": serve["heaviest_load_meeting_slo"], "runs": rows},

@@ -129,5 +129,8 @@ class EngineConfig:
     # Launch each step before reading the last one's tokens (engine/core.py): auto | on | off;
     # auto is on for CUDA, off for CPU.
     launch_ahead: str = "auto"
+    # Run every shape and sampling path once before serving, so no request waits for a Triton
+    # compile or a first cuBLAS call (engine/warmup.py).
+    warm_up: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -24,6 +24,7 @@ from wattserve.engine.scheduler import ScheduledBatch, Scheduler
 from wattserve.engine.sequence import PLACEHOLDER, Sequence
 from wattserve.engine.slo import SLO
 from wattserve.engine.stats import EngineStats, RequestStats, StatsObserver, StepStats
+from wattserve.engine.warmup import warm_up
 from wattserve.kernels.kv_format import kv_format
 
 log = logging.getLogger("wattserve.engine")
@@ -105,6 +106,8 @@ class EngineCore:
             cache.block_size, capacity, num_blocks * self.runner.bytes_per_block(cache.block_size) / 2**20,
             max_len, "on" if cache.enable_prefix_caching else "off",
         )
+        if config.warm_up:
+            log.info("warm-up took %.2f s", warm_up(self))
 
     # ---- requests ----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -81,6 +81,14 @@ class BlockPool:
             self._block_of[key] = block
             self._key_of[block] = key
 
+    def forget_cached(self) -> None:
+        """Drop every key (the prefix cache empties); the blocks must all be free."""
+        assert self.num_free == self.num_blocks, "blocks still in use"
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._key_of.clear()
+        self._block_of.clear()
+
     def lookup(self, keys: list[bytes]) -> list[int]:
         """The blocks of the longest run of `keys`, from the first, that is cached."""
         blocks = []

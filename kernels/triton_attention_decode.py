@@ -83,7 +83,10 @@ def _merge_lanes(acc, m, l, LANES: tl.constexpr):
     return acc, m_all, tl.sum(tl.reshape(l, [LANES, ROWS]) * w, axis=0)
 
 
-@triton.jit
+# Outside CUDA graphs num_splits and stride_table (the widest block table) change from step to
+# step; specializing them on == 1 and multiples of 16 would compile more variants for scalars
+# used once per program (SPLIT already tells the kernel whether it splits).
+@triton.jit(do_not_specialize=["num_splits", "stride_table"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,

@@ -79,7 +79,10 @@ def _attend_coded_tile(
     )
 
 
-@triton.jit
+# num_seqs and stride_table (the widest block table) change from step to step; Triton would
+# compile a variant for each of == 1, a multiple of 16 and neither, for scalars that only
+# index a binary search and a row of the table: one variant (engine/warmup.py compiles it).
+@triton.jit(do_not_specialize=["num_seqs", "stride_table"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, k_res_ptr, v_res_ptr, res_tables_ptr, res_starts_ptr,

@@ -89,6 +89,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="launch each engine step before reading the previous step's tokens, "
                             "so the GPU never waits for the host (a sequence that stops runs one "
                             "step more, discarded); auto: on for CUDA, off for CPU")
+    group.add_argument("--no-warm-up", dest="warm_up", action="store_false", default=engine.warm_up,
+                       help="skip the startup pass that runs every prefill size, decode batch size "
+                            "and sampling path once so that no request waits for a kernel compile "
+                            "(on a GPU it takes about as long as those compiles; on a CPU, with "
+                            "nothing to compile, only the sampling paths run)")
     group = parser.add_argument_group("KV cache")
     group.add_argument("--block-size", type=int, default=cache.block_size,
                        help="tokens per KV cache block (the unit of allocation and of prefix "
@@ -184,7 +189,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
         tokenizer=args.tokenizer, seed=args.seed, enforce_eager=args.enforce_eager,
-        launch_ahead=args.launch_ahead,
+        launch_ahead=args.launch_ahead, warm_up=args.warm_up,
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                           memory_fraction=args.gpu_memory_utilization,
                           kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=args.prefix_caching),

@@ -48,12 +48,14 @@ def test_serve_bench_closed_loop_with_sampled_lengths(live_server, tmp_path):
     assert run["output_tokens"] == run["expected_output_tokens"]
 
 
-def test_offline_bench_with_the_hf_peer(tmp_path):
+def test_offline_bench_twice_with_the_hf_peer(tmp_path):
     out = tmp_path / "offline.json"
     bench("offline_bench.py", "--num-requests", str(REQUESTS), "--input-len", str(INPUT_LEN),
-          "--output-len", str(OUTPUT_LEN), "--hf-peer", "--out", str(out))
+          "--output-len", str(OUTPUT_LEN), "--hf-peer", "--repeat", "2", "--out", str(out))
     result = json.loads(out.read_text())
-    assert result["wattserve"]["output_tokens"] == REQUESTS * OUTPUT_LEN
+    first, last = result["wattserve_runs"]
+    assert last == result["wattserve"] and first["output_tokens"] == last["output_tokens"] == REQUESTS * OUTPUT_LEN
+    assert result["first_vs_last_output_tok_s"] > 0
     assert result["hf_generate_batch"]["output_tokens"] == REQUESTS * OUTPUT_LEN
     assert result["bound"] is None and result["wattserve"]["gpu_idle_fraction_of_step_time"] is None
     assert result["vs_hf"] > 0

@@ -183,7 +183,7 @@ def container(tmp_path_factory):
         WATTSERVE_CONFIG=str(REPO / "configs" / "smollm2-cpu.yaml"),
         WATTSERVE_KV_CACHE_DTYPE="auto",
         WATTSERVE_SLO_TTFT_MS="5000", WATTSERVE_SLO_TPOT_MS="500",
-        HF_HOME=str(directory / "hf-cache"),  # /models is the image's
+        HF_HOME=str(directory / "hf-cache"), TRITON_CACHE_DIR=str(directory / "triton-cache"),  # /models is the image's
         PATH=VENV_BIN + os.pathsep + env["PATH"])
     server = Container(env, ("--kv-cache-memory", "64MiB", "--served-model-name", "docker-test"),
                        directory / "server.log")
