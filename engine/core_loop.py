@@ -35,8 +35,4 @@ def run_core_loop(core: EngineCore, next_message: Callable[[bool], Message | Non
                 core.add_request(*msg[1:])
             except (InvalidRequestError, QueueFull) as exc:
                 errors[msg[1]] = exc
-        import time, torch
-        t = time.perf_counter(); c = time.process_time()
-        outs = core.step() if core.has_work() else []
-        if outs: print("step", time.perf_counter() - t, "cpu", time.process_time() - c, torch.get_num_threads(), flush=True)
-        publish(outs, errors)
+        publish(core.step() if core.has_work() else [], errors)
