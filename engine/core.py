@@ -14,7 +14,7 @@ from wattserve.engine.kv_cache import KVCacheManager
 from wattserve.engine.loader import default_model_path, load_checkpoint
 from wattserve.engine.model_runner import ModelRunner
 from wattserve.engine.request import (
-    FinishReason, InvalidRequestError, QueueFull, RequestOutput, SamplingParams, SequenceOutput,
+    FinishReason, InvalidRequestError, RequestOutput, SamplingParams, SequenceOutput,
     check_request,
 )
 from wattserve.engine.gpu_timer import GpuSpan
@@ -113,13 +113,11 @@ class EngineCore:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, slo: SLO | None = None) -> None:
         """`arrival_time`: time.monotonic() when the request reached the server, if earlier.
-        Raises InvalidRequestError, or QueueFull when more than max_queue_len requests would
-        wait for a free sequence slot."""
+        Raises InvalidRequestError. The queue limit is the serving loop's to apply
+        (engine/core_loop.py): offline callers and the warm-up queue as much as they like."""
         check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
-        if self.num_queued() >= self.max_queue_len:
-            raise QueueFull(f"{self.max_queue_len} requests are already waiting")
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         seqs = [
             Sequence(request_id, i, prompt_token_ids, params, max_tokens,

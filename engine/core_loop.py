@@ -32,6 +32,8 @@ def run_core_loop(core: EngineCore, next_message: Callable[[bool], Message | Non
                 core.abort(msg[1])
                 continue
             try:
+                if core.num_queued() >= core.max_queue_len:
+                    raise QueueFull(f"{core.max_queue_len} requests are already waiting")
                 core.add_request(*msg[1:])
             except (InvalidRequestError, QueueFull) as exc:
                 errors[msg[1]] = exc

@@ -24,6 +24,9 @@ log = logging.getLogger("wattserve.server")
 POLL_S = 0.05
 # After the grace period, how long the routes get to write the errors of what was ended.
 ENDED_WRITE_S = 2.0
+# After the engine died, how long /health keeps answering 503 (rather than refusing the
+# connection), so that probes and load balancers see why the server goes away.
+DEATH_LINGER_S = 1.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -48,12 +51,12 @@ class DrainingServer(uvicorn.Server):
         log.error("stopping: %s", reason)
         self._state.draining = True
         self._grace_s = 0.0
-        self._start_drain(reason)
+        self._start_drain(reason, DEATH_LINGER_S)
 
-    def _start_drain(self, reason: str) -> None:
-        asyncio.ensure_future(self._drain(reason))
+    def _start_drain(self, reason: str, linger_s: float = 0.0) -> None:
+        asyncio.ensure_future(self._drain(reason, linger_s))
 
-    async def _drain(self, reason: str) -> None:
+    async def _drain(self, reason: str, linger_s: float) -> None:
         engine = self._state.engine
         log.info("%s: draining %d open requests for up to %g s", reason, engine.num_open_requests,
                  self._grace_s)
@@ -63,6 +66,7 @@ class DrainingServer(uvicorn.Server):
                         engine.num_open_requests)
             engine.end_all(EngineDead("the server shut down before the request finished"))
             await self._until_no_open_requests(ENDED_WRITE_S)
+        await asyncio.sleep(linger_s)
         self.should_exit = True
 
     async def _until_no_open_requests(self, seconds: float) -> None:

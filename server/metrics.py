@@ -114,7 +114,7 @@ class Metrics(StatsObserver):
         self.slo_met = counter("slo_met", "Requests with an SLO that met both TTFT and TPOT.")
         self.registry.register(EngineCollector(snapshot, model_name))
         self.registry.register(SLOCollector(self._slo_window, model_name, slo))
-        if power is not None:
+        if power:
             self.energy = counter("inference_energy_joules",
                                   "Energy of engine steps (idle time excluded), attributed to "
                                   "the tokens they processed.")
