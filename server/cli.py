@@ -81,7 +81,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer", default=engine.tokenizer,
                        help="tokenizer directory or id, if not the model's own")
     group.add_argument("--seed", type=int, default=engine.seed,
-                       help="seed for requests that do not give their own")
+                       help="seed of the random weights of --load-format dummy (requests without "
+                            "a seed of their own are not seeded by it)")
     group.add_argument("--enforce-eager", action="store_true", default=engine.enforce_eager,
                        help="CUDA: run decode steps kernel by kernel instead of replaying the "
                             "CUDA graphs captured at startup (slower; for debugging)")
