@@ -63,11 +63,8 @@ class EngineClient:
         self._started = False
 
     # ---- what a subclass provides ------------------------------------------------------
-    def _send_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                  arrival_time: float, slo: SLO | None) -> None:
-        raise NotImplementedError
-
-    def _send_abort(self, request_id: str) -> None:
+    def _send(self, message: tuple) -> None:
+        """Deliver a message of engine/core_loop.py to the core loop."""
         raise NotImplementedError
 
     async def start(self) -> None:
@@ -118,7 +115,7 @@ class EngineClient:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._send_add(request_id, prompt_token_ids, params, arrival_time, slo)
+        self._send(("add", request_id, prompt_token_ids, params, arrival_time, slo))
         finished = False
         try:
             while True:
@@ -135,7 +132,7 @@ class EngineClient:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._send_abort(request_id)
+        self._send(("abort", request_id))
 
     def end_all(self, error: EngineDead) -> None:
         """End every open request with `error` (their iterators raise it, which aborts them

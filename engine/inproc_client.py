@@ -16,8 +16,8 @@ from wattserve.engine.client import EngineClient, EngineSnapshot
 from wattserve.engine.config import EngineConfig, MonitorConfig
 from wattserve.engine.core import EngineCore
 from wattserve.engine.monitor import CoreMonitor
-from wattserve.engine.power import PowerSource
 from wattserve.engine.core_loop import Message, run_core_loop
+from wattserve.engine.power import PowerSource
 from wattserve.engine.request import EngineDead, RequestOutput
 from wattserve.engine.stats import StatsObserver
 
@@ -47,7 +47,7 @@ class InprocClient(EngineClient):
         self._started = True
 
     async def shutdown(self) -> None:
-        self._inbox.put(("shutdown",))
+        self._send(("shutdown",))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
         self._monitor.stop()
@@ -58,11 +58,8 @@ class InprocClient(EngineClient):
     def add_observer(self, observer: StatsObserver) -> None:
         self.core.observers.append(observer)
 
-    def _send_add(self, *request) -> None:
-        self._inbox.put(("add", *request))
-
-    def _send_abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+    def _send(self, message: Message) -> None:
+        self._inbox.put(message)
 
     # ---- the engine thread -------------------------------------------------------------
     def _next_message(self, block: bool) -> Message | None:

@@ -23,8 +23,7 @@ import zmq.asyncio
 from wattserve.engine.client import EngineClient, EngineInfo, EngineSnapshot
 from wattserve.engine.config import EngineConfig, MonitorConfig
 from wattserve.engine.core_process import run_core_process
-from wattserve.engine.request import EngineDead, SamplingParams
-from wattserve.engine.slo import SLO
+from wattserve.engine.request import EngineDead
 from wattserve.engine.stats import StatsObserver, StepStats
 from wattserve.engine.tokenizer import Tokenizer
 
@@ -106,10 +105,6 @@ class MPClient(EngineClient):
         self._context.destroy(linger=0)
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
-    @property
-    def exit_code(self) -> int | None:
-        return self._process.exitcode
-
     def snapshot(self) -> EngineSnapshot:
         return self._snapshot
 
@@ -117,13 +112,6 @@ class MPClient(EngineClient):
         self._observers.append(observer)
 
     # ---- messages ----------------------------------------------------------------------
-    def _send_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                  arrival_time: float, slo: SLO | None) -> None:
-        self._send(("add", request_id, prompt_token_ids, params, arrival_time, slo))
-
-    def _send_abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
-
     def _send(self, message: tuple) -> None:
         self._to_core.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
