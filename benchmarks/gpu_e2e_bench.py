@@ -31,8 +31,7 @@ from _roofline import (
 from _results import write_results
 from llama8b_config import LLAMA31_8B, write_checkpoint_dir
 
-from wattserve.engine.core import EngineCore
-from wattserve.engine.llm import LLM
+from wattserve.engine.llm import LLM, prompt_logits
 from wattserve.engine.loader import load_tokenizer_only
 from wattserve.engine.request import SamplingParams
 
@@ -42,18 +41,6 @@ def generate(llm: LLM, prompt: list[int], n: int, min_tokens: int = 0) -> tuple[
     params = SamplingParams(temperature=0, max_tokens=n, min_tokens=min_tokens, ignore_eos=not min_tokens)
     (result,) = llm.generate([prompt], params)
     return result.choices[0].token_ids, result.stats.decode_time
-
-
-def last_logits(engine: EngineCore, prompt: list[int]) -> torch.Tensor:
-    from wattserve.engine.detokenizer import IncrementalDetokenizer
-    from wattserve.engine.sequence import Sequence
-
-    seq = Sequence("x", 0, prompt, SamplingParams(), 1, IncrementalDetokenizer(engine.tokenizer.hf, [], []))
-    engine.kv.allocate(seq.seq_id, len(prompt))
-    try:
-        return engine.runner.execute([seq], [len(prompt)], [engine.kv.tables[seq.seq_id]])[0].float()
-    finally:
-        engine.kv.free(seq.seq_id)
 
 
 def hf_reference(hf, prompts: list[list[int]], steps: int) -> list[tuple[torch.Tensor, list[int]]]:
@@ -76,7 +63,7 @@ def agreement(logits: torch.Tensor, tokens: list[int], ref: tuple[torch.Tensor, 
 
 
 def engine_outputs(llm: LLM, prompts: list[list[int]], steps: int) -> list[tuple[torch.Tensor, list[int]]]:
-    return [(last_logits(llm.core, p), generate(llm, p, steps, min_tokens=steps)[0]) for p in prompts]
+    return [(prompt_logits(llm.core, p), generate(llm, p, steps, min_tokens=steps)[0]) for p in prompts]
 
 
 def dtype_study(make_llm, hf, prompts: list[list[int]], steps: int = 32):

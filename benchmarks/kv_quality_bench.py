@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 from wattserve.engine.core import EngineCore
 from wattserve.engine.llm import LLM
-from wattserve.engine.request import SamplingParams
-from wattserve.engine.sequence import Sequence
+from wattserve.engine.step_input import StepInput
 from wattserve.kernels.kv_format import (
     KV_CACHE_DTYPES,
     bytes_per_block,
@@ -66,24 +65,24 @@ def steps_logprobs(engine: EngineCore, windows: list[list[int]], chunk: int):
     the step's positions, run through the engine's paged cache (its KV dtype); the cache is
     freed at the end."""
     runner, kv = engine.runner, engine.kv
-    seqs = [Sequence("quality", i, ids, SamplingParams(max_tokens=1), 1, None) for i, ids in enumerate(windows)]
+    seq_ids = [-1 - i for i in range(len(windows))]  # no Sequence's: theirs count up from 0
     length = len(windows[0])
     try:
         for start in range(0, length, chunk):
             n = min(chunk, length - start)
-            for seq in seqs:
-                kv.allocate(seq.seq_id, start + n)
-            residual = [kv.residual(s.seq_id) for s in seqs] if kv.uses_residual else None
-            input_ids, positions, meta, _ = runner._prepare(
-                seqs, [n] * len(seqs), [kv.tables[s.seq_id] for s in seqs], residual)
+            for seq_id in seq_ids:
+                kv.allocate(seq_id, start + n)
+            inputs = StepInput(token_ids=[t for ids in windows for t in ids[start : start + n]],
+                               starts=[start] * len(windows), num_new=[n] * len(windows),
+                               tables=[kv.tables[i] for i in seq_ids], samples=[False] * len(windows),
+                               rings=[kv.ring(i) for i in seq_ids] if kv.uses_rings else None)
+            input_ids, positions, meta, _ = runner._prepare(inputs)
             hidden = runner.model(input_ids, positions, runner.kv_caches, meta)
-            logits = runner.model.compute_logits(hidden).float().view(len(seqs), n, -1)
+            logits = runner.model.compute_logits(hidden).float().view(len(windows), n, -1)
             yield F.log_softmax(logits, dim=-1)
-            for seq in seqs:
-                seq.num_computed_tokens += n
     finally:
-        for seq in seqs:
-            kv.free(seq.seq_id)
+        for seq_id in seq_ids:
+            kv.free(seq_id)
 
 
 def capacity_table() -> dict:

@@ -13,6 +13,9 @@ latency percentiles against the achieved request rate.
   TTFT: request sent -> first chunk with text. ITL: between consecutive chunks with text.
   TPOT: (latency - TTFT) / (output tokens - 1), as DistServe and the server's metric define it.
   Output tokens: the usage chunk's completion_tokens (stream_options.include_usage).
+  Steady output tok/s (arrivals at a finite rate, servers with our /metrics): the server's
+  generated-token counter over the middle of the arrivals (from 30% to 95% of their expected
+  span), which leaves out the ramp-up at the start and the tail after the last arrival.
 
 Usage: python benchmarks/serve_bench.py --base-url http://127.0.0.1:8000 --request-rates 1,2,4,inf
 Writes benchmarks/results/serve_<device>.json and .png (device: --label, default this host's).
@@ -151,6 +154,15 @@ async def run_load(client: httpx.AsyncClient, model: str, requests: list[tuple[l
     return results, time.perf_counter() - start
 
 
+async def steady_window(client: httpx.AsyncClient, arrival_span: float) -> tuple[dict, dict, float] | None:
+    """Scrapes at 30% and 95% of the arrivals' expected span: (first, second, seconds between)."""
+    await asyncio.sleep(0.3 * arrival_span)
+    first, t0 = await scrape(client), time.perf_counter()
+    await asyncio.sleep(0.65 * arrival_span)
+    second = await scrape(client)
+    return (first, second, time.perf_counter() - t0) if first and second else None
+
+
 async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
     """Each of our /metrics series' value by name, summed over its labels; {} for a server
     without them."""
@@ -178,7 +190,7 @@ def percentiles_ms(values: list[float]) -> dict[str, float] | None:
 
 
 def summarize(load: Load, results: list[Result], duration: float, before: dict, after: dict,
-              slo_ttft_s: float, slo_tpot_s: float) -> dict:
+              window: tuple[dict, dict, float] | None, slo_ttft_s: float, slo_tpot_s: float) -> dict:
     done = [r for r in results if r.ok]
     met = [r for r in done if r.ttft <= slo_ttft_s and (r.tpot is None or r.tpot <= slo_tpot_s)]
     input_tokens = sum(r.prompt_len for r in done)
@@ -201,6 +213,8 @@ def summarize(load: Load, results: list[Result], duration: float, before: dict, 
         "expected_output_tokens": sum(r.expected_output_len for r in results),
         "input_tok_s": round(input_tokens / duration, 2),
         "output_tok_s": round(output_tokens / duration, 2),
+        "steady_output_tok_s": None if window is None or GENERATION_TOKENS not in window[0] else round(
+            (window[1][GENERATION_TOKENS] - window[0][GENERATION_TOKENS]) / window[2], 2),
         "ttft_ms": percentiles_ms([r.ttft for r in done]),
         "tpot_ms": percentiles_ms([r.tpot for r in done if r.tpot is not None]),
         "itl_ms": percentiles_ms([t for r in done for t in r.itl]),
@@ -313,10 +327,12 @@ async def bench(args: argparse.Namespace) -> dict:
                                      args.input_len, args.output_len, args.len_distribution,
                                      args.vocab_size, rng)
             before = await scrape(client)
+            window = (asyncio.create_task(steady_window(client, len(requests) / load.rate))
+                      if load.rate is not None and math.isfinite(load.rate) else None)
             results, duration = await run_load(client, model, requests, load,
                                                args.arrivals == "poisson", rng)
             runs.append(summarize(load, results, duration, before, await scrape(client),
-                                  args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3))
+                                  window and await window, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3))
     return {"model": model, "runs": runs}
 
 
@@ -327,11 +343,11 @@ def print_table(runs: list[dict]) -> None:
     def opt(value, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    print(f"{'load':<18}{'ok/fail':>9}{'req/s':>8}{'in tok/s':>10}{'out tok/s':>10}{'TTFT p50/p99 ms':>18}"
+    print(f"{'load':<18}{'ok/fail':>9}{'req/s':>8}{'in tok/s':>10}{'out tok/s':>10}{'steady':>8}{'TTFT p50/p99 ms':>18}"
           f"{'TPOT p50/p99 ms':>17}{'ITL p99':>9}{'goodput':>9}{'SLO %':>7}{'J/tok':>8}{'GPU idle':>9}")
     for r in runs:
         print(f"{r['load']:<18}{r['completed']:>5}/{r['failed']:<3}{r['request_throughput']:>8.2f}"
-              f"{r['input_tok_s']:>10.1f}{r['output_tok_s']:>10.1f}"
+              f"{r['input_tok_s']:>10.1f}{r['output_tok_s']:>10.1f}{opt(r['steady_output_tok_s'], '.0f'):>8}"
               f"{cell(r['ttft_ms'], 'p50') + '/' + cell(r['ttft_ms'], 'p99'):>18}"
               f"{cell(r['tpot_ms'], 'p50') + '/' + cell(r['tpot_ms'], 'p99'):>17}{cell(r['itl_ms'], 'p99'):>9}"
               f"{r['goodput_req_s']:>9.2f}{100 * r['slo_attainment']:>7.1f}"

@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from wattserve.engine.output_processor import OutputProcessor
 from wattserve.engine.power import PowerSnapshot
 from wattserve.engine.request import (
-    EngineDead, InvalidRequestError, RequestOutput, SamplingParams, check_request,
+    EngineDead, InvalidRequestError, RequestOutput, SamplingParams, check_request, merge_outputs,
 )
 from wattserve.engine.slo import SLO
 from wattserve.engine.stats import EngineStats, StatsObserver
@@ -59,6 +60,7 @@ class EngineClient:
         self.info = info
         self.tokenizer = tokenizer
         self._streams: dict[str, asyncio.Queue] = {}
+        self._outputs = OutputProcessor(tokenizer)
         self._error: EngineDead | None = None
         self._started = False
 
@@ -115,23 +117,32 @@ class EngineClient:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
+        self._outputs.add(request_id, prompt_token_ids, params)
         self._send(("add", request_id, prompt_token_ids, params, arrival_time, slo))
         finished = False
         try:
             while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
+                # Outputs that queued up while this consumer waited its turn go out as one.
+                item, ready = await stream.get(), []
+                while isinstance(item, RequestOutput):
+                    ready.append(item)
+                    item = None if item.finished or stream.empty() else stream.get_nowait()
+                if ready:
+                    out = ready[0] if len(ready) == 1 else merge_outputs(ready)
+                    yield out
+                    if out.finished:
+                        finished = True
+                        return
+                if item is not None:
                     raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
         finally:
             self._streams.pop(request_id, None)
+            self._outputs.remove(request_id)
             if not finished and self.is_alive:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        self._outputs.remove(request_id)
         self._send(("abort", request_id))
 
     def end_all(self, error: EngineDead) -> None:
@@ -142,10 +153,15 @@ class EngineClient:
 
     # ---- for subclasses, on the event loop --------------------------------------------
     def _deliver(self, outputs: list[RequestOutput], errors: dict[str, Exception]) -> None:
+        """A core message's outputs (token ids) and refusals, to their streams, with text."""
         for request_id, error in errors.items():
             self._post(request_id, error)
-        for out in outputs:
+        for out in self._outputs.process_all(outputs, self._stop):
             self._post(out.request_id, out)
+
+    def _stop(self, request_id: str, indices: list[int]) -> None:
+        """Stop strings ended these sequences: the core runs them no more."""
+        self._send(("stop", request_id, indices))
 
     def _post(self, request_id: str, item: RequestOutput | Exception) -> None:
         stream = self._streams.get(request_id)

@@ -10,6 +10,7 @@ from wattserve.engine.request import InvalidRequestError, QueueFull, RequestOutp
 # Messages, as tuples (cheap to pickle):
 #   ("add", request_id, prompt_token_ids, params, arrival_time, slo)
 #   ("abort", request_id)
+#   ("stop", request_id, indices): the front end found stop strings (engine/output_processor.py)
 #   ("shutdown",)
 Message = tuple
 
@@ -30,6 +31,9 @@ def run_core_loop(core: EngineCore, next_message: Callable[[bool], Message | Non
                 return
             if msg[0] == "abort":
                 core.abort(msg[1])
+                continue
+            if msg[0] == "stop":
+                core.stop(*msg[1:])
                 continue
             try:
                 if core.num_queued() >= core.max_queue_len:

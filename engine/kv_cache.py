@@ -103,26 +103,26 @@ class BlockPool:
 class KVCacheManager:
     """Maps sequences to blocks: grow a table to hold more tokens, fork it, free it.
 
-    With `num_residual_slots` (a KIVI cache: int4, int2; kernels/kv_format.py) every sequence holding
-    blocks also holds one residual slot, for its last blocks in full precision.
+    With `num_rings` (a KIVI cache: int4, int2; kernels/kv_format.py) every sequence holding
+    blocks also holds one ring: its last blocks in full precision (engine/kivi_plan.py).
 
     With prefix caching, each block that fills with computed tokens is registered under its key
     (engine/block_hash.py), and a sequence being admitted starts from the cached blocks of its
     longest matching prefix. Only full blocks are keyed, so with KIVI a hit ends on a block
-    boundary and the sequence starts with an empty residual, as a new one does, from the
-    hit's end on (`residual`), and with a ring of several blocks a little before the hit's end
+    boundary and the sequence starts with an empty ring, as a new one does, from the
+    hit's end on (`ring`), and with a ring of several blocks a little before the hit's end
     (`prefix_to_reuse`)."""
 
-    def __init__(self, num_blocks: int, block_size: int, num_residual_slots: int = 0, *,
+    def __init__(self, num_blocks: int, block_size: int, num_rings: int = 0, *,
                  enable_prefix_caching: bool = False, kv_cache_dtype: str = "auto", ring_blocks: int = 1):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.tables: dict[int, list[int]] = {}
-        self.uses_residual = num_residual_slots > 0
-        self._free_residual: deque[int] = deque(range(num_residual_slots))
-        self.residual_slots: dict[int, int] = {}
-        self.ring_blocks = ring_blocks  # a residual slot's blocks (kernels/kv_format.py)
-        self._residual_from: dict[int, int] = {}  # per sequence, the first position in its residual
+        self.uses_rings = num_rings > 0
+        self._free_rings: deque[int] = deque(range(num_rings))
+        self._ring_of: dict[int, int] = {}
+        self.ring_blocks = ring_blocks  # a ring's blocks (kernels/kv_format.py)
+        self._ring_from: dict[int, int] = {}  # per sequence, the first position in its ring
         self.enable_prefix_caching = enable_prefix_caching
         self._seed = chain_seed(kv_cache_dtype, block_size)
         self._keys: dict[int, list[bytes]] = {}  # per sequence, its full blocks' keys so far
@@ -149,7 +149,7 @@ class KVCacheManager:
 
     def prefix_to_reuse(self, cached: list[int]) -> list[int]:
         """The blocks of a `cached_prefix` a sequence starts from: all of them, but with a
-        residual ring of R blocks (int2) not the last R - 1. Those it computes again, into its
+        ring of R blocks (int2) not the last R - 1. Those it computes again, into its
         ring, so that it reads them in full precision as it would have without the cache."""
         return cached[: max(0, len(cached) - (self.ring_blocks - 1))]
 
@@ -179,7 +179,7 @@ class KVCacheManager:
         table = self.tables.setdefault(seq_id, [])
         if need:
             table.extend(self.pool.allocate(need))
-        self._take_residual(seq_id, len(prefix or ()) * self.block_size)
+        self._take_ring(seq_id, len(prefix or ()) * self.block_size)
 
     def cache_full_blocks(self, seq_id: int, token_ids: list[int], num_computed_tokens: int) -> None:
         """Register the sequence's blocks that are full of computed tokens (prompt or generated),
@@ -200,21 +200,25 @@ class KVCacheManager:
         extend_block_hashes(keys, token_ids, self.block_size, self._seed)
         return keys
 
-    def _take_residual(self, seq_id: int, residual_from: int) -> None:
-        if self.uses_residual and seq_id not in self.residual_slots:
-            if not self._free_residual:
-                raise MemoryError("no free residual slot")
-            self.residual_slots[seq_id] = self._free_residual.popleft()
-            self._residual_from[seq_id] = residual_from
+    def _take_ring(self, seq_id: int, ring_from: int) -> None:
+        if self.uses_rings and seq_id not in self._ring_of:
+            if not self._free_rings:
+                raise MemoryError("no free KIVI ring")
+            self._ring_of[seq_id] = self._free_rings.popleft()
+            self._ring_from[seq_id] = ring_from
 
-    def residual(self, seq_id: int) -> tuple[int, int]:
-        """(residual slot, first position the sequence keeps there): what a step's KIVI plan
+    def ring(self, seq_id: int) -> tuple[int, int]:
+        """(its ring, the first position the sequence keeps there): what a step's KIVI plan
         needs of it (engine/kivi_plan.py)."""
-        return self.residual_slots[seq_id], self._residual_from[seq_id]
+        return self._ring_of[seq_id], self._ring_from[seq_id]
+
+    @property
+    def num_rings_held(self) -> int:
+        return len(self._ring_of)
 
     def can_fork(self) -> bool:
         """Room for one more sequence sharing a running one's blocks."""
-        return self.can_allocate(1) and (not self.uses_residual or bool(self._free_residual))
+        return self.can_allocate(1) and (not self.uses_rings or bool(self._free_rings))
 
     def fork(self, parent_id: int, child_id: int, num_tokens: int) -> tuple[int, int] | None:
         """Give `child_id` the parent's first `num_tokens` tokens. Full blocks are shared
@@ -231,8 +235,8 @@ class KVCacheManager:
             copy = (parent[full], dst)
             child.append(dst)
         self.tables[child_id] = child
-        if self.uses_residual:  # the child's ring is a copy of the parent's (engine/core.py)
-            self._take_residual(child_id, self._residual_from[parent_id])
+        if self.uses_rings:  # the child's ring is a copy of the parent's (engine/scheduler.py)
+            self._take_ring(child_id, self._ring_from[parent_id])
         return copy
 
     def free(self, seq_id: int) -> None:
@@ -242,10 +246,10 @@ class KVCacheManager:
         self.pool.release(reversed(self.tables.pop(seq_id, [])))
         self._keys.pop(seq_id, None)
         self._num_keyed.pop(seq_id, None)
-        self._residual_from.pop(seq_id, None)
-        slot = self.residual_slots.pop(seq_id, None)
-        if slot is not None:
-            self._free_residual.append(slot)
+        self._ring_from.pop(seq_id, None)
+        ring = self._ring_of.pop(seq_id, None)
+        if ring is not None:
+            self._free_rings.append(ring)
 
     @property
     def num_free_blocks(self) -> int:

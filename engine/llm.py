@@ -10,10 +10,14 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 
+import torch
+
 from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from wattserve.engine.core import EngineCore
+from wattserve.engine.output_processor import OutputProcessor
 from wattserve.engine.request import FinishReason, RequestOutput, SamplingParams
 from wattserve.engine.stats import RequestStats
+from wattserve.engine.step_input import StepInput
 
 Prompt = str | list[int]  # text is tokenized with the model's tokenizer, special tokens added
 
@@ -50,6 +54,7 @@ class LLM:
         else:
             self.core = EngineCore(_engine_config(model, options))
         self._request_ids = itertools.count()  # unique over every generate() call
+        self._outputs = OutputProcessor(self.core.tokenizer)
 
     def generate(self, prompts: Iterable[Prompt], params: SamplingParams | list[SamplingParams], *,
                  max_in_flight: int | None = None,
@@ -75,22 +80,27 @@ class LLM:
         try:
             self._admit(pending, results, running, max_in_flight)
             while self.core.has_work():  # a step launched ahead may remain after the last output
-                outputs = self.core.step()
+                outputs = self._outputs.process_all(self.core.step(), self.core.stop)
                 for out in outputs:
                     _collect(running[out.request_id], out)
                     if out.finished:
                         del running[out.request_id]
                 if on_step is not None and on_step(outputs):
-                    self.core.abort_all()
+                    self._abort(running)
                     pending = iter(())
                 self._admit(pending, results, running, max_in_flight)
         except BaseException:
-            self.core.abort_all()  # leave the engine empty for the next call
+            self._abort(running)  # leave the engine empty for the next call
             raise
         for gen in running.values():  # aborted by on_step
             for choice in gen.choices:
                 choice.finish_reason = choice.finish_reason or FinishReason.ABORT
         return results
+
+    def _abort(self, running: dict[str, Generation]) -> None:
+        for request_id in running:
+            self._outputs.remove(request_id)
+        self.core.abort_all()
 
     def _admit(self, pending, results: list[Generation], running: dict[str, Generation],
                max_in_flight: int | None) -> None:
@@ -103,9 +113,24 @@ class LLM:
             ids = self.core.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             rid = str(next(self._request_ids))
             self.core.add_request(rid, ids, params)
+            self._outputs.add(rid, ids, params)
             gen = Generation(ids, [Choice(i) for i in range(params.n)], self.core.requests[rid].stats)
             results.append(gen)
             running[rid] = gen
+
+
+def prompt_logits(core: EngineCore, prompt_ids: list[int]) -> torch.Tensor:
+    """float32 logits [vocab] after the prompt's last token, through the engine's paged prefill
+    and its KV cache: for checks against a reference implementation on the same weights."""
+    seq_id = -1  # no Sequence's: theirs count up from 0
+    core.kv.allocate(seq_id, len(prompt_ids))
+    try:
+        inputs = StepInput(token_ids=list(prompt_ids), starts=[0], num_new=[len(prompt_ids)],
+                           tables=[core.kv.tables[seq_id]], samples=[True],
+                           rings=[core.kv.ring(seq_id)] if core.kv.uses_rings else None)
+        return core.runner.execute(inputs)[0].float()
+    finally:
+        core.kv.free(seq_id)
 
 
 def _collect(gen: Generation, out: RequestOutput) -> None:

@@ -9,7 +9,7 @@ from wattserve.engine.gpu_timer import GpuBusyTimer, GpuSpan
 from wattserve.engine.host_to_device import device_tensor
 from wattserve.engine.kivi_plan import kivi_plan
 from wattserve.engine.models.llama import LlamaModel
-from wattserve.engine.sequence import PLACEHOLDER, Sequence
+from wattserve.engine.step_input import StepInput
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.dispatch import ops_for
 from wattserve.kernels.kv_format import (
@@ -51,16 +51,16 @@ class ModelRunner:
         c = self.model_config
         return c.num_layers * bytes_per_block(self.kv_format, block_size, c.num_kv_heads, c.head_dim, self.dtype)
 
-    def bytes_per_residual_slot(self, block_size: int) -> int:
+    def bytes_per_ring(self, block_size: int) -> int:
         c = self.model_config
         return c.num_layers * bytes_per_residual_slot(self.kv_format, block_size, c.num_kv_heads, c.head_dim,
                                                       self.dtype)
 
-    def num_blocks_for(self, cache: CacheConfig, num_residual_slots: int = 0) -> int:
+    def num_blocks_for(self, cache: CacheConfig, num_rings: int = 0) -> int:
         """Blocks that fit in `--kv-cache-memory`; unset, on CUDA, what is left of
         `memory_fraction` of the device's memory once the weights are in (vLLM's rule), and
         on CPU a fixed default, since host memory is shared with everything else. KIVI's
-        residual slots come out of the same budget."""
+        rings come out of the same budget."""
         budget = cache.kv_cache_memory
         if budget is None and self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -68,15 +68,15 @@ class ModelRunner:
             budget = int(total * cache.memory_fraction) - (total - free) - _ACTIVATION_RESERVE
         elif budget is None:
             budget = CPU_DEFAULT_KV_CACHE_BYTES
-        budget -= num_residual_slots * self.bytes_per_residual_slot(cache.block_size)
+        budget -= num_rings * self.bytes_per_ring(cache.block_size)
         return max(0, budget // self.bytes_per_block(cache.block_size))
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, num_residual_slots: int = 0) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, num_rings: int = 0) -> None:
         c = self.model_config
         self.block_size = block_size
         self.kv_caches = [
             allocate_layer(self.kv_format, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype,
-                           self.device, num_residual_slots)
+                           self.device, num_rings)
             for _ in range(c.num_layers)
         ]
 
@@ -91,51 +91,45 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache.copy_block(src, dst)
 
-    def copy_residual(self, src: int, dst: int) -> None:
+    def copy_ring(self, src: int, dst: int) -> None:
         for cache in self.kv_caches:
             cache.copy_residual(src, dst)
 
     # ---- a step ------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, seqs: list[Sequence], num_new: list[int], tables: list[list[int]],
-                residuals: list[tuple[int, int]] | None = None,
-                ahead_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the scheduled tokens; return logits [num_sampling, vocab] for the sequences whose
-        scheduled tokens reach their end (those sample next), in batch order. residuals: each
-        sequence's (residual slot, first position it wrote there), for a KIVI (int4, int2)
-        cache (KVCacheManager.residual). ahead_tokens: the device tokens of the step still in
-        flight; a sequence whose last token is still a PLACEHOLDER takes its input from row
-        `seq.ahead_row` there, without the host reading it."""
-        input_ids, positions, meta, sample_rows = self._prepare(seqs, num_new, tables, residuals, ahead_tokens)
+    def execute(self, inputs: StepInput, ahead_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the step; return logits [num_sampling, vocab] for the sequences that draw a token
+        (`inputs.samples`), in batch order, then make the step's fork copies. ahead_tokens: the
+        device tokens of the step still in flight, which `inputs.ahead` points into, so that
+        the host need not read them first."""
+        input_ids, positions, meta, sample_rows = self._prepare(inputs, ahead_tokens)
         span = self.gpu_timer.start()  # after _prepare: building inputs on the host is GPU idle time
-        if self.graphs is not None and meta.max_query_len == 1 and self.graphs.fits(len(seqs)):
+        if self.graphs is not None and meta.max_query_len == 1 and self.graphs.fits(inputs.num_seqs):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[sample_rows])
+        for src, dst in inputs.block_copies:
+            self.copy_block(src, dst)
+        for src, dst in inputs.ring_copies:
+            self.copy_ring(src, dst)
         if span is not None:
             span.stop()
         self.last_gpu_span = span
         return logits
 
-    def _prepare(self, seqs, num_new, tables, residuals, ahead_tokens=None):
+    def _prepare(self, inputs: StepInput, ahead_tokens: torch.Tensor | None = None):
         bs = self.block_size
-        ids, pos, slots, starts, ctx_lens, sample_rows = [], [], [], [0], [], []
-        ahead_at, ahead_rows = [], []  # flat positions of placeholder inputs, their rows in ahead_tokens
-        for seq, n, table in zip(seqs, num_new, tables):
-            start = seq.num_computed_tokens
-            if seq.token_ids[start + n - 1] == PLACEHOLDER:  # only ever the last token
-                ahead_at.append(len(ids) + n - 1)
-                ahead_rows.append(seq.ahead_row)
-            ids.extend(seq.token_ids[start : start + n])
+        pos, slots, starts, ctx_lens, sample_rows = [], [], [0], [], []
+        for start, n, table, samples in zip(inputs.starts, inputs.num_new, inputs.tables, inputs.samples):
             pos.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             starts.append(starts[-1] + n)
             ctx_lens.append(start + n)
-            if start + n == seq.num_tokens:
+            if samples:
                 sample_rows.append(starts[-1] - 1)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+        width = max(len(t) for t in inputs.tables)
+        padded = [t + [0] * (width - len(t)) for t in inputs.tables]
 
         def t(x, dtype=torch.long):
             return device_tensor(x, dtype, self.device)
@@ -145,13 +139,14 @@ class ModelRunner:
             block_tables=t(padded, torch.int32),
             context_lens=t(ctx_lens, torch.int32),
             query_start_loc=t(starts, torch.int32),
-            query_lens=list(num_new),
+            query_lens=list(inputs.num_new),
             context_lens_host=ctx_lens,
         )
         if self.kv_format.kivi:
-            meta.kivi = kivi_plan([s.num_computed_tokens for s in seqs], num_new, tables, residuals, bs,
+            meta.kivi = kivi_plan(inputs.starts, inputs.num_new, inputs.tables, inputs.rings, bs,
                                   self.kv_format.residual_blocks, self.device)
-        input_ids = t(ids)
-        if ahead_at:
-            input_ids[t(ahead_at)] = ahead_tokens[t(ahead_rows)]
+        input_ids = t(inputs.token_ids)
+        if inputs.ahead:
+            at, rows = zip(*inputs.ahead)
+            input_ids[t(list(at))] = ahead_tokens[t(list(rows))]
         return input_ids, t(pos), meta, t(sample_rows)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class InvalidRequestError(ValueError):
@@ -102,12 +102,6 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
             f"{max_model_len}", "max_tokens")
 
 
-class SequenceStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop string or a stop token
     LENGTH = "length"  # max_tokens or the context length
@@ -123,14 +117,15 @@ class TokenLogprob:
 
 @dataclass
 class SequenceOutput:
-    """What one step added to one of a request's n sequences."""
+    """What one step added to one of a request's n sequences. The core sends token ids; the
+    caller's OutputProcessor (engine/output_processor.py) detokenizes them into `text`."""
 
     index: int
-    text: str  # new text since the previous output (stop strings removed)
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None
     finish_reason: FinishReason | None
     num_output_tokens: int  # cumulative
+    text: str = ""  # new text since the previous output (stop strings removed)
 
 
 @dataclass
@@ -139,3 +134,23 @@ class RequestOutput:
     prompt_tokens: int
     outputs: list[SequenceOutput]
     finished: bool  # every sequence of the request has finished
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: what a consumer that fell behind the engine
+    takes at once, so it writes one response chunk instead of several."""
+    merged: dict[int, SequenceOutput] = {}
+    for out in outputs:
+        for seq in out.outputs:
+            into = merged.get(seq.index)
+            if into is None:
+                merged[seq.index] = replace(seq, token_ids=list(seq.token_ids),
+                                            logprobs=None if seq.logprobs is None else list(seq.logprobs))
+                continue
+            into.token_ids += seq.token_ids
+            into.text += seq.text
+            if seq.logprobs is not None:
+                into.logprobs = (into.logprobs or []) + seq.logprobs
+            into.finish_reason, into.num_output_tokens = seq.finish_reason, seq.num_output_tokens
+    last = outputs[-1]
+    return RequestOutput(last.request_id, last.prompt_tokens, [merged[i] for i in sorted(merged)], last.finished)

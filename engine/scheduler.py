@@ -14,6 +14,12 @@ block is one this step computes for another sequence (a shared system prompt sen
 clients at once) is admitted a step later, from the cache, instead of computing it again
 beside it (SGLang's in-batch prefix check; BatchLLM groups sharers for the same reason). It
 waits in FCFS order, so those behind it wait too.
+
+The scheduler is the one owner of sequences' progress and of their blocks (the KV manager
+sits behind it): `schedule` picks the step's sequences and advances what they have computed,
+`expect_tokens` holds a place for each token drawn on the device, `update_from_output` puts the
+tokens in, stops sequences (one rule for each reason) and frees them. The engine core
+(engine/core.py) only orders these calls around the runner and the sampler.
 """
 from __future__ import annotations
 
@@ -22,8 +28,9 @@ from dataclasses import dataclass, field
 
 from wattserve.engine.config import SchedulerConfig
 from wattserve.engine.kv_cache import KVCacheManager
-from wattserve.engine.request import SequenceStatus
-from wattserve.engine.sequence import Sequence
+from wattserve.engine.request import FinishReason, TokenLogprob
+from wattserve.engine.sequence import PLACEHOLDER, Sequence
+from wattserve.engine.step_input import StepInput
 
 
 @dataclass
@@ -34,31 +41,42 @@ class ScheduledBatch:
     # Tokens of the sequences admitted this step, and those of them found in the prefix cache.
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    inputs: StepInput | None = None  # what the runner computes
+    # One per token drawn this step, in row order: the sequence, the row of the step's logits
+    # it draws from (n > 1 forks draw from their parent's) and where its token goes.
+    samplers: list[Sequence] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 eos_token_ids: list[int]):
         self.config = config
         self.kv = kv
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # n > 1: a request's other sequences, by its first one's id, until that one's prompt is
+        # in the cache and they can share it.
+        self._unforked: dict[int, list[Sequence]] = {}
         self.num_preemptions = 0
         self.token_budget = config.max_num_batched_tokens
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
-
-    def add_running(self, seq: Sequence) -> None:
-        """A sequence whose KV blocks are already in place (a fork of a running one)."""
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+    def add(self, seqs: list[Sequence]) -> None:
+        """A request's sequences: the first one prefills, the others fork from it."""
+        self.waiting.append(seqs[0])
+        if len(seqs) > 1:
+            self._unforked[seqs[0].seq_id] = list(seqs[1:])
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # ---- a step ------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.token_budget
@@ -94,14 +112,109 @@ class Scheduler:
                 batch.prefix_cache_queries += seq.num_tokens
                 batch.prefix_cache_hits += cached
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
             filling.update(self.kv.keys_filled(seq.seq_id, seq.token_ids, cached, cached + n))
+        if batch.seqs:
+            batch.inputs = self._step_input(batch)
+            self._advance(batch)
         return batch
 
+    def _step_input(self, batch: ScheduledBatch) -> StepInput:
+        inputs = StepInput(token_ids=[], starts=[], num_new=[], tables=[], samples=[],
+                           rings=[] if self.kv.uses_rings else None)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            if seq.token_ids[start + n - 1] == PLACEHOLDER:  # only ever the last token
+                inputs.ahead.append((len(inputs.token_ids) + n - 1, seq.ahead_row))
+            inputs.token_ids.extend(seq.token_ids[start : start + n])
+            inputs.starts.append(start)
+            inputs.num_new.append(n)
+            inputs.tables.append(self.kv.tables[seq.seq_id])
+            inputs.samples.append(start + n == seq.num_tokens)
+            if inputs.rings is not None:
+                inputs.rings.append(self.kv.ring(seq.seq_id))
+        return inputs
+
+    def _advance(self, batch: ScheduledBatch) -> None:
+        """The step's tokens count as computed from now on (the runner computes them before
+        anything reads the cache again); sequences that reach their last token draw the next
+        one, and n > 1 siblings fork from their first sequence's prompt."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if seq.num_computed_tokens == seq.num_tokens:
+                batch.rows.append(len(batch.samplers))
+                batch.samplers.append(seq)
+        for row, seq in enumerate(list(batch.samplers)):
+            for child in self._fork_siblings(seq, batch.inputs):
+                batch.samplers.append(child)
+                batch.rows.append(row)
+
+    def _fork_siblings(self, seq: Sequence, inputs: StepInput) -> list[Sequence]:
+        """When the first sequence of an n > 1 request has its prompt in the cache, its
+        siblings share those blocks instead of computing the prompt again; those without room
+        prefill on their own."""
+        siblings = self._unforked.pop(seq.seq_id, [])
+        forked = []
+        while siblings and self.kv.can_fork():
+            child = siblings.pop(0)
+            copy = self.kv.fork(seq.seq_id, child.seq_id, seq.prompt_len)
+            if copy is not None:
+                inputs.block_copies.append(copy)
+            if self.kv.uses_rings:  # KIVI: the last blocks' tokens are in the ring
+                inputs.ring_copies.append((self.kv.ring(seq.seq_id)[0], self.kv.ring(child.seq_id)[0]))
+            child.num_computed_tokens = seq.prompt_len
+            self.running.append(child)
+            forked.append(child)
+        self.waiting.extend(siblings)
+        return forked
+
+    def expect_tokens(self, batch: ScheduledBatch) -> None:
+        """The step's tokens are drawn on the device: each holds its place as a PLACEHOLDER
+        until update_from_output. A sequence this token brings to its length limit is done
+        whatever the token is: it is scheduled no more, and finishes when the token is read."""
+        for row, seq in enumerate(batch.samplers):
+            batch.positions.append(seq.num_tokens)
+            seq.token_ids.append(PLACEHOLDER)
+            seq.ahead_row = row
+            if self._at_length_limit(seq, seq.num_tokens):
+                self.running.remove(seq)
+
+    def update_from_output(self, batch: ScheduledBatch, tokens: list[int],
+                           logprobs: list[TokenLogprob | None]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+        """Put a launched step's tokens in place of their placeholders, stop the sequences they
+        end and free them. Returns the (sequence, token, logprob) taken, in row order; tokens of
+        sequences that finished meanwhile (aborted, or stopped by the token before, with this
+        step launched ahead of reading it) are dropped."""
+        taken = []
+        for seq, position, token, logprob in zip(batch.samplers, batch.positions, tokens, logprobs):
+            if seq.finish_reason is not None:
+                continue
+            seq.token_ids[position] = token
+            # Blocks waiting on this token (their last computed one was its placeholder) can be keyed now.
+            self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            taken.append((seq, token, logprob))
+            reason = self._stop_reason(seq, token, position + 1)
+            if reason is not None:
+                del seq.token_ids[position + 1 :]  # a step launched ahead may have added a placeholder
+                self.finish(seq, reason)
+        return taken
+
+    def _stop_reason(self, seq: Sequence, token: int, num_tokens: int) -> FinishReason | None:
+        p = seq.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return FinishReason.STOP
+        if self._at_length_limit(seq, num_tokens):
+            return FinishReason.LENGTH
+        return None
+
+    def _at_length_limit(self, seq: Sequence, num_tokens: int) -> bool:
+        return num_tokens - seq.prompt_len >= seq.max_tokens or num_tokens >= self.max_model_len
+
+    # ---- blocks ------------------------------------------------------------------------
     def _make_room(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
         """Allocate blocks for `seq`'s next `n` tokens, preempting the newest running
         sequences until they fit. False when `seq` itself had to go."""
@@ -118,20 +231,18 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq.seq_id)
         seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def stop(self, seq: Sequence) -> None:
-        """Schedule a running sequence no more, keeping its blocks until finish(): its last
-        token is drawn but not yet read back (engine/core.py)."""
-        self.running.remove(seq)
-
-    def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence from wherever it is and free its blocks."""
-        seq.status = SequenceStatus.FINISHED
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence wherever it is (a stop, an abort, a stop string the caller found) and
+        free its blocks. A step launched ahead may still hold a token for it: finished, the
+        token is dropped, even if a new request has taken its request id meanwhile."""
+        if seq.finish_reason is None:
+            seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._unforked.pop(seq.seq_id, None)
         self.kv.free(seq.seq_id)

@@ -1,12 +1,14 @@
-"""One generated sequence: its tokens, how many are in the KV cache, and its decoding state."""
+"""One generated sequence: its tokens, how many are in the KV cache, and its decoding state.
+
+The scheduler (engine/scheduler.py) is the one writer of its progress: `num_computed_tokens`,
+its tokens past the prompt and `finish_reason`."""
 from __future__ import annotations
 
 import itertools
 
 import torch
 
-from wattserve.engine.detokenizer import IncrementalDetokenizer
-from wattserve.engine.request import FinishReason, SamplingParams, SequenceStatus, TokenLogprob
+from wattserve.engine.request import FinishReason, SamplingParams, TokenLogprob
 
 _ids = itertools.count()
 
@@ -16,10 +18,8 @@ PLACEHOLDER = -1
 
 
 class Sequence:
-    def __init__(
-        self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-        max_tokens: int, detokenizer: IncrementalDetokenizer,
-    ):
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                 max_tokens: int):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # which of the request's n choices
@@ -27,10 +27,8 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.params = params
         self.max_tokens = max_tokens
-        self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.ahead_row: int | None = None  # the row of its last PLACEHOLDER in that step's tokens
-        self.detokenizer = detokenizer
         self.finish_reason: FinishReason | None = None
         # Per-sequence generator: the same seed gives the same tokens whatever else is batched.
         self.generator: torch.Generator | None = None
@@ -51,10 +49,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.prompt_len
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
         return f"Sequence({self.request_id}#{self.index}, {self.num_computed_tokens}/{self.num_tokens})"

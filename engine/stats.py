@@ -21,9 +21,6 @@ class EngineStats:
     num_waiting: int
     num_total_blocks: int
     num_free_blocks: int
-    block_size: int
-    num_preemptions: int
-    kv_cache_tokens: int
 
 
 @dataclass

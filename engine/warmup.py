@@ -14,7 +14,7 @@ What compiles or loads lazily on CUDA, and what covers it here:
     --enforce-eager the batch sizes above run the decode kernel and its split combine.
   - The sampler's paths (`_sampling`): greedy, temperature with top-p, top-k and min-p,
     penalties (which also step without launching ahead), logit bias and min_tokens, logprobs,
-    a seeded draw, and n > 1 forks (a copied block, and a copied residual ring for KIVI).
+    a seeded draw, and n > 1 forks (a copied block, and a copied ring for KIVI).
   - The KV cache's write kernel of its dtype runs in every step; KIVI's ring flush in every
     prefill that fills a block; prefill over cached blocks on a prefix-cache hit (`_prefix_hit`).
 On CPU the ops are PyTorch's references: the same ATen kernels for every shape, nothing to

@@ -66,10 +66,6 @@ class AttentionMetadata:
     context_lens_host: list[int]
     kivi: KiviPlan | None = None
 
-    @property
-    def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens)
-
     @cached_property
     def max_query_len(self) -> int:
         """Longest query in the batch, from the host list: computed once per step, not once

@@ -35,6 +35,8 @@ def test_serve_bench_at_a_rate_and_all_at_once(live_server, tmp_path):
         assert 0 <= run["slo_attainment"] <= 1
         assert run["engine_step_s"] > 0  # our server's step counter moved
         assert run["gpu_idle_fraction"] is None  # no GPU, no GPU timing
+    steady = result["runs"][0]["steady_output_tok_s"]  # the server's token counter mid-arrivals
+    assert steady is not None and steady >= 0 and result["runs"][1]["steady_output_tok_s"] is None
     assert (tmp_path / "serve.png").stat().st_size > 0
 
 

@@ -3,6 +3,7 @@ import pytest
 
 from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from wattserve.engine.core import EngineCore
+from wattserve.engine.output_processor import OutputProcessor
 from wattserve.engine.request import FinishReason, SamplingParams
 
 QUESTIONS = [
@@ -21,12 +22,14 @@ def prompt(engine, question):
 
 def run(engine, requests):
     """requests: {id: (prompt_ids, params)} submitted together; returns {id: [tokens per choice]}."""
+    processor = OutputProcessor(engine.tokenizer)  # stop strings are the caller's
     for rid, (ids, params) in requests.items():
         engine.add_request(rid, ids, params)
+        processor.add(rid, ids, params)
     out = {rid: [[] for _ in range(params.n)] for rid, (_, params) in requests.items()}
     reasons = {}
     while engine.has_work():
-        for o in engine.step():
+        for o in processor.process_all(engine.step(), engine.stop):
             for s in o.outputs:
                 out[o.request_id][s.index] += s.token_ids
                 if s.finish_reason:

@@ -6,6 +6,7 @@ import pytest
 
 from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from wattserve.engine.core import EngineCore
+from wattserve.engine.output_processor import OutputProcessor
 from wattserve.engine.request import SamplingParams
 from wattserve.engine.sequence import PLACEHOLDER
 from wattserve.engine.stats import StatsObserver
@@ -25,13 +26,15 @@ def engines():
 def collect(engine, requests, abort_after=None):
     """requests: {id: (prompt_ids, params)}; returns {id: (text per choice, tokens per choice,
     finish reasons, logprob token ids)}; `abort_after`: (request id, steps) aborts it then."""
+    processor = OutputProcessor(engine.tokenizer)  # text and stop strings are the caller's
     for rid, (ids, params) in requests.items():
         engine.add_request(rid, ids, params)
+        processor.add(rid, ids, params)
     out = {rid: {"text": [""] * p.n, "tokens": [[] for _ in range(p.n)], "reasons": [None] * p.n,
                  "logprobs": [[] for _ in range(p.n)]} for rid, (_, p) in requests.items()}
     steps = 0
     while engine.has_work():
-        for o in engine.step():
+        for o in processor.process_all(engine.step(), engine.stop):
             for s in o.outputs:
                 r = out[o.request_id]
                 r["text"][s.index] += s.text
@@ -41,6 +44,7 @@ def collect(engine, requests, abort_after=None):
         steps += 1
         if abort_after and steps == abort_after[1]:
             engine.abort(abort_after[0])
+            processor.remove(abort_after[0])
     return out
 
 

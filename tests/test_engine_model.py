@@ -4,6 +4,7 @@ import torch
 
 from wattserve.engine.config import CacheConfig, EngineConfig
 from wattserve.engine.core import EngineCore
+from wattserve.engine.llm import prompt_logits
 from wattserve.engine.loader import default_model_path
 from wattserve.engine.request import SamplingParams
 
@@ -21,19 +22,6 @@ def greedy(engine, prompt_ids, n):
     while engine.has_work():
         out += [t for o in engine.step() for s in o.outputs for t in s.token_ids]
     return out
-
-
-def prompt_logits(engine, prompt_ids):
-    """Last-position logits of a prompt, through the engine's paged prefill."""
-    from wattserve.engine.sequence import Sequence
-    from wattserve.engine.detokenizer import IncrementalDetokenizer
-
-    seq = Sequence("x", 0, prompt_ids, SamplingParams(), 1, IncrementalDetokenizer(engine.tokenizer.hf, [], []))
-    engine.kv.allocate(seq.seq_id, len(prompt_ids))
-    try:
-        return engine.runner.execute([seq], [len(prompt_ids)], [engine.kv.tables[seq.seq_id]])[0]
-    finally:
-        engine.kv.free(seq.seq_id)
 
 
 def compare(engine, hf_model, tokenizer_encode):

@@ -35,26 +35,26 @@ def test_a_prefill_step_fills_two_blocks_and_keeps_the_last_full_one_in_the_ring
 
 
 def test_a_prefix_hit_starts_the_ring_at_the_hits_end_and_a_fork_keeps_its_parents():
-    kv = KVCacheManager(16, 4, num_residual_slots=3, enable_prefix_caching=True)
+    kv = KVCacheManager(16, 4, num_rings=3, enable_prefix_caching=True)
     tokens = list(range(10))
     kv.allocate(1, len(tokens), kv.cached_prefix(1, tokens))
     kv.cache_full_blocks(1, tokens, len(tokens))
-    assert kv.residual(1) == (kv.residual_slots[1], 0)
+    assert kv.ring(1)[1] == 0
     prefix = kv.cached_prefix(2, tokens)
     assert len(prefix) == 2
     kv.allocate(2, len(tokens), prefix)
-    slot, since = kv.residual(2)
+    slot, since = kv.ring(2)
     assert since == 8
     # Its first step computes tokens 8 and 9: the ring starts at 8, not at block 1 (4).
     plan = kivi_plan([8], [2], [kv.tables[2]], [(slot, since)], 4, 2, CPU)
     assert plan.residual_starts.tolist() == [8]
     assert plan.residual_mapping.tolist() == [(slot * 2) * 4, (slot * 2) * 4 + 1]
     kv.fork(2, 3, 10)
-    assert kv.residual(3)[1] == 8
+    assert kv.ring(3)[1] == 8
 
 
 def test_with_a_ring_of_two_blocks_a_hit_leaves_its_last_block_to_compute_again():
-    kv = KVCacheManager(16, 4, num_residual_slots=2, enable_prefix_caching=True, ring_blocks=2)
+    kv = KVCacheManager(16, 4, num_rings=2, enable_prefix_caching=True, ring_blocks=2)
     assert kv.prefix_to_reuse([5, 6, 7]) == [5, 6]
     assert kv.prefix_to_reuse([5]) == []
-    assert KVCacheManager(16, 4, num_residual_slots=2).prefix_to_reuse([5, 6, 7]) == [5, 6, 7]
+    assert KVCacheManager(16, 4, num_rings=2).prefix_to_reuse([5, 6, 7]) == [5, 6, 7]

@@ -34,8 +34,7 @@ class OneGpu:
         pass
 
 
-BUSY = EngineStats(num_running=3, num_waiting=1, num_total_blocks=100, num_free_blocks=75,
-                   block_size=16, num_preemptions=0, kv_cache_tokens=1600)
+BUSY = EngineStats(num_running=3, num_waiting=1, num_total_blocks=100, num_free_blocks=75)
 
 
 def test_a_frame_shows_load_latency_slo_and_power():

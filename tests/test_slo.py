@@ -73,8 +73,7 @@ def test_window_sums_the_last_seconds_only():
 
 def idle_engine() -> EngineSnapshot:
     return EngineSnapshot(EngineStats(num_running=0, num_waiting=0, num_total_blocks=10,
-                                      num_free_blocks=10, block_size=16, num_preemptions=0,
-                                      kv_cache_tokens=160), None, None)
+                                      num_free_blocks=10), None, None)
 
 
 def scrape(metrics: Metrics) -> dict[str, float]:

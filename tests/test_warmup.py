@@ -30,9 +30,9 @@ class Visits:
         execute, sample = core.runner.execute, core.sampler.sample
         fork, schedule = core.kv.fork, core.scheduler.schedule
 
-        def spy_execute(seqs, num_new, *args):
-            self.steps.append((len(seqs), sum(num_new), max(num_new)))
-            return execute(seqs, num_new, *args)
+        def spy_execute(inputs, *args):
+            self.steps.append((inputs.num_seqs, sum(inputs.num_new), max(inputs.num_new)))
+            return execute(inputs, *args)
 
         def spy_sample(logits, seqs):
             self.params += [s.params for s in seqs]
