@@ -52,8 +52,8 @@ class SamplingParams:
             bad(f"n must be between 1 and 128, got {self.n}", "n")
         if self.max_tokens is not None and self.max_tokens < 1:
             bad(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
-        if not 0.0 <= self.temperature <= 100.0:
-            bad(f"temperature must be between 0 and 100, got {self.temperature}", "temperature")
+        if not 0.0 <= self.temperature <= 2.0:  # OpenAI's range
+            bad(f"temperature must be between 0 and 2, got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
             bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
@@ -71,6 +71,11 @@ class SamplingParams:
                 bad(f"logit_bias token id {tok} is outside the vocabulary", "logit_bias")
             if not -100.0 <= bias <= 100.0:
                 bad(f"logit_bias values must be between -100 and 100, got {bias}", "logit_bias")
+        if self.min_tokens < 0:
+            bad(f"min_tokens must be at least 0, got {self.min_tokens}", "min_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad(f"logprobs must be between 0 and 20, got {self.logprobs}", "logprobs")
         if any(not 0 <= t < vocab_size for t in self.stop_token_ids):

@@ -16,6 +16,7 @@ from wattserve.engine.client import EngineClient
 from wattserve.engine.slo import SLO
 from wattserve.server.errors import model_not_found, not_ready
 from wattserve.server.metrics import Metrics
+from wattserve.server.unknown_fields import UnknownFieldLog
 
 T = TypeVar("T")
 
@@ -62,6 +63,7 @@ class ServerState:
                                config.metrics_window_seconds, self.slo)
         engine.add_observer(self.metrics)
         self.created = int(time.time())
+        self.unknown_fields = UnknownFieldLog()
         self.draining = False  # SIGTERM: finish what runs, refuse what comes (server/drain.py)
         # Changes when anything that changes outputs for a fixed seed changes.
         identity = f"{VERSION}|{info.model_name}|{info.dtype}|{info.device}"

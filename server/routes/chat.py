@@ -34,6 +34,7 @@ def _prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  state: State):
     """A chat answer; with `stream: true`, Server-Sent Events of ChatCompletionChunk."""
+    state.unknown_fields.note(request.url.path, body)
     params = body.to_sampling_params()
     names = {"prompt": "messages", "logprobs": "top_logprobs"}
     if body.max_completion_tokens is not None:

@@ -27,6 +27,7 @@ def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
 async def create_completion(body: CompletionRequest, request: Request,
                             state: State):
     """A text completion; with `stream: true`, Server-Sent Events of CompletionResponse."""
+    state.unknown_fields.note(request.url.path, body)
     params = body.to_sampling_params()
     gen, header = await start(request, state, body.model, "cmpl", params, _prompt_ids,
                               body.single_prompt(), param_names={}, slo=body.slo)
