@@ -9,6 +9,7 @@ import torch
 
 from wattserve.engine.config import EngineConfig
 from wattserve.engine.detokenizer import IncrementalDetokenizer
+from wattserve.engine import prompt_logprobs
 from wattserve.engine.energy import EnergyMeter
 from wattserve.engine.kv_cache import KVCacheManager
 from wattserve.engine.loader import default_model_path, load_checkpoint
@@ -330,7 +331,7 @@ class EngineCore:
             del self.requests[request_id]
             # n > 1 counts once, under its first choice's reason.
             self._finish(req.stats, req.seqs[0].finish_reason, req.stats.last_token_time)
-        return RequestOutput(request_id, req.prompt_len, outs, finished)
+        return RequestOutput(request_id, req.prompt_len, outs, finished, prompt_logprobs.take(req.seqs[0]))
 
 
 def _pick_device(name: str) -> torch.device:

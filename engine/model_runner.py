@@ -8,6 +8,7 @@ from wattserve.engine.cuda_graphs import DecodeGraphs
 from wattserve.engine.gpu_timer import GpuBusyTimer, GpuSpan
 from wattserve.engine.host_to_device import device_tensor
 from wattserve.engine.kivi_plan import kivi_plan
+from wattserve.engine import prompt_logprobs
 from wattserve.engine.models.llama import LlamaModel
 from wattserve.engine.sequence import PLACEHOLDER, Sequence
 from wattserve.kernels.attention import AttentionMetadata
@@ -112,6 +113,8 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if any(map(prompt_logprobs.wanted, seqs)):
+            prompt_logprobs.record(self.model.compute_logits, hidden, seqs, num_new)
         logits = self.model.compute_logits(hidden[sample_rows])
         if span is not None:
             span.stop()

@@ -43,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus top k
     min_tokens: int = 0
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's, plus top k
 
     def validate(self, vocab_size: int) -> None:
         def bad(msg: str, param: str) -> None:
@@ -76,8 +77,10 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
                 "min_tokens")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad(f"logprobs must be between 0 and 20, got {self.logprobs}", "logprobs")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= 20:
+                bad(f"{name} must be between 0 and 20, got {k}", name)
         if any(not 0 <= t < vocab_size for t in self.stop_token_ids):
             bad("stop_token_ids must be ids in the vocabulary", "stop_token_ids")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
@@ -144,3 +147,5 @@ class RequestOutput:
     prompt_tokens: int
     outputs: list[SequenceOutput]
     finished: bool  # every sequence of the request has finished
+    # With SamplingParams.prompt_logprobs, once: one per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -79,7 +79,8 @@ class Scheduler:
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # A waiting sequence has no blocks; a preempted one looks up its generated tokens too.
-            found = self.kv.cached_prefix(seq.seq_id, seq.token_ids)
+            # Prompt logprobs need every prompt token computed: none come from the cache.
+            found = [] if seq.params.prompt_logprobs is not None else self.kv.cached_prefix(seq.seq_id, seq.token_ids)
             reusable = self.kv.reusable_keys(seq.seq_id, seq.token_ids)
             if len(found) < len(reusable) and reusable[len(found)] in filling:
                 break  # its next block is being computed: it takes it from the cache next step

@@ -39,6 +39,9 @@ class Sequence:
         # Output accumulated since the last RequestOutput was emitted.
         self.pending_token_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
+        # With params.prompt_logprobs: see engine/prompt_logprobs.py.
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs_sent = False
 
     @property
     def num_tokens(self) -> int:
