@@ -155,31 +155,51 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="A prompt, or a list of them: each gets n choices, numbered in order.")
     max_tokens: int | None = Field(None, description="Output token limit; omitted or null: "
                                                      f"{DEFAULT_COMPLETION_MAX_TOKENS}, as OpenAI.")
     logprobs: int | None = Field(None, description="Return the chosen token's logprob and this "
                                                    "many alternatives, 0..20.")
-    echo: bool = False
+    echo: bool = Field(False, description="Begin each choice with its prompt (and, with "
+                                          "logprobs, the prompt tokens' logprobs).")
     suffix: str | None = None
+    best_of: int | None = Field(None, description="Generate this many choices per prompt and "
+                                                  "return the n with the highest mean token "
+                                                  "logprob; not with stream.")
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", "echo")
+        """The engine's parameters for each prompt: best_of choices where asked, their
+        logprobs on to rank them, and the prompt's logprobs for echo."""
         if self.suffix:
-            raise InvalidRequestError("suffix is not supported", "suffix")
+            raise InvalidRequestError("suffix is not supported: this model's template has no "
+                                      "fill-in-the-middle form", "suffix")
+        if self.best_of is not None:
+            if self.best_of < self.choices_per_prompt:
+                raise InvalidRequestError(f"best_of ({self.best_of}) must be at least n "
+                                          f"({self.choices_per_prompt})", "best_of")
+            if self.stream and self.best_of > self.choices_per_prompt:
+                raise InvalidRequestError("best_of above n cannot be streamed", "best_of")
         max_tokens = self.max_tokens
         if max_tokens is None:
             max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
-        return self.sampling_params(max_tokens, self.logprobs)
+        ranked = self.best_of is not None and self.best_of > self.choices_per_prompt
+        logprobs = self.logprobs if self.logprobs is not None or not ranked else 0
+        params = self.sampling_params(max_tokens, logprobs)
+        params.n = self.best_of or params.n
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs
+        return params
 
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str] | list[list[int]]:
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise InvalidRequestError("only one prompt per request is supported", "prompt")
-            prompt = prompt[0]
-        return prompt
+            return prompt
+        return [prompt]
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -255,9 +275,11 @@ class ChatCompletionChunk(_Completion):
 
 
 class CompletionLogprobs(BaseModel):
+    """With echo, the prompt's tokens come first; its first token's entries are null."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
