@@ -13,7 +13,7 @@ from wattserve.server.logprobs import completion_logprobs, joined, prompt_logpro
 from wattserve.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from wattserve.server.routes.common import start
 from wattserve.server.state import State
-from wattserve.server.streaming import event, sse_response, stream_events
+from wattserve.server.streaming import SSE_RESPONSE, event, sse_response, stream_events
 
 router = APIRouter()
 
@@ -49,7 +49,7 @@ class _Echo:
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,
-             responses=documented(400, 401, 404, 408, 413, 429, 503))
+             responses={**documented(400, 401, 404, 408, 413, 429, 503), **SSE_RESPONSE})
 async def create_completion(body: CompletionRequest, request: Request,
                             state: State):
     """A text completion; with `stream: true`, Server-Sent Events of CompletionResponse."""
