@@ -13,13 +13,14 @@ from wattserve.engine.kv_cache import KVCacheManager
 from wattserve.engine.loader import default_model_path, load_checkpoint
 from wattserve.engine.model_runner import ModelRunner
 from wattserve.engine.request import (
-    FinishReason, InvalidRequestError, RequestOutput, SamplingParams, SequenceOutput,
+    FinishReason, InvalidRequestError, RequestOutput, SamplingParams, SequenceOutput, TokenLogprob,
     check_request,
 )
 from wattserve.engine.gpu_timer import GpuSpan
 from wattserve.engine.host_to_device import device_tensor
 from wattserve.engine.sampler import SampledTokens, Sampler, reads_own_tokens
-from wattserve.engine.scheduler import ScheduledBatch, Scheduler
+from wattserve.engine.prompt_logprobs import wanted as wants_prompt_logprobs
+from wattserve.engine.scheduler import ScheduledBatch, Scheduler, StepResult
 from wattserve.engine.sequence import Sequence
 from wattserve.engine.slo import SLO
 from wattserve.engine.stats import EngineStats, RequestStats, StatsObserver, StepStats
@@ -36,6 +37,7 @@ class _Launched:
     batch: ScheduledBatch
     sampled: SampledTokens
     gpu_span: GpuSpan | None
+    prompt_logprobs: list[list[TokenLogprob]]  # see engine/prompt_logprobs.py
     begin: float  # time.monotonic() before a power cap's pause
     start: float  # ... after it
 
@@ -194,26 +196,32 @@ class EngineCore:
         if not batch.seqs:
             return None
         ahead_tokens = None if self._in_flight is None else self._in_flight.sampled.tokens
-        logits = self.runner.execute(batch.inputs, ahead_tokens)
+        out = self.runner.execute(batch.inputs, ahead_tokens)
+        logits = out.logits
         if len(batch.rows) > len(set(batch.rows)):  # forks: their parent's row again (indexing by a list would sync)
             logits = logits[device_tensor(batch.rows, torch.long, logits.device)]
         sampled = self.sampler.sample(logits, batch.samplers)
         self.scheduler.expect_tokens(batch)
-        return _Launched(batch, sampled, self.runner.last_gpu_span, begin, start)
+        return _Launched(batch, sampled, out.gpu_span, out.prompt_logprobs, begin, start)
 
     def _resolve(self, launched: _Launched) -> list[RequestOutput]:
         """Read a launched step's tokens, hand them to the scheduler and return the requests'
         outputs."""
         tokens, logprobs = launched.sampled.resolve()
-        taken = self.scheduler.update_from_output(launched.batch, tokens, logprobs)
+        taken = self.scheduler.update_from_output(launched.batch,
+                                                  StepResult(tokens, logprobs, launched.prompt_logprobs))
         by_request: dict[str, list[SequenceOutput]] = {}
-        for seq, token, logprob in taken:
+        prompt_logprobs = {}
+        for t in taken:
+            seq = t.seq
             by_request.setdefault(seq.request_id, []).append(SequenceOutput(
-                index=seq.index, token_ids=[token],
-                logprobs=None if seq.params.logprobs is None else [logprob],
+                index=seq.index, token_ids=[t.token],
+                logprobs=None if seq.params.logprobs is None else [t.logprob],
                 finish_reason=seq.finish_reason, num_output_tokens=seq.num_output_tokens))
+            if wants_prompt_logprobs(seq) and seq.index == 0 and t.position == seq.prompt_len:
+                prompt_logprobs[seq.request_id] = [None, *seq.prompt_logprobs]  # sent with the first token
         self._record_step(launched, by_request)
-        return [self._output(rid, outs) for rid, outs in by_request.items()]
+        return [self._output(rid, outs, prompt_logprobs.get(rid)) for rid, outs in by_request.items()]
 
     def _record_step(self, launched: _Launched, sampled: dict[str, list[SequenceOutput]]) -> None:
         end = time.monotonic()
@@ -246,7 +254,8 @@ class EngineCore:
         for observer in self.observers:
             observer.on_finished(stats)
 
-    def _output(self, request_id: str, outs: list[SequenceOutput]) -> RequestOutput:
+    def _output(self, request_id: str, outs: list[SequenceOutput],
+                prompt_logprobs: list[TokenLogprob | None] | None) -> RequestOutput:
         req = self.requests[request_id]
         # A sequence finishes when its last token is read, which may be a step after the
         # scheduler stopped scheduling it: its length was known at launch.
@@ -255,7 +264,7 @@ class EngineCore:
             del self.requests[request_id]
             # n > 1 counts once, under its first choice's reason.
             self._finish(req.stats, req.seqs[0].finish_reason, req.stats.last_token_time)
-        return RequestOutput(request_id, req.prompt_len, outs, finished)
+        return RequestOutput(request_id, req.prompt_len, outs, finished, prompt_logprobs)
 
 
 def _pick_device(name: str) -> torch.device:

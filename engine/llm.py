@@ -128,7 +128,7 @@ def prompt_logits(core: EngineCore, prompt_ids: list[int]) -> torch.Tensor:
         inputs = StepInput(token_ids=list(prompt_ids), starts=[0], num_new=[len(prompt_ids)],
                            tables=[core.kv.tables[seq_id]], samples=[True],
                            rings=[core.kv.ring(seq_id)] if core.kv.uses_rings else None)
-        return core.runner.execute(inputs)[0].float()
+        return core.runner.execute(inputs).logits[0].float()
     finally:
         core.kv.free(seq_id)
 

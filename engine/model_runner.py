@@ -5,11 +5,12 @@ import torch
 
 from wattserve.engine.config import CacheConfig, ModelConfig
 from wattserve.engine.cuda_graphs import DecodeGraphs
-from wattserve.engine.gpu_timer import GpuBusyTimer, GpuSpan
+from wattserve.engine.gpu_timer import GpuBusyTimer
 from wattserve.engine.host_to_device import device_tensor
 from wattserve.engine.kivi_plan import kivi_plan
 from wattserve.engine.models.llama import LlamaModel
-from wattserve.engine.step_input import StepInput
+from wattserve.engine.prompt_logprobs import score
+from wattserve.engine.step_input import StepInput, StepOutput
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.dispatch import ops_for
 from wattserve.kernels.kv_format import (
@@ -43,7 +44,6 @@ class ModelRunner:
         self.block_size = 0
         self.graphs: DecodeGraphs | None = None
         self.gpu_timer = GpuBusyTimer(device)
-        self.last_gpu_span: GpuSpan | None = None  # the last execute()'s forward pass
 
     # ---- KV cache ----------------------------------------------------------------------
     def bytes_per_block(self, block_size: int) -> int:
@@ -97,9 +97,10 @@ class ModelRunner:
 
     # ---- a step ------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, inputs: StepInput, ahead_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the step; return logits [num_sampling, vocab] for the sequences that draw a token
-        (`inputs.samples`), in batch order, then make the step's fork copies. ahead_tokens: the
+    def execute(self, inputs: StepInput, ahead_tokens: torch.Tensor | None = None) -> StepOutput:
+        """Run the step: logits [num_sampling, vocab] for the sequences that draw a token
+        (`inputs.samples`), in batch order, and the prompt logprobs asked for; then make the
+        step's fork copies. ahead_tokens: the
         device tokens of the step still in flight, which `inputs.ahead` points into, so that
         the host need not read them first."""
         input_ids, positions, meta, sample_rows = self._prepare(inputs, ahead_tokens)
@@ -109,14 +110,14 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[sample_rows])
+        prompt_logprobs = score(self.model.compute_logits, hidden, inputs.prompt_scorings)
         for src, dst in inputs.block_copies:
             self.copy_block(src, dst)
         for src, dst in inputs.ring_copies:
             self.copy_ring(src, dst)
         if span is not None:
             span.stop()
-        self.last_gpu_span = span
-        return logits
+        return StepOutput(logits, span, prompt_logprobs)
 
     def _prepare(self, inputs: StepInput, ahead_tokens: torch.Tensor | None = None):
         bs = self.block_size

@@ -85,4 +85,4 @@ class OutputProcessor:
             del self._requests[out.request_id]
         elif not outputs:
             return None, stopped
-        return RequestOutput(out.request_id, out.prompt_tokens, outputs, finished), stopped
+        return replace(out, outputs=outputs, finished=finished), stopped

@@ -43,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus top k
     min_tokens: int = 0
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's, plus top k
 
     def validate(self, vocab_size: int) -> None:
         def bad(msg: str, param: str) -> None:
@@ -52,8 +53,8 @@ class SamplingParams:
             bad(f"n must be between 1 and 128, got {self.n}", "n")
         if self.max_tokens is not None and self.max_tokens < 1:
             bad(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
-        if not 0.0 <= self.temperature <= 100.0:
-            bad(f"temperature must be between 0 and 100, got {self.temperature}", "temperature")
+        if not 0.0 <= self.temperature <= 2.0:  # OpenAI's range
+            bad(f"temperature must be between 0 and 2, got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
             bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
@@ -71,8 +72,15 @@ class SamplingParams:
                 bad(f"logit_bias token id {tok} is outside the vocabulary", "logit_bias")
             if not -100.0 <= bias <= 100.0:
                 bad(f"logit_bias values must be between -100 and 100, got {bias}", "logit_bias")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad(f"logprobs must be between 0 and 20, got {self.logprobs}", "logprobs")
+        if self.min_tokens < 0:
+            bad(f"min_tokens must be at least 0, got {self.min_tokens}", "min_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                "min_tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= 20:
+                bad(f"{name} must be between 0 and 20, got {k}", name)
         if any(not 0 <= t < vocab_size for t in self.stop_token_ids):
             bad("stop_token_ids must be ids in the vocabulary", "stop_token_ids")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
@@ -134,6 +142,8 @@ class RequestOutput:
     prompt_tokens: int
     outputs: list[SequenceOutput]
     finished: bool  # every sequence of the request has finished
+    # With SamplingParams.prompt_logprobs, once: one per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
@@ -153,4 +163,6 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
                 into.logprobs = (into.logprobs or []) + seq.logprobs
             into.finish_reason, into.num_output_tokens = seq.finish_reason, seq.num_output_tokens
     last = outputs[-1]
-    return RequestOutput(last.request_id, last.prompt_tokens, [merged[i] for i in sorted(merged)], last.finished)
+    prompt_logprobs = next((out.prompt_logprobs for out in outputs if out.prompt_logprobs is not None), None)
+    return RequestOutput(last.request_id, last.prompt_tokens, [merged[i] for i in sorted(merged)], last.finished,
+                         prompt_logprobs)

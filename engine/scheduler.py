@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from wattserve.engine.config import SchedulerConfig
 from wattserve.engine.kv_cache import KVCacheManager
 from wattserve.engine.request import FinishReason, TokenLogprob
+from wattserve.engine.prompt_logprobs import scoring as prompt_scoring
+from wattserve.engine.prompt_logprobs import wanted as wants_prompt_logprobs
 from wattserve.engine.sequence import PLACEHOLDER, Sequence
 from wattserve.engine.step_input import StepInput
 
@@ -50,6 +52,22 @@ class ScheduledBatch:
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+
+@dataclass
+class StepResult:
+    """A launched step as the host reads it back."""
+    tokens: list[int]  # one per ScheduledBatch.samplers
+    logprobs: list[TokenLogprob | None]
+    prompt_logprobs: list[list[TokenLogprob]]  # one per StepInput.prompt_scorings
+
+
+@dataclass
+class TakenToken:
+    seq: Sequence
+    position: int  # in the sequence's tokens
+    token: int
+    logprob: TokenLogprob | None
 
 
 class Scheduler:
@@ -97,7 +115,8 @@ class Scheduler:
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # A waiting sequence has no blocks; a preempted one looks up its generated tokens too.
-            found = self.kv.cached_prefix(seq.seq_id, seq.token_ids)
+            # Prompt logprobs need every prompt token computed: none come from the cache.
+            found = [] if seq.params.prompt_logprobs is not None else self.kv.cached_prefix(seq.seq_id, seq.token_ids)
             reusable = self.kv.reusable_keys(seq.seq_id, seq.token_ids)
             if len(found) < len(reusable) and reusable[len(found)] in filling:
                 break  # its next block is being computed: it takes it from the cache next step
@@ -125,8 +144,10 @@ class Scheduler:
     def _step_input(self, batch: ScheduledBatch) -> StepInput:
         inputs = StepInput(token_ids=[], starts=[], num_new=[], tables=[], samples=[],
                            rings=[] if self.kv.uses_rings else None)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
+            if wants_prompt_logprobs(seq) and (s := prompt_scoring(seq, i, len(inputs.token_ids), start, n)):
+                inputs.prompt_scorings.append(s)
             if seq.token_ids[start + n - 1] == PLACEHOLDER:  # only ever the last token
                 inputs.ahead.append((len(inputs.token_ids) + n - 1, seq.ahead_row))
             inputs.token_ids.extend(seq.token_ids[start : start + n])
@@ -183,20 +204,21 @@ class Scheduler:
             if self._at_length_limit(seq, seq.num_tokens):
                 self.running.remove(seq)
 
-    def update_from_output(self, batch: ScheduledBatch, tokens: list[int],
-                           logprobs: list[TokenLogprob | None]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+    def update_from_output(self, batch: ScheduledBatch, step: StepResult) -> list[TakenToken]:
         """Put a launched step's tokens in place of their placeholders, stop the sequences they
-        end and free them. Returns the (sequence, token, logprob) taken, in row order; tokens of
-        sequences that finished meanwhile (aborted, or stopped by the token before, with this
-        step launched ahead of reading it) are dropped."""
+        end and free them. Returns the tokens taken, in row order; tokens of sequences that
+        finished meanwhile (aborted, or stopped by the token before, with this step launched
+        ahead of reading it) are dropped."""
+        for scoring, scored in zip(batch.inputs.prompt_scorings, step.prompt_logprobs):
+            batch.seqs[scoring.seq_index].prompt_logprobs.extend(scored)
         taken = []
-        for seq, position, token, logprob in zip(batch.samplers, batch.positions, tokens, logprobs):
+        for seq, position, token, logprob in zip(batch.samplers, batch.positions, step.tokens, step.logprobs):
             if seq.finish_reason is not None:
                 continue
             seq.token_ids[position] = token
             # Blocks waiting on this token (their last computed one was its placeholder) can be keyed now.
             self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-            taken.append((seq, token, logprob))
+            taken.append(TakenToken(seq, position, token, logprob))
             reason = self._stop_reason(seq, token, position + 1)
             if reason is not None:
                 del seq.token_ids[position + 1 :]  # a step launched ahead may have added a placeholder

@@ -37,6 +37,10 @@ class Sequence:
         # Output accumulated since the last RequestOutput was emitted.
         self.pending_token_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
+        # With params.prompt_logprobs (engine/prompt_logprobs.py): the prompt positions scheduled
+        # for scoring so far, and the scores read back.
+        self.num_prompt_scored = 0
+        self.prompt_logprobs: list[TokenLogprob] = []
 
     @property
     def num_tokens(self) -> int:

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from wattserve.engine.gpu_timer import GpuSpan
+from wattserve.engine.prompt_logprobs import PromptScoring
+from wattserve.engine.request import TokenLogprob
+
 
 @dataclass
 class StepInput:
@@ -26,7 +32,16 @@ class StepInput:
     # (source, destination) blocks, and for KIVI (source, destination) rings.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     ring_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Sequences asking for prompt logprobs: the rows to score (engine/prompt_logprobs.py).
+    prompt_scorings: list[PromptScoring] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
         return len(self.starts)
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [num sampling sequences, vocab], on the device
+    gpu_span: GpuSpan | None  # the step's GPU time, where measured (engine/gpu_timer.py)
+    prompt_logprobs: list[list[TokenLogprob]]  # one list per inputs.prompt_scorings, in order

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from wattserve.engine.client import EngineClient
 from wattserve.server import errors
 from wattserve.server.middleware import ApiKey, BodyLimit, RequestId
-from wattserve.server.routes import chat, completions, models, ops
+from wattserve.server.routes import chat, completions, models, ops, responses, tokenize
 from wattserve.server.state import VERSION, ServerConfig, ServerState
 
 log = logging.getLogger("wattserve.server")
@@ -36,7 +36,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="wattserve", version=VERSION, lifespan=lifespan,
                   description="An OpenAI-compatible LLM inference server.")
     app.state.server = state
-    for module in (chat, completions, models, ops):
+    for module in (chat, completions, models, ops, responses, tokenize):
         app.include_router(module.router)
     errors.install(app)
     # Added innermost first: RequestId sees every response, 401s included.

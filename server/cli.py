@@ -153,6 +153,9 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                             "unset: no limit")
     group.add_argument("--max-request-bytes", type=parse_size, default=server.max_request_bytes,
                        help="largest request body accepted (413 above it), e.g. 1MiB")
+    group.add_argument("--responses-store-size", type=int, default=server.responses_store_size,
+                       help="responses kept for GET /v1/responses/{id} and "
+                            "previous_response_id (least recently used dropped first)")
     group.add_argument("--shutdown-grace-seconds", type=float,
                        default=server.shutdown_grace_seconds,
                        help="on SIGTERM, answer new requests with 503 and let in-flight ones "
@@ -205,7 +208,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("WATTSERVE_API_KEY") or None,
         served_model_names=args.served_model_name, request_timeout=args.request_timeout,
-        max_request_bytes=args.max_request_bytes,
+        max_request_bytes=args.max_request_bytes, responses_store_size=args.responses_store_size,
         shutdown_grace_seconds=args.shutdown_grace_seconds, log_level=args.log_level,
         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
         metrics_window_seconds=args.metrics_window_seconds)

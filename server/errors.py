@@ -43,7 +43,7 @@ class APIError(HTTPException):
 
 def unauthorized() -> APIError:
     return APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'.",
-                    code="invalid_api_key")
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def model_not_found(name: str) -> APIError:

@@ -73,10 +73,14 @@ class SequenceResult:
 class Generation:
     """An async iterator over the request's RequestOutput deltas, the first one included."""
 
-    def __init__(self, request_id: str, outputs: AsyncIterator[RequestOutput],
-                 first: RequestOutput, timeout: float | None, deadline: float | None):
+    def __init__(self, request_id: str, prompt_ids: list[int],
+                 outputs: AsyncIterator[RequestOutput], first: RequestOutput,
+                 timeout: float | None, deadline: float | None):
         self.request_id = request_id
+        self.prompt_ids = prompt_ids
         self.prompt_tokens = first.prompt_tokens
+        # Asked for (SamplingParams.prompt_logprobs): the engine sends them with the first output.
+        self.prompt_logprobs = first.prompt_logprobs
         self._outputs = outputs
         self._next: RequestOutput | None = first
         self._timeout, self._deadline = timeout, deadline
@@ -91,7 +95,7 @@ class Generation:
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         outputs = engine.generate(request_id, prompt_ids, params, slo)
         first = await until_disconnect(request, _within(anext(outputs), deadline, timeout))
-        return cls(request_id, outputs, first, timeout, deadline)
+        return cls(request_id, prompt_ids, outputs, first, timeout, deadline)
 
     def __aiter__(self) -> Generation:
         return self

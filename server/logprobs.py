@@ -6,6 +6,8 @@ text ("<|im_end|>"): an alternative that decodes to "" would tell the client not
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 from wattserve.engine.request import TokenLogprob
 from wattserve.server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprobs, TopLogprob
 
@@ -39,6 +41,25 @@ def completion_logprobs(tokenizer, logprobs: list[TokenLogprob], offset: int
                       for lp in logprobs],
         text_offset=offsets,
     )
+
+
+def prompt_logprobs(tokenizer, prompt_ids: list[int], logprobs: list[TokenLogprob | None]
+                    ) -> CompletionLogprobs:
+    """The prompt's part of an echo: its tokens, their logprobs (the first null: nothing
+    precedes it), offsets from the start of the text."""
+    tokens = [_text(tokenizer, token_id) for token_id in prompt_ids]
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[None if lp is None else lp.logprob for lp in logprobs],
+        top_logprobs=[None if lp is None else {_text(tokenizer, tid): v for tid, v in lp.top}
+                      for lp in logprobs],
+        text_offset=list(accumulate(map(len, tokens), initial=0))[:-1],
+    )
+
+
+def joined(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(**{name: getattr(first, name) + getattr(then, name)
+                                 for name in CompletionLogprobs.model_fields})
 
 
 def _text(tokenizer, token_id: int) -> str:

@@ -48,17 +48,18 @@ class RequestId:
 
 
 class ApiKey:
-    """Requires `Authorization: Bearer <key>` on /v1 routes; health, readiness and metrics
-    stay open for probes and scrapers."""
+    """Requires `Authorization: Bearer <key>` on /v1 routes (the scheme in any case, as
+    RFC 7235 has it); health, readiness and metrics stay open for probes and scrapers."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = Headers(scope=scope).get("authorization", "").encode()
-            if not hmac.compare_digest(given, self._expected):
+            scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
+            if not (scheme.lower() == "bearer"
+                    and hmac.compare_digest(key.strip().encode(), self._expected)):
                 return await unauthorized().response()(scope, receive, send)
         await self.app(scope, receive, send)
 

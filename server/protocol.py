@@ -2,21 +2,24 @@
 
 Requests check types only; value ranges are checked once, by SamplingParams.validate in the
 engine, so the two can never disagree. Optional sampling fields default to None, meaning "the
-engine's default" (an explicit JSON null means the same). Unknown fields are ignored, as
-OpenAI clients send fields that a server may not implement.
+engine's default" (an explicit JSON null means the same). Unknown fields are kept aside
+(`model_extra`) and otherwise ignored; server/unknown_fields.py logs them.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from wattserve.engine.request import InvalidRequestError, SamplingParams
 from wattserve.engine.slo import SLO
 
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
 
 class TextPart(_Request):
@@ -36,6 +39,11 @@ class ChatMessage(_Request):
         if not isinstance(content, str):
             content = "\n".join(part.text for part in content)
         return {"role": role, "content": content}
+
+    def check(self, param: str) -> None:
+        # OpenAI: only an assistant message that calls tools may leave `content` out.
+        if self.content is None:
+            raise InvalidRequestError("a message needs 'content'", f"{param}.content")
 
 
 class StreamOptions(_Request):
@@ -63,8 +71,9 @@ class SamplingRequest(_Request):
     temperature: float | None = Field(None, description="0 is greedy; default 1.")
     top_p: float | None = Field(None, description="Nucleus sampling mass in (0, 1].")
     n: int | None = Field(None, description="Number of choices to generate.")
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(
-        None, description="Up to 4 strings that end generation; not included in the text.")
+    stop: str | list[str] | None = Field(
+        None, description="Up to 4 strings that end generation; not included in the text.",
+        json_schema_extra={"maxItems": MAX_STOP_STRINGS})
     seed: int | None = Field(None, description="Makes sampling reproducible.")
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -86,11 +95,23 @@ class SamplingRequest(_Request):
                                                   '{"ttft_ms": 200, "tpot_ms": 50}; overrides '
                                                   "--slo-ttft-ms/--slo-tpot-ms per field.")
 
+    @field_validator("stop")
+    @classmethod
+    def _at_most_4_stop_strings(cls, stop):
+        # Checked here rather than as the list's max_length: pydantic would report the union's
+        # other member ("Input should be a valid string") instead of the limit.
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        return stop
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed with stream: true",
+                                      "stream_options")
         given = {
             "n": self.n, "max_tokens": max_tokens, "temperature": self.temperature,
             "top_p": self.top_p, "min_p": self.min_p, "seed": self.seed,
@@ -123,6 +144,8 @@ class ChatCompletionRequest(SamplingRequest):
                                                        "needs logprobs: true.")
 
     def to_sampling_params(self) -> SamplingParams:
+        for i, message in enumerate(self.messages):
+            message.check(f"messages.{i}")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
         max_tokens = self.max_completion_tokens
@@ -132,27 +155,51 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, description="Output token limit (OpenAI's default: 16).")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="A prompt, or a list of them: each gets n choices, numbered in order.")
+    max_tokens: int | None = Field(None, description="Output token limit; omitted or null: "
+                                                     f"{DEFAULT_COMPLETION_MAX_TOKENS}, as OpenAI.")
     logprobs: int | None = Field(None, description="Return the chosen token's logprob and this "
                                                    "many alternatives, 0..20.")
-    echo: bool = False
+    echo: bool = Field(False, description="Begin each choice with its prompt (and, with "
+                                          "logprobs, the prompt tokens' logprobs).")
     suffix: str | None = None
+    best_of: int | None = Field(None, description="Generate this many choices per prompt and "
+                                                  "return the n with the highest mean token "
+                                                  "logprob; not with stream.")
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", "echo")
+        """The engine's parameters for each prompt: best_of choices where asked, their
+        logprobs on to rank them, and the prompt's logprobs for echo."""
         if self.suffix:
-            raise InvalidRequestError("suffix is not supported", "suffix")
-        return self.sampling_params(self.max_tokens, self.logprobs)
+            raise InvalidRequestError("suffix is not supported: this model's template has no "
+                                      "fill-in-the-middle form", "suffix")
+        if self.best_of is not None:
+            if self.best_of < self.choices_per_prompt:
+                raise InvalidRequestError(f"best_of ({self.best_of}) must be at least n "
+                                          f"({self.choices_per_prompt})", "best_of")
+            if self.stream and self.best_of > self.choices_per_prompt:
+                raise InvalidRequestError("best_of above n cannot be streamed", "best_of")
+        max_tokens = self.max_tokens
+        if max_tokens is None:
+            max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
+        ranked = self.best_of is not None and self.best_of > self.choices_per_prompt
+        logprobs = self.logprobs if self.logprobs is not None or not ranked else 0
+        params = self.sampling_params(max_tokens, logprobs)
+        params.n = self.best_of or params.n
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs
+        return params
 
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str] | list[list[int]]:
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise InvalidRequestError("only one prompt per request is supported", "prompt")
-            prompt = prompt[0]
-        return prompt
+            return prompt
+        return [prompt]
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -228,9 +275,11 @@ class ChatCompletionChunk(_Completion):
 
 
 class CompletionLogprobs(BaseModel):
+    """With echo, the prompt's tokens come first; its first token's entries are null."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -16,6 +16,8 @@ from wattserve.engine.client import EngineClient
 from wattserve.engine.slo import SLO
 from wattserve.server.errors import model_not_found, not_ready
 from wattserve.server.metrics import Metrics
+from wattserve.server.response_store import ResponseStore
+from wattserve.server.unknown_fields import UnknownFieldLog
 
 T = TypeVar("T")
 
@@ -38,6 +40,7 @@ class ServerConfig:
     served_model_names: list[str] | None = None  # None: the checkpoint's name
     request_timeout: float | None = None  # seconds; None: no limit
     max_request_bytes: int = 1 << 20
+    responses_store_size: int = 1000
     shutdown_grace_seconds: float = 30.0
     log_level: str = "info"
     slo_ttft_ms: float | None = None
@@ -62,6 +65,8 @@ class ServerState:
                                config.metrics_window_seconds, self.slo)
         engine.add_observer(self.metrics)
         self.created = int(time.time())
+        self.unknown_fields = UnknownFieldLog()
+        self.responses = ResponseStore(config.responses_store_size)
         self.draining = False  # SIGTERM: finish what runs, refuse what comes (server/drain.py)
         # Changes when anything that changes outputs for a fixed seed changes.
         identity = f"{VERSION}|{info.model_name}|{info.dtype}|{info.device}"

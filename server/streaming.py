@@ -15,6 +15,11 @@ from wattserve.server.generation import Generation
 
 DONE = "data: [DONE]\n\n"
 
+# The OpenAPI entry of a route that streams with `stream: true`: its 200 is JSON or SSE.
+SSE_RESPONSE = {200: {"content": {"text/event-stream": {
+    "schema": {"type": "string", "description": "Server-Sent Events, one JSON object per "
+                                                "`data:` line (see the JSON schema)."}}}}}
+
 
 def event(chunk: BaseModel, include_usage: bool) -> str:
     # OpenAI's chunks carry "usage": null only when the client asked for usage.

@@ -117,3 +117,39 @@ def test_body_over_the_limit_is_413(live_server):
 def test_unknown_route_and_method_keep_the_shape(live_server):
     assert_error(httpx.get(live_server.url + "/v1/nothing"), 404)
     assert_error(httpx.get(live_server.url + CHAT), 405)
+
+
+# ---- OpenAI's own rules (each returned 200 here before) --------------------------------
+
+@pytest.mark.parametrize("path, body, param, says", [
+    (CHAT, {"messages": HI, "temperature": 2.5}, "temperature", "between 0 and 2"),
+    (CHAT, {"messages": HI, "max_tokens": 3, "min_tokens": 5}, "min_tokens", "max_tokens"),
+    (CHAT, {"messages": HI, "max_completion_tokens": 3, "min_tokens": 5}, "min_tokens",
+     "max_tokens"),
+    (CHAT, {"messages": [{"role": "assistant"}, *HI]}, "messages.0.content", "content"),
+    (CHAT, {"messages": HI, "stream_options": {"include_usage": True}}, "stream_options",
+     "stream"),
+    ("/v1/completions", {"prompt": "Hi", "stream_options": {"include_usage": True}},
+     "stream_options", "stream"),
+    (CHAT, {"messages": HI, "stop": list("abcde")}, "stop", "at most 4"),
+])
+def test_openai_rules_are_400_naming_the_parameter(live_server, path, body, param, says):
+    error = assert_error(httpx.post(live_server.url + path, json={"max_tokens": 2, **body}),
+                         400, param)
+    assert says in error["message"]
+
+
+def test_null_max_tokens_on_completions_is_16(live_server):
+    resp = httpx.post(live_server.url + "/v1/completions", timeout=60, json={
+        "prompt": "Once upon a time", "max_tokens": None, "temperature": 0, "ignore_eos": True})
+    assert resp.json()["usage"]["completion_tokens"] == 16
+
+
+def test_unknown_fields_are_logged_once_per_name(live_server):
+    body = {"messages": [{"role": "user", "content": "Hi", "mood": 1}], "max_tokens": 1,
+            "frobnicate": True}
+    for _ in range(2):
+        assert httpx.post(live_server.url + CHAT, json=body, timeout=60).status_code == 200
+    log = live_server.log()
+    assert log.count("ignoring unknown field 'frobnicate'") == 1
+    assert log.count("ignoring unknown field 'messages.mood'") == 1

@@ -42,6 +42,14 @@ def test_api_key_guards_v1_only(server):
     assert resp.usage.completion_tokens == 2
 
 
+def test_bearer_scheme_in_any_case_and_401_names_it(server):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        resp = httpx.get(server.url + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"})
+        assert resp.status_code == 200
+    resp = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Basic {KEY}"})
+    assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+
+
 def test_full_queue_is_429_with_retry_after(server):
     def stream(body):
         return httpx.stream("POST", server.url + "/v1/chat/completions", headers=AUTH,
@@ -99,3 +107,4 @@ def test_sigterm_finishes_in_flight_requests_then_exits(server):
     except subprocess.TimeoutExpired:
         pytest.fail("the server did not exit after its in-flight request finished")
     assert "stopping the engine" in server.log() and "Traceback" not in server.log()
+

@@ -88,7 +88,11 @@ async def test_version_and_openapi_describe_the_real_bodies(app_client):
             "ignore_eos", "top_k"} <= set(props)
     assert {"400", "404", "429", "503"} <= set(chat["responses"])
     completion = schema["components"]["schemas"]["CompletionRequest"]["properties"]
-    assert {"prompt", "logprobs", "echo"} <= set(completion)
+    assert {"prompt", "logprobs", "echo", "best_of"} <= set(completion)
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+        ok = schema["paths"][path]["post"]["responses"]["200"]["content"]
+        assert set(ok) == {"application/json", "text/event-stream"}, path
+    assert {"/v1/responses/{response_id}", "/tokenize", "/detokenize"} <= set(schema["paths"])
 
 
 def test_live_models_and_metrics(live_server, openai_client, served_model):

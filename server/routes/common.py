@@ -14,16 +14,19 @@ from wattserve.server.state import ServerState
 
 async def start(request: Request, state: ServerState, model: str | None, id_prefix: str,
                 params: SamplingParams, prompt_ids: Callable[..., list[int]], *prompt_args,
-                param_names: dict[str, str], slo: SLOSpec | None) -> tuple[Generation, dict]:
+                param_names: dict[str, str], slo: SLOSpec | None, part: int | None = None
+                ) -> tuple[Generation, dict]:
     """Returns the generation and the fields every response and chunk of it carries.
     `prompt_ids(tokenizer, *prompt_args)` runs on the tokenizer thread; `param_names` gives
-    the API's name for an engine parameter where the two differ; `slo` is the body's."""
+    the API's name for an engine parameter where the two differ; `slo` is the body's;
+    `part` numbers the engine requests of one API request that has several (prompts)."""
     engine = state.ready_engine()
     model = state.model_name(model)
     request_id = f"{id_prefix}-{request.state.request_id}"
+    engine_id = request_id if part is None else f"{request_id}-{part}"
     try:
         ids = await state.tokenize(prompt_ids, engine.tokenizer, *prompt_args)
-        gen = await Generation.start(engine, request, request_id, ids, params,
+        gen = await Generation.start(engine, request, engine_id, ids, params,
                                      timeout=state.config.request_timeout,
                                      slo=state.slo if slo is None else slo.over(state.slo))
     except InvalidRequestError as exc:
