@@ -24,6 +24,7 @@ from wattserve.engine.scheduler import ScheduledBatch, Scheduler
 from wattserve.engine.sequence import PLACEHOLDER, Sequence
 from wattserve.engine.slo import SLO
 from wattserve.engine.stats import EngineStats, RequestStats, StatsObserver, StepStats
+from wattserve.engine.structured.compiler import GrammarCompiler
 from wattserve.engine.warmup import warm_up
 from wattserve.kernels.kv_format import kv_format
 
@@ -89,6 +90,7 @@ class EngineCore:
                                  ring_blocks=max(1, fmt.residual_blocks))
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer.hf, mc.vocab_size, self.tokenizer.eos_token_ids)
         self.max_queue_len = config.scheduler.max_queue_len
         self.requests: dict[str, _Request] = {}
         # Monitoring, attached by the server or a benchmark: observers see every step and
@@ -128,7 +130,10 @@ class EngineCore:
             arrival_time = time.monotonic()
         stats = RequestStats(arrival_time, len(prompt_token_ids), slo)
         self.requests[request_id] = _Request(seqs, len(prompt_token_ids), seqs[1:], stats)
-        self.scheduler.add(seqs[0])
+        if params.structured is not None:
+            self.grammars.add(seqs)  # scheduled once its grammar is compiled (_launch)
+        else:
+            self.scheduler.add(seqs[0])
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -153,7 +158,7 @@ class EngineCore:
         return max(0, len(self.scheduler.waiting) - free_slots)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None
+        return self.scheduler.has_work() or self._in_flight is not None or self.grammars.has_waiting()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -175,6 +180,8 @@ class EngineCore:
         if self._in_flight is None:
             self._in_flight = self._launch()
             if self._in_flight is None:
+                if self.grammars.has_waiting():
+                    self.grammars.wait(0.01)  # nothing to run but compiling grammars: don't spin
                 return []
         ahead = self._launch() if self._can_launch_ahead(self._in_flight) else None
         outputs = self._resolve(self._in_flight)
@@ -191,6 +198,8 @@ class EngineCore:
         if self.step_pause_s:
             time.sleep(self.step_pause_s)  # a power cap's pacing; see engine/power_cap.py
         start = time.monotonic()
+        for seq in self.grammars.ready():
+            self.scheduler.add(seq)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return None
@@ -293,6 +302,8 @@ class EngineCore:
     def _append_token(self, seq: Sequence, position: int, token: int, logprob) -> None:
         """The token drawn for `position` of the sequence (its placeholder until now)."""
         seq.token_ids[position] = token
+        if seq.grammar is not None:
+            seq.grammar.accept_token(token)
         # Blocks waiting on this token (their last computed one was its placeholder) can be keyed now.
         self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
         seq.pending_token_ids.append(token)

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wattserve.engine.structured.spec import OutputConstraint
 
 
 class InvalidRequestError(ValueError):
@@ -43,6 +47,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus top k
     min_tokens: int = 0
+    structured: OutputConstraint | None = None  # the output's grammar (engine/structured)
 
     def validate(self, vocab_size: int) -> None:
         def bad(msg: str, param: str) -> None:
@@ -77,6 +82,10 @@ class SamplingParams:
             bad("stop_token_ids must be ids in the vocabulary", "stop_token_ids")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             bad("seed must fit in 64 bits", "seed")
+        if self.structured is not None:
+            if self.ignore_eos:  # the grammar ends the output with EOS: past it nothing is allowed
+                bad("ignore_eos cannot be combined with a structured output", "ignore_eos")
+            self.structured.grammar()  # raises for an invalid schema, regex or grammar
 
     @property
     def greedy(self) -> bool:
