@@ -29,7 +29,9 @@ async def create_completion(body: CompletionRequest, request: Request,
     """A text completion; with `stream: true`, Server-Sent Events of CompletionResponse."""
     params = body.to_sampling_params()
     gen, header = await start(request, state, body.model, "cmpl", params, _prompt_ids,
-                              body.single_prompt(), param_names={}, slo=body.slo)
+                              body.single_prompt(), slo=body.slo, param_names={
+                                  "structured_output": "response_format" if body.response_format
+                                  else "structured_outputs"})
     tokenizer = state.engine.tokenizer
     if body.stream:
         return sse_response(_events(gen, header, body.include_usage, tokenizer))
