@@ -1,6 +1,6 @@
-"""The serving, offline, prefix-cache and structured-output benchmarks at CI size on CPU, so they cannot rot: a
-few requests each, run as their command lines run them; counts and the JSON's shape, never
-timings."""
+"""The serving, offline, prefix-cache and structured-output benchmarks at CI size on CPU, so
+they cannot rot: a few requests each, run as their command lines run them; counts and the
+JSON's shape, never timings."""
 import json
 import subprocess
 import sys
