@@ -83,8 +83,11 @@ class SamplingParams:
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             bad("seed must fit in 64 bits", "seed")
         if self.structured is not None:
-            if self.ignore_eos:  # the grammar ends the output with EOS: past it nothing is allowed
+            # The grammar ends the output with EOS: past it, or with EOS banned, nothing is allowed.
+            if self.ignore_eos:
                 bad("ignore_eos cannot be combined with a structured output", "ignore_eos")
+            if self.min_tokens:
+                bad("min_tokens cannot be combined with a structured output", "min_tokens")
             self.structured.grammar()  # raises for an invalid schema, regex or grammar
 
     @property

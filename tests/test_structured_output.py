@@ -41,6 +41,8 @@ def test_invalid_constraints_name_the_problem(constraint, message):
     assert str(exc.value).startswith(message) and exc.value.param == "structured_output"
     with pytest.raises(InvalidRequestError, match="ignore_eos"):
         SamplingParams(structured=DIGITS, ignore_eos=True).validate(49152)
+    with pytest.raises(InvalidRequestError, match="min_tokens"):
+        SamplingParams(structured=DIGITS, min_tokens=2).validate(49152)
 
 
 def _seqs(tokenizer, constraint, n=1):
