@@ -18,7 +18,9 @@ from wattserve.engine.structured.spec import OutputConstraint
 
 log = logging.getLogger("wattserve.engine")
 
-_CACHE_SIZE = 1024  # compiled grammars kept, least recently used dropped first
+# Compiled grammars kept, least recently used dropped first: a JSON Schema's takes ~75 kB
+# (SmolLM2's tokenizer, 128k-wide logits), so at most ~20 MB.
+_CACHE_SIZE = 256
 
 
 class GrammarCompiler:
