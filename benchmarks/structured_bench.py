@@ -60,7 +60,8 @@ class MaskTimer:
 
 
 def run(llm: LLM, prompts: list[list[int]], output_len: int, constraint: OutputConstraint | None) -> dict:
-    params = SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=constraint is None,
+    # Greedy, as offline_bench: with random weights (CUDA) a draw could pick ids past the tokenizer.
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=constraint is None,
                             structured=constraint)
     start = time.perf_counter()
     results = llm.generate(prompts, params)
