@@ -24,6 +24,7 @@ from wattserve.engine.scheduler import ScheduledBatch, Scheduler, StepResult
 from wattserve.engine.sequence import Sequence
 from wattserve.engine.slo import SLO
 from wattserve.engine.stats import EngineStats, RequestStats, StatsObserver, StepStats
+from wattserve.engine.structured.compiler import GrammarCompiler
 from wattserve.engine.warmup import warm_up
 from wattserve.kernels.kv_format import kv_format
 
@@ -87,6 +88,7 @@ class EngineCore:
                                  ring_blocks=max(1, fmt.residual_blocks))
         self.scheduler = Scheduler(config.scheduler, self.kv, max_len, self.tokenizer.eos_token_ids)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer.hf, mc.vocab_size, self.tokenizer.eos_token_ids)
         self.max_queue_len = config.scheduler.max_queue_len
         self.requests: dict[str, _Request] = {}
         # Monitoring, attached by the server or a benchmark: observers see every step and
@@ -124,7 +126,10 @@ class EngineCore:
             arrival_time = time.monotonic()
         stats = RequestStats(arrival_time, len(prompt_token_ids), slo)
         self.requests[request_id] = _Request(seqs, len(prompt_token_ids), stats)
-        self.scheduler.add(seqs)
+        if params.structured is not None:
+            self.grammars.add(seqs)  # scheduled once its grammar is compiled (_launch)
+        else:
+            self.scheduler.add(seqs)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -157,7 +162,7 @@ class EngineCore:
         return max(0, len(self.scheduler.waiting) - free_slots)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None
+        return self.scheduler.has_work() or self._in_flight is not None or self.grammars.has_waiting()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -177,6 +182,8 @@ class EngineCore:
         if self._in_flight is None:
             self._in_flight = self._launch()
             if self._in_flight is None:
+                if self.grammars.has_waiting():
+                    self.grammars.wait(0.01)  # nothing to run but compiling grammars: don't spin
                 return []
         ahead = self._launch() if self._can_launch_ahead(self._in_flight) else None
         outputs = self._resolve(self._in_flight)
@@ -192,6 +199,8 @@ class EngineCore:
         if self.step_pause_s:
             time.sleep(self.step_pause_s)  # a power cap's pacing; see engine/power_cap.py
         start = time.monotonic()
+        for seqs in self.grammars.ready():
+            self.scheduler.add(seqs)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return None

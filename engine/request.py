@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wattserve.engine.structured.spec import OutputConstraint
 
 
 class InvalidRequestError(ValueError):
@@ -44,6 +48,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus top k
     min_tokens: int = 0
     prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's, plus top k
+    structured: OutputConstraint | None = None  # the output's grammar (engine/structured)
 
     def validate(self, vocab_size: int) -> None:
         def bad(msg: str, param: str) -> None:
@@ -85,6 +90,13 @@ class SamplingParams:
             bad("stop_token_ids must be ids in the vocabulary", "stop_token_ids")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             bad("seed must fit in 64 bits", "seed")
+        if self.structured is not None:
+            # The grammar ends the output with EOS: past it, or with EOS banned, nothing is allowed.
+            if self.ignore_eos:
+                bad("ignore_eos cannot be combined with a structured output", "ignore_eos")
+            if self.min_tokens:
+                bad("min_tokens cannot be combined with a structured output", "min_tokens")
+            self.structured.grammar()  # raises for an invalid schema, regex or grammar
 
     @property
     def greedy(self) -> bool:

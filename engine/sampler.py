@@ -18,6 +18,7 @@ import torch
 from wattserve.engine.host_to_device import device_tensor
 from wattserve.engine.request import TokenLogprob
 from wattserve.engine.sequence import Sequence
+from wattserve.engine.structured.bitmask import mask_logits
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Sampler:
         """logits: [len(seqs), vocab] float32 -> one token per row, still on the device."""
         top_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in top_logprobs) else None
-        logits = self._adjust(logits, seqs)
+        logits = mask_logits(self._adjust(logits, seqs), seqs)
         tokens = logits.argmax(-1)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
@@ -97,10 +98,12 @@ class Sampler:
 
 
 def reads_own_tokens(seq: Sequence) -> bool:
-    """Penalties read the sequence's earlier tokens, so its next draw needs the last one on
-    the host first: the engine does not launch ahead of such a sequence."""
+    """Penalties read the sequence's earlier tokens, and a grammar's next mask needs the last
+    one accepted, so its next draw needs the last token on the host first: the engine does not
+    launch ahead of such a sequence."""
     p = seq.params
-    return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
+    return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                or p.structured is not None)
 
 
 def _adjusts(seq: Sequence) -> bool:

@@ -216,6 +216,8 @@ class Scheduler:
             if seq.finish_reason is not None:
                 continue
             seq.token_ids[position] = token
+            if seq.grammar is not None:  # its next mask follows this token (engine/structured)
+                seq.grammar.accept_token(token)
             # Blocks waiting on this token (their last computed one was its placeholder) can be keyed now.
             self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             taken.append(TakenToken(seq, position, token, logprob))

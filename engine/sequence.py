@@ -32,6 +32,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         # Per-sequence generator: the same seed gives the same tokens whatever else is batched.
         self.generator: torch.Generator | None = None
+        self.grammar = None  # params.structured's xgrammar matcher, once compiled (engine/structured)
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed((params.seed + index) % 2**64)
         # Output accumulated since the last RequestOutput was emitted.

@@ -19,6 +19,7 @@ from wattserve.engine.config import CacheConfig, EngineConfig, MonitorConfig, Sc
 from wattserve.kernels.kv_format import KV_CACHE_DTYPES
 from wattserve.server.config_file import PresetError, load_preset
 from wattserve.server.state import ServerConfig
+from wattserve.server.tool_parsers import PARSERS
 
 log = logging.getLogger("wattserve.server")
 
@@ -161,6 +162,11 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="on SIGTERM, answer new requests with 503 and let in-flight ones "
                             "finish for this long, then end them with an error (a 503, or an "
                             "error event and [DONE] in a stream); a second signal stops at once")
+    group.add_argument("--tool-call-parser", default=server.tool_call_parser,
+                       choices=sorted(PARSERS),
+                       help="the model's tool-call format, read for tool_choice 'auto' "
+                            "(hermes: Hermes/Qwen2.5 <tool_call>; llama3_json: Llama 3.1/3.2; "
+                            "mistral: [TOOL_CALLS]); unset: the one its chat template shows")
     group.add_argument("--log-level", default=server.log_level,
                        choices=["debug", "info", "warning", "error"], help="logging verbosity")
 
@@ -211,7 +217,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_request_bytes=args.max_request_bytes, responses_store_size=args.responses_store_size,
         shutdown_grace_seconds=args.shutdown_grace_seconds, log_level=args.log_level,
         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
-        metrics_window_seconds=args.metrics_window_seconds)
+        metrics_window_seconds=args.metrics_window_seconds, tool_call_parser=args.tool_call_parser)
 
 
 def monitor_config(args: argparse.Namespace) -> MonitorConfig:

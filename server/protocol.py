@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 from wattserve.engine.request import InvalidRequestError, SamplingParams
 from wattserve.engine.slo import SLO
+from wattserve.engine.structured.spec import OutputConstraint
+from wattserve.server.protocol_tools import (
+    ResponseFormat, StructuredOutputs, Tool, ToolCall, ToolCallDelta, ToolChoice,
+    requested_constraint,
+)
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -28,21 +33,29 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
-    def as_template_input(self) -> dict[str, str]:
+    def as_template_input(self) -> dict:
+        """The message as HF chat templates read it (tool calls' arguments as mappings)."""
         # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
         role = "system" if self.role == "developer" else self.role
         content = self.content or ""
         if not isinstance(content, str):
             content = "\n".join(part.text for part in content)
-        return {"role": role, "content": content}
+        message = {"role": role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [call.as_template_input() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
     def check(self, param: str) -> None:
         # OpenAI: only an assistant message that calls tools may leave `content` out.
-        if self.content is None:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise InvalidRequestError("a message needs 'content'", f"{param}.content")
 
 
@@ -90,6 +103,14 @@ class SamplingRequest(_Request):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
+    # Output constraints: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # wattserve's own: the latency this request is counted against in the SLO metrics.
     slo: SLOSpec | None = Field(None, description="Latency SLO for this request, e.g. "
                                                   '{"ttft_ms": 200, "tpot_ms": 50}; overrides '
@@ -108,11 +129,23 @@ class SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def output_constraint(self) -> OutputConstraint | None:
+        guided = {"json": self.guided_json, "regex": self.guided_regex,
+                  "choice": self.guided_choice, "grammar": self.guided_grammar}
+        structured = self.structured_outputs
+        if any(v is not None for v in guided.values()):
+            if structured is not None:
+                raise InvalidRequestError("give structured_outputs or guided_*, not both",
+                                          "structured_outputs")
+            structured = StructuredOutputs(**{k: v for k, v in guided.items() if v is not None})
+        return requested_constraint(self.response_format, structured)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        structured: OutputConstraint | None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed with stream: true",
                                       "stream_options")
-        given = {
+        given = {"structured": structured,
             "n": self.n, "max_tokens": max_tokens, "temperature": self.temperature,
             "top_p": self.top_p, "min_p": self.min_p, "seed": self.seed,
             "presence_penalty": self.presence_penalty,
@@ -138,20 +171,32 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = Field(None, description="none, auto, required or "
+                                                             '{"type": "function", "function": '
+                                                             '{"name": ...}}; default: auto with '
+                                                             "tools, else none.")
+    parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(None, description="Replaces max_tokens.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, description="Alternatives per token, 0..20; "
                                                        "needs logprobs: true.")
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, tool_constraint: OutputConstraint | None) -> SamplingParams:
+        """`tool_constraint`: the grammar that tool_choice required or a named function sets."""
         for i, message in enumerate(self.messages):
             message.check(f"messages.{i}")
+        constraint = self.output_constraint()
+        if constraint is not None and tool_constraint is not None:
+            raise InvalidRequestError("response_format cannot be combined with a tool_choice "
+                                      "that forces a call", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
         max_tokens = self.max_completion_tokens
         if max_tokens is None:
             max_tokens = self.max_tokens
-        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
+                                    constraint or tool_constraint)
 
 
 class CompletionRequest(SamplingRequest):
@@ -189,7 +234,7 @@ class CompletionRequest(SamplingRequest):
             max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
         ranked = self.best_of is not None and self.best_of > self.choices_per_prompt
         logprobs = self.logprobs if self.logprobs is not None or not ranked else 0
-        params = self.sampling_params(max_tokens, logprobs)
+        params = self.sampling_params(max_tokens, logprobs, self.output_constraint())
         params.n = self.best_of or params.n
         if self.echo and self.logprobs is not None:
             params.prompt_logprobs = self.logprobs
@@ -227,7 +272,13 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_if_any(self, handler):
+        # OpenAI leaves tool_calls out of a message that made none.
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v is not None}
 
 
 class ChatChoice(BaseModel):
@@ -254,6 +305,7 @@ class ChatCompletionResponse(_Completion):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _only_present(self, handler):

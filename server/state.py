@@ -17,6 +17,7 @@ from wattserve.engine.slo import SLO
 from wattserve.server.errors import model_not_found, not_ready
 from wattserve.server.metrics import Metrics
 from wattserve.server.response_store import ResponseStore
+from wattserve.server.tool_parsers import ToolParser, parser_for
 from wattserve.server.unknown_fields import UnknownFieldLog
 
 T = TypeVar("T")
@@ -46,6 +47,7 @@ class ServerConfig:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     metrics_window_seconds: float = 60.0  # goodput, attainment, energy per token
+    tool_call_parser: str | None = None  # None: the format the chat template shows, if any
 
     def default_slo(self) -> SLO | None:
         if self.slo_ttft_ms is None and self.slo_tpot_ms is None:
@@ -61,6 +63,9 @@ class ServerState:
         info = engine.info
         self.model_names = config.served_model_names or [info.model_name]
         self.slo = config.default_slo()
+        template = engine.tokenizer.chat_template
+        self.tool_parser: ToolParser | None = parser_for(
+            config.tool_call_parser, template.source if template is not None else None)
         self.metrics = Metrics(engine.snapshot, info, self.model_names[0],
                                config.metrics_window_seconds, self.slo)
         engine.add_observer(self.metrics)

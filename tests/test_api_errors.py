@@ -44,7 +44,7 @@ def test_context_length_names_the_parameter_used(live_server):
 
 
 def test_wrong_types_name_the_field(live_server):
-    resp = httpx.post(live_server.url + CHAT, json={"messages": [{"role": "tool"}]})
+    resp = httpx.post(live_server.url + CHAT, json={"messages": [{"role": "robot"}]})
     assert_error(resp, 400, "messages.0.role")
     parts = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert_error(httpx.post(live_server.url + CHAT, json={"messages": parts}), 400,

@@ -1,4 +1,6 @@
 """POST /v1/responses and GET /v1/responses/{id} through the real openai SDK."""
+import json
+
 import httpx
 import openai
 import pytest
@@ -86,11 +88,8 @@ TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "objec
 
 
 @pytest.mark.parametrize("extra, param", [
-    # Until the chat path has tools and structured output (issue 18), refused, not ignored.
+    # Until this route builds function_call output items, refused, not ignored.
     ({"tools": [TOOL]}, "tools"),
-    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
-    ({"input": [{"type": "function_call_output", "call_id": "c1", "output": "sunny"}]},
-     "input"),
     ({"temperature": 3}, "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"input": []}, "input"),
@@ -100,3 +99,16 @@ def test_refused_is_400_naming_the_parameter(live_server, extra, param):
                       json={"input": "Hi", "max_output_tokens": 2, **extra})
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param
+
+
+def test_text_format_json_schema_constrains_the_output_text(live_server):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+              "required": ["city"], "additionalProperties": False}
+    resp = httpx.post(live_server.url + "/v1/responses", timeout=60, json={
+        "input": "Name a city in France as JSON.", "max_output_tokens": 40, "temperature": 0,
+        "text": {"format": {"type": "json_schema", "name": "city", "schema": schema}}})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["status"] == "completed" and body["text"]["format"]["type"] == "json_schema"
+    answer = json.loads(body["output"][0]["content"][0]["text"])
+    assert set(answer) == {"city"} and isinstance(answer["city"], str)

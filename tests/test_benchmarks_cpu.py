@@ -1,6 +1,6 @@
-"""The serving, offline and prefix-cache benchmarks at CI size on CPU, so they cannot rot: a
-few requests each, run as their command lines run them; counts and the JSON's shape, never
-timings."""
+"""The serving, offline, prefix-cache and structured-output benchmarks at CI size on CPU, so
+they cannot rot: a few requests each, run as their command lines run them; counts and the
+JSON's shape, never timings."""
 import json
 import subprocess
 import sys
@@ -79,3 +79,15 @@ def test_prefix_cache_bench_computes_the_shared_prompt_once(tmp_path):
     for run in (plain, cached):
         assert 0 < run["p50_ttft_s"] <= run["p90_ttft_s"] <= run["max_ttft_s"] <= run["prefill_s"]
     assert result["bound"] is None  # no GPU, no matmul rate
+
+
+def test_structured_bench_constrained_against_free(tmp_path):
+    out = tmp_path / "structured.json"
+    bench("structured_bench.py", "--num-requests", str(REQUESTS), "--input-len", str(INPUT_LEN),
+          "--output-len", str(OUTPUT_LEN), "--repeat", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    for name in ("unconstrained", "json_schema"):
+        assert result["runs"][name][0]["output_tokens"] == REQUESTS * OUTPUT_LEN
+    assert result["json_schema_vs_unconstrained"] > 0 and result["mask_ms_per_step"] > 0
+    compile_s = result["compile"]
+    assert compile_s["cached_s"] < compile_s["new_schema_s"] <= compile_s["first_ever_s"]

@@ -56,7 +56,8 @@ async def create_completion(body: CompletionRequest, request: Request,
     state.unknown_fields.note(request.url.path, body)
     params = body.to_sampling_params()
     prompts = body.prompts()
-    names = {"prompt_logprobs": "logprobs"}
+    names = {"prompt_logprobs": "logprobs",
+             "structured_output": "response_format" if body.response_format else "structured_outputs"}
     if body.best_of is not None:
         names["n"] = "best_of"
     group, header = await GenerationGroup.start([

@@ -46,8 +46,8 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         history = previous.messages
     conversation = history + turn_messages(body)
     try:
-        gen, header, params = await start_chat(request, state, chat_request(body, conversation),
-                                               "resp")
+        gen, header, params, _ = await start_chat(request, state, chat_request(body, conversation),
+                                                  "resp")
     except InvalidRequestError as exc:
         exc.param = RESPONSES_NAMES.get(exc.param, exc.param)
         raise
