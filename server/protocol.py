@@ -7,7 +7,7 @@ OpenAI clients send fields that a server may not implement.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -115,12 +115,26 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         raise InvalidRequestError("logit_bias keys must be token ids", "logit_bias") from None
 
 
+# What the server itself passes to a chat template.
+_TEMPLATE_ARGUMENTS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, description="Replaces max_tokens.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, description="Alternatives per token, 0..20; "
                                                        "needs logprobs: true.")
+    # vLLM's extra: variables for the chat template, e.g. Qwen3's {"enable_thinking": false}.
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description='Extra chat template variables, e.g. {"enable_thinking": false}.')
+
+    def template_variables(self) -> dict[str, Any]:
+        reserved = sorted(set(self.chat_template_kwargs or {}) & _TEMPLATE_ARGUMENTS)
+        if reserved:
+            raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}",
+                                      "chat_template_kwargs")
+        return self.chat_template_kwargs or {}
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:

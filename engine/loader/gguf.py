@@ -21,7 +21,8 @@ from tqdm import tqdm
 from wattserve.engine.config import ModelConfig, UnsupportedModelError
 from wattserve.engine.loader import ModelLoadError
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 _TOP_LEVEL = {
     "token_embd": "model.embed_tokens",
@@ -33,11 +34,18 @@ _PER_LAYER = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Where an architecture's tensors differ from the table above.
+_PER_LAYER_BY_ARCH = {
+    # Phi-3 stores q/k/v fused, and gate/up fused under ffn_up.
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
 }
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _ROPE_FREQS = "rope_freqs.weight"
@@ -57,7 +65,8 @@ def read_gguf(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not read {path} as a GGUF file: {e}") from e
     config = _model_config(reader, path)
-    plan = [(t, hf_name) for t in reader.tensors if (hf_name := _hf_name(t.name, path))]
+    arch = reader.fields["general.architecture"].contents()
+    plan = [(t, hf_name) for t in reader.tensors if (hf_name := _hf_name(t.name, arch, path))]
     return config, _weights(plan, config, path)
 
 
@@ -155,7 +164,7 @@ def _llama3_rope_divisors(scaling: dict[str, Any], theta: float, head_dim: int) 
     return divisors.astype(np.float32)
 
 
-def _hf_name(gguf_name: str, path: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str, path: str) -> str | None:
     """The HF parameter name; None for tensors that are not parameters (rope_freqs)."""
     if gguf_name == _ROPE_FREQS:
         return None
@@ -163,8 +172,9 @@ def _hf_name(gguf_name: str, path: str) -> str | None:
     if stem in _TOP_LEVEL and suffix == "weight":
         return f"{_TOP_LEVEL[stem]}.weight"
     m = _LAYER_TENSOR.match(gguf_name)
-    if m and m.group(2) in _PER_LAYER:
-        return f"model.layers.{m.group(1)}.{_PER_LAYER[m.group(2)]}.{m.group(3)}"
+    per_layer = {**_PER_LAYER, **_PER_LAYER_BY_ARCH.get(arch, {})}
+    if m and m.group(2) in per_layer:
+        return f"model.layers.{m.group(1)}.{per_layer[m.group(2)]}.{m.group(3)}"
     raise ModelLoadError(
         f"{path} has a tensor {gguf_name!r} that a Llama-family model does not use"
     )

@@ -1,6 +1,7 @@
-"""The Llama family in one model: Llama 2/3/3.1, Mistral, Qwen2/2.5, SmolLM2.
+"""One decoder for every family: Llama 2/3/3.1, Mistral, Qwen2/2.5/3, Phi-3/3.5/4, SmolLM2.
 
-Variants are ModelConfig fields (qkv bias, tied embeddings, rope scaling, GQA), not classes.
+Variants are ModelConfig fields (qkv bias, q/k norms, tied embeddings, rope scaling, GQA),
+not classes; engine/families.py sets them per family.
 The model runs on a flat batch of tokens (no padding): prefill chunks and decodes of many
 sequences side by side, with K/V read from and written to the paged cache.
 """
@@ -36,17 +37,32 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qk_norm, self.eps = cfg.qk_norm, cfg.rms_norm_eps
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNormWeight(cfg.head_dim if per_head else self.q_size)
+            self.k_norm = RMSNormWeight(cfg.head_dim if per_head else self.kv_size)
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
         """x: [num_tokens, hidden]; kv_cache: this layer's LayerKVCache."""
         qkv = self.ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "proj":
+            q = self.ops.rms_norm(q, self.q_norm.weight, self.eps)
+            k = self.ops.rms_norm(k, self.k_norm.weight, self.eps)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q = self._norm_heads(q, self.q_norm.weight)
+            k = self._norm_heads(k, self.k_norm.weight)
         q = self.ops.rotary_write_kv(q, k, v, positions, cos_sin, kv_cache, meta)
         o = self.ops.paged_attention(q, kv_cache, meta, self.scale)
         return self.ops.linear(o.reshape(-1, self.q_size), self.o_proj.weight)
+
+    def _norm_heads(self, x, weight):
+        """x: [num_tokens, heads, head_dim], normalized per head."""
+        return self.ops.rms_norm(x.reshape(-1, self.head_dim), weight, self.eps).view(x.shape)
 
 
 class MLP(nn.Module):
@@ -110,22 +126,27 @@ class LlamaModel(nn.Module):
 
     # ---- weights -----------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in, fusing q/k/v and gate/up into their stacked parameters."""
+        """Copy HF-named tensors in, fusing q/k/v and gate/up into their stacked parameters
+        (checkpoints that store them fused, as Phi-3's, fill every part at once)."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue
-            target, offset = _stacked_target(name.removeprefix("model."), self.cfg)
+            target, part = _stacked_target(name.removeprefix("model."))
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
             param = params[target].data
-            dst = param if offset is None else param.narrow(0, offset, tensor.shape[0])
+            offsets = _offsets(_parts(target, self.cfg))
+            if part is None:
+                dst, filled = param, offsets
+            else:
+                dst, filled = param.narrow(0, offsets[part], tensor.shape[0]), [offsets[part]]
             if dst.shape != tensor.shape:
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
             dst.copy_(tensor)
-            loaded.add(f"{target}@{offset}")
-        expected = {f"{n}@{o}" for n, o in _expected_slots(self.cfg, params)}
+            loaded.update(f"{target}@{o}" for o in filled)
+        expected = {f"{n}@{o}" for n in params for o in _offsets(_parts(n, self.cfg))}
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -141,23 +162,26 @@ class LlamaModel(nn.Module):
                 p.data.normal_(0.0, 0.02, generator=gen)
 
 
-def _stacked_target(name: str, cfg: ModelConfig) -> tuple[str, int | None]:
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    for part, fused, offset in (
-        ("q_proj", "qkv_proj", 0), ("k_proj", "qkv_proj", q), ("v_proj", "qkv_proj", q + kv),
-        ("gate_proj", "gate_up_proj", 0), ("up_proj", "gate_up_proj", inter),
-    ):
+# HF's separate projections -> (our fused parameter, index of the part in it)
+_STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def _stacked_target(name: str) -> tuple[str, int | None]:
+    for part, (fused, index) in _STACKED.items():
         if f".{part}." in name:
-            return name.replace(part, fused), offset
+            return name.replace(part, fused), index
     return name, None
 
 
-def _expected_slots(cfg: ModelConfig, params: dict) -> Iterable[tuple[str, int | None]]:
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    for n in params:
-        if n.endswith("qkv_proj.weight") or n.endswith("qkv_proj.bias"):
-            yield from ((n, o) for o in (0, q, q + kv))
-        elif n.endswith("gate_up_proj.weight"):
-            yield from ((n, o) for o in (0, inter))
-        else:
-            yield n, None
+def _parts(param_name: str, cfg: ModelConfig) -> list[int]:
+    """Row counts of the parts a parameter stacks; one part for an unstacked one."""
+    if ".qkv_proj." in param_name:
+        return [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+    if ".gate_up_proj." in param_name:
+        return [cfg.intermediate_size] * 2
+    return [0]
+
+
+def _offsets(parts: list[int]) -> list[int]:
+    return [sum(parts[:i]) for i in range(len(parts))]

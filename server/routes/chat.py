@@ -24,9 +24,9 @@ from wattserve.server.streaming import event, sse_response, stream_events
 router = APIRouter()
 
 
-def _prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def _prompt_ids(tokenizer, messages: list[dict[str, str]], variables: dict) -> list[int]:
     # The template adds BOS itself where the model wants one.
-    return tokenizer.encode(tokenizer.render_chat(messages), add_special_tokens=False)
+    return tokenizer.encode(tokenizer.render_chat(messages, **variables), add_special_tokens=False)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
@@ -35,11 +35,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  state: State):
     """A chat answer; with `stream: true`, Server-Sent Events of ChatCompletionChunk."""
     params = body.to_sampling_params()
+    variables = body.template_variables()
     names = {"prompt": "messages", "logprobs": "top_logprobs"}
     if body.max_completion_tokens is not None:
         names["max_tokens"] = "max_completion_tokens"
     gen, header = await start(request, state, body.model, "chatcmpl", params, _prompt_ids,
-                              [m.as_template_input() for m in body.messages], param_names=names,
+                              [m.as_template_input() for m in body.messages], variables,
+                              param_names=names,
                               slo=body.slo)
     tokenizer = state.engine.tokenizer
     if body.stream:

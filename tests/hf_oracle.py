@@ -1,0 +1,123 @@
+"""Tiny random HF checkpoints of each family and the comparisons against transformers."""
+from __future__ import annotations
+
+import torch
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a land far away, there lived a dragon who loved to read books about",
+]
+# Shared by every family: small enough that building, saving and loading take well under a
+# second, with GQA (4 query heads on 2 KV heads).
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def save_tiny(model_cls, config, directory, tokenizer, seed: int = 0):
+    """Random weights, saved as float32 safetensors beside the default tokenizer.
+
+    transformers' init (std 0.02, norms at their neutral value) gives near-uniform logits on
+    which greedy ties are likely; weights of std 0.15 and norms moved off neutral make every
+    tensor count and keep the top logits apart.
+    """
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(directory)
+    tokenizer.hf.save_pretrained(directory)
+    return model.eval()
+
+
+def hf_greedy(model, ids: list[int], n: int = 32) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+def hf_last_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float()
+
+
+def engine_greedy(engine, prompt_ids: list[int], n: int = 32) -> list[int]:
+    from wattserve.engine.request import SamplingParams
+
+    # min_tokens = max_tokens masks EOS the way HF generate's min_new_tokens does.
+    engine.add_request("r", prompt_ids, SamplingParams(temperature=0, max_tokens=n, min_tokens=n))
+    out = []
+    while engine.has_work():
+        out += [t for o in engine.step() for s in o.outputs for t in s.token_ids]
+    return out
+
+
+def engine_last_logits(engine, prompt_ids: list[int]) -> torch.Tensor:
+    """Last-position logits of a prompt, through the engine's paged prefill."""
+    from wattserve.engine.detokenizer import IncrementalDetokenizer
+    from wattserve.engine.request import SamplingParams
+    from wattserve.engine.sequence import Sequence
+
+    seq = Sequence("x", 0, prompt_ids, SamplingParams(), 1,
+                   IncrementalDetokenizer(engine.tokenizer.hf, [], []))
+    engine.kv.allocate(seq.seq_id, len(prompt_ids))
+    try:
+        return engine.runner.execute([seq], [len(prompt_ids)], [engine.kv.tables[seq.seq_id]])[0]
+    finally:
+        engine.kv.free(seq.seq_id)
+
+
+def compare(engine, hf_model, encode, rel_bound: float = 1e-4):
+    """fp32 on both sides; only the order of float ops differs (fused projections, SDPA over
+    the paged cache): the error is a few ulps of the largest logits, far below any gap that
+    decides a token."""
+    for text in PROMPTS:
+        ids = encode(text)
+        ref, ours = hf_last_logits(hf_model, ids), engine_last_logits(engine, ids)
+        rel = (ours - ref).abs().max() / ref.abs().max()
+        assert rel < rel_bound, f"{text!r}: max relative logit error {rel:.2e}"
+        assert engine_greedy(engine, ids) == hf_greedy(hf_model, ids), \
+            f"greedy tokens differ for {text!r}"
+
+
+def write_gguf(model, path, arch: str, extra_tensors=(), metadata=()) -> str:
+    """The model's weights as float32 GGUF tensors under llama.cpp's names, as gguf-py maps
+    them, with the metadata keys llama.cpp's converter writes; no tokenizer (tests pass the
+    checkpoint directory as --tokenizer). `extra_tensors`: (gguf name, array) written as
+    they are; `metadata`: callables on the writer."""
+    import gguf
+
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    for add in metadata:
+        add(w)
+    for name, tensor in model.state_dict().items():
+        stem, _, suffix = name.rpartition(".")
+        w.add_tensor(f"{names.get_name(stem)}.{suffix}", tensor.float().numpy())
+    for name, array in extra_tensors:
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)

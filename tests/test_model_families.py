@@ -1,0 +1,120 @@
+"""Each family beyond Llama, from a tiny random checkpoint built with transformers: logits
+and 32 greedy tokens against transformers, from safetensors and from GGUF."""
+import os
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import LiveServer
+from hf_oracle import PROMPTS, TINY, compare, hf_greedy, save_tiny, write_gguf
+from wattserve.engine.config import CacheConfig, EngineConfig
+from wattserve.engine.core import EngineCore
+
+
+# The end of Qwen3's chat template: `enable_thinking: false` pre-fills an empty think block.
+QWEN3_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+
+
+def qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    # head_dim 32 is not hidden / heads (16): Qwen3 states it explicitly.
+    config = Qwen3Config(**TINY, head_dim=32, max_position_embeddings=512)
+    return Qwen3ForCausalLM, config, QWEN3_TEMPLATE
+
+
+FAMILIES = {"qwen3": qwen3}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory, tokenizer):
+    """(family, directory, HF model in fp32)."""
+    model_cls, config, template = FAMILIES[request.param]()
+    directory = tmp_path_factory.mktemp(request.param)
+    model = save_tiny(model_cls, config, directory, tokenizer)
+    if template is not None:
+        (directory / "chat_template.jinja").write_text(template)
+    return request.param, str(directory), model
+
+
+def engine_for(model: str, **cache) -> EngineCore:
+    return EngineCore(EngineConfig(model=model, warm_up=False,
+                                   cache=CacheConfig(kv_cache_memory=8 << 20, **cache)))
+
+
+def test_safetensors_logits_and_greedy_tokens_match_transformers(checkpoint):
+    _, directory, hf_model = checkpoint
+    engine = engine_for(directory)
+    compare(engine, hf_model, lambda t: engine.tokenizer.encode(t, add_special_tokens=False))
+
+
+def test_gguf_logits_and_greedy_tokens_match_transformers(checkpoint, tmp_path):
+    family, directory, hf_model = checkpoint
+    path = write_gguf(hf_model, tmp_path / f"{family}.gguf", family)
+    engine = EngineCore(EngineConfig(model=path, tokenizer=directory, warm_up=False,
+                                     cache=CacheConfig(kv_cache_memory=8 << 20)))
+    compare(engine, hf_model, lambda t: engine.tokenizer.encode(t, add_special_tokens=False))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    """`wattserve serve <checkpoint directory>`, one per family."""
+    family, directory, _ = checkpoint
+    live = LiveServer(("--no-warm-up", directory), tmp_path_factory.mktemp(f"{family}-server") / "log")
+    try:
+        live.wait_ready()
+        yield live
+    finally:
+        live.stop()
+
+
+def test_completions_greedy_tokens_match_transformers_generate(checkpoint, server):
+    from openai import OpenAI
+
+    _, directory, hf_model = checkpoint
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    tok = AutoTokenizer.from_pretrained(directory)
+    for text in PROMPTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        want = hf_greedy(hf_model, ids)
+        got = client.completions.create(model=os.path.basename(directory), prompt=ids, max_tokens=32, temperature=0,
+                                        extra_body={"min_tokens": 32})
+        assert got.usage.completion_tokens == 32
+        assert got.choices[0].text == tok.decode(want, skip_special_tokens=True), \
+            f"greedy text differs for {text!r}"
+
+
+@pytest.mark.parametrize("kwargs", [None, {"enable_thinking": False}, {"enable_thinking": True}])
+def test_chat_template_kwargs_reach_the_template(checkpoint, server, kwargs):
+    """Prompt tokens of a chat request are the template rendered by transformers with the
+    same variables (Qwen3: `enable_thinking: false` adds an empty think block)."""
+    from openai import OpenAI
+
+    _, directory, _ = checkpoint
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    tok = AutoTokenizer.from_pretrained(directory)
+    messages = [{"role": "user", "content": "Hi there"}]
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                   return_dict=False, **(kwargs or {}))
+    got = client.chat.completions.create(
+        model=os.path.basename(directory), messages=messages, max_tokens=1,
+        extra_body={} if kwargs is None else {"chat_template_kwargs": kwargs})
+    assert got.usage.prompt_tokens == len(want)
+
+
+def test_chat_template_kwargs_may_not_replace_the_servers_own_variables(checkpoint, server):
+    from openai import BadRequestError, OpenAI
+
+    _, directory, _ = checkpoint
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(BadRequestError) as err:
+        client.chat.completions.create(
+            model=os.path.basename(directory), messages=[{"role": "user", "content": "Hi"}],
+            extra_body={"chat_template_kwargs": {"messages": []}})
+    assert err.value.body["param"] == "chat_template_kwargs"
+    assert "messages" in err.value.body["message"]
