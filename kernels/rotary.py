@@ -47,10 +47,10 @@ def _longrope_cos_sin(head_dim: int, theta: float, scaling: dict[str, Any],
     """Phi-3: frequencies divided per dimension by the short factors inside the original
     context and by the long ones beyond it, cos and sin scaled by the attention factor.
 
-    Choosing by the token's position matches transformers, which switches to the long
-    factors once a forward pass reaches past the original context, for every decode step
-    and every prompt inside the original context; a prompt that crosses it gets the short
-    factors up to there (transformers: the long ones throughout).
+    Chosen by the token's position, so the K/V already cached never change. transformers
+    instead drops its cache when a sequence outgrows the original context and computes the
+    whole sequence again with the long factors; inside the original context the two agree
+    exactly, past it tokens differ slightly (vLLM also keeps the cache, switching per batch).
     """
     base = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     original = scaling["original_max_position_embeddings"]

@@ -25,21 +25,38 @@ def qwen3():
 
     # head_dim 32 is not hidden / heads (16): Qwen3 states it explicitly.
     config = Qwen3Config(**TINY, head_dim=32, max_position_embeddings=512)
-    return Qwen3ForCausalLM, config, QWEN3_TEMPLATE
+    return dict(model_cls=Qwen3ForCausalLM, config=config, template=QWEN3_TEMPLATE)
 
 
-FAMILIES = {"qwen3": qwen3}
+def phi3():
+    """Longrope, every prompt and its 32 tokens inside the original context of 64 (where
+    transformers and we agree; past it see kernels/rotary.py and test_rotary_norm.py)."""
+    import numpy as np
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    short = [1.0 + i / 8 for i in range(8)]  # head_dim 16: 8 rotary frequencies
+    long = [1.5 + i for i in range(8)]
+    config = Phi3Config(**TINY, max_position_embeddings=256, original_max_position_embeddings=64,
+                        rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
+    return dict(model_cls=Phi3ForCausalLM, config=config, gguf_tensors=[
+        ("rope_factors_long.weight", np.array(long, np.float32)),
+        ("rope_factors_short.weight", np.array(short, np.float32))],
+        gguf_metadata=[lambda w: w.add_rope_scaling_orig_ctx_len(64)])
+
+
+FAMILIES = {"qwen3": qwen3, "phi3": phi3}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def checkpoint(request, tmp_path_factory, tokenizer):
     """(family, directory, HF model in fp32)."""
-    model_cls, config, template = FAMILIES[request.param]()
+    family = FAMILIES[request.param]()
+    family["config"].vocab_size = tokenizer.vocab_size
     directory = tmp_path_factory.mktemp(request.param)
-    model = save_tiny(model_cls, config, directory, tokenizer)
-    if template is not None:
-        (directory / "chat_template.jinja").write_text(template)
-    return request.param, str(directory), model
+    model = save_tiny(family["model_cls"], family["config"], directory, tokenizer)
+    if family.get("template") is not None:
+        (directory / "chat_template.jinja").write_text(family["template"])
+    return request.param, str(directory), model, family
 
 
 def engine_for(model: str, **cache) -> EngineCore:
@@ -48,14 +65,15 @@ def engine_for(model: str, **cache) -> EngineCore:
 
 
 def test_safetensors_logits_and_greedy_tokens_match_transformers(checkpoint):
-    _, directory, hf_model = checkpoint
+    _, directory, hf_model, _ = checkpoint
     engine = engine_for(directory)
     compare(engine, hf_model, lambda t: engine.tokenizer.encode(t, add_special_tokens=False))
 
 
 def test_gguf_logits_and_greedy_tokens_match_transformers(checkpoint, tmp_path):
-    family, directory, hf_model = checkpoint
-    path = write_gguf(hf_model, tmp_path / f"{family}.gguf", family)
+    name, directory, hf_model, family = checkpoint
+    path = write_gguf(hf_model, tmp_path / f"{name}.gguf", name, family.get("gguf_tensors", ()),
+                      family.get("gguf_metadata", ()))
     engine = EngineCore(EngineConfig(model=path, tokenizer=directory, warm_up=False,
                                      cache=CacheConfig(kv_cache_memory=8 << 20)))
     compare(engine, hf_model, lambda t: engine.tokenizer.encode(t, add_special_tokens=False))
@@ -64,8 +82,8 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(checkpoint, tmp_path):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     """`wattserve serve <checkpoint directory>`, one per family."""
-    family, directory, _ = checkpoint
-    live = LiveServer(("--no-warm-up", directory), tmp_path_factory.mktemp(f"{family}-server") / "log")
+    name, directory, _, _ = checkpoint
+    live = LiveServer(("--no-warm-up", directory), tmp_path_factory.mktemp(f"{name}-server") / "log")
     try:
         live.wait_ready()
         yield live
@@ -76,7 +94,7 @@ def server(checkpoint, tmp_path_factory):
 def test_completions_greedy_tokens_match_transformers_generate(checkpoint, server):
     from openai import OpenAI
 
-    _, directory, hf_model = checkpoint
+    _, directory, hf_model, _ = checkpoint
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     tok = AutoTokenizer.from_pretrained(directory)
     for text in PROMPTS:
@@ -95,7 +113,7 @@ def test_chat_template_kwargs_reach_the_template(checkpoint, server, kwargs):
     same variables (Qwen3: `enable_thinking: false` adds an empty think block)."""
     from openai import OpenAI
 
-    _, directory, _ = checkpoint
+    _, directory, _, _ = checkpoint
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     tok = AutoTokenizer.from_pretrained(directory)
     messages = [{"role": "user", "content": "Hi there"}]
@@ -110,7 +128,7 @@ def test_chat_template_kwargs_reach_the_template(checkpoint, server, kwargs):
 def test_chat_template_kwargs_may_not_replace_the_servers_own_variables(checkpoint, server):
     from openai import BadRequestError, OpenAI
 
-    _, directory, _ = checkpoint
+    _, directory, _, _ = checkpoint
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(BadRequestError) as err:
         client.chat.completions.create(

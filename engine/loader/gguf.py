@@ -49,6 +49,8 @@ _PER_LAYER_BY_ARCH = {
 }
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _ROPE_FREQS = "rope_freqs.weight"
+# Phi-3's longrope factors, which llama.cpp stores as tensors
+_ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
 _REQUIRED = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
 
 # llama.cpp bakes Llama 3.1/3.2 rope scaling into per-frequency divisors (rope_freqs.weight)
@@ -116,7 +118,7 @@ def _model_config(reader: GGUFReader, path: str) -> ModelConfig:
         "head_dim": head_dim,
         "rms_norm_eps": get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": rope_theta,
-        "rope_scaling": _rope_scaling(get, arch, tensors.get(_ROPE_FREQS), rope_theta, head_dim),
+        "rope_scaling": _rope_scaling(get, arch, tensors, rope_theta, head_dim),
         "max_position_embeddings": get(f"{arch}.context_length", 4096),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": "blk.0.attn_q.bias" in tensors,
@@ -126,8 +128,14 @@ def _model_config(reader: GGUFReader, path: str) -> ModelConfig:
     return ModelConfig.from_hf(hf_config)
 
 
-def _rope_scaling(get: Any, arch: str, rope_freqs: ReaderTensor | None, theta: float,
+def _rope_scaling(get: Any, arch: str, tensors: dict[str, ReaderTensor], theta: float,
                   head_dim: int) -> dict[str, Any] | None:
+    if _ROPE_FACTORS["long_factor"] in tensors:
+        return {"rope_type": "longrope", "attention_factor": get(f"{arch}.rope.scaling.attn_factor"),
+                "original_max_position_embeddings":
+                    get(f"{arch}.rope.scaling.original_context_length"),
+                **{key: _float_list(tensors[name]) for key, name in _ROPE_FACTORS.items()}}
+    rope_freqs = tensors.get(_ROPE_FREQS)
     if rope_freqs is not None:
         divisors = dequantize(rope_freqs.data, rope_freqs.tensor_type).reshape(-1)
         scaling = {"rope_type": "llama3", "factor": float(divisors.max()), **_LLAMA3_ROPE}
@@ -148,6 +156,10 @@ def _rope_scaling(get: Any, arch: str, rope_freqs: ReaderTensor | None, theta: f
     return scaling
 
 
+def _float_list(tensor: ReaderTensor) -> list[float]:
+    return dequantize(tensor.data, tensor.tensor_type).reshape(-1).tolist()
+
+
 def _llama3_rope_divisors(scaling: dict[str, Any], theta: float, head_dim: int) -> np.ndarray:
     """What llama.cpp's converter writes as rope_freqs: per frequency, inv_freq / scaled inv_freq.
 
@@ -165,8 +177,8 @@ def _llama3_rope_divisors(scaling: dict[str, Any], theta: float, head_dim: int) 
 
 
 def _hf_name(gguf_name: str, arch: str, path: str) -> str | None:
-    """The HF parameter name; None for tensors that are not parameters (rope_freqs)."""
-    if gguf_name == _ROPE_FREQS:
+    """The HF parameter name; None for tensors that are not parameters (rope factors)."""
+    if gguf_name == _ROPE_FREQS or gguf_name in _ROPE_FACTORS.values():
         return None
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _TOP_LEVEL and suffix == "weight":
