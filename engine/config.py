@@ -37,6 +37,18 @@ class ModelConfig:
     # "head": RMSNorm over each head of q and k before rotary (Qwen3, Gemma 3); "proj": over
     # the whole q and k projections (OLMo 2).
     qk_norm: str | None = None
+    # "pre": a norm before attention and before the MLP; "sandwich": also after each (Gemma
+    # 2/3); "post": after each only (OLMo 2).
+    norm_placement: str = "pre"
+    norm_weight_offset: float = 0.0  # Gemma's norms scale by 1 + weight; added at load
+    hidden_act: str = "silu"  # "gelu_tanh": GeGLU (Gemma)
+    embedding_scale: float = 1.0  # Gemma: sqrt(hidden_size)
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # Gemma 2: cap * tanh(score / cap)
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None  # keys a query sees, itself included, on sliding layers
+    sliding_layers: list[bool] | None = None  # None: every layer, when sliding_window is set
+    local_rope_theta: float | None = None  # Gemma 3's sliding layers (without rope scaling)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:

@@ -19,19 +19,62 @@ def _qwen3(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"qk_norm": "head"}
 
 
+def _mistral(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"sliding_window": cfg.get("sliding_window")}  # Mistral 7B v0.1: 4096
+
+
+def _gemma2(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {**_gemma(cfg, every=2), "attn_logit_softcap": cfg.get("attn_logit_softcapping"),
+            "final_logit_softcap": cfg.get("final_logit_softcapping")}
+
+
+def _gemma3(cfg: dict[str, Any]) -> dict[str, Any]:
+    # transformers 5 keeps one rope setting per layer type; older configs a local base.
+    params = cfg.get("rope_parameters") or {}
+    local = (params.get("sliding_attention") or {}).get("rope_theta") \
+        or cfg.get("rope_local_base_freq") or 10000.0
+    return {**_gemma(cfg, every=cfg.get("sliding_window_pattern") or 6), "qk_norm": "head",
+            "local_rope_theta": float(local)}
+
+
+def _gemma(cfg: dict[str, Any], every: int) -> dict[str, Any]:
+    """Gemma 2 and 3: every `every`-th layer global, the others sliding, unless the config
+    lists the layer types."""
+    layers = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                                       for i in range(layers)]
+    hidden_act = cfg.get("hidden_activation") or cfg.get("hidden_act")
+    if hidden_act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UnsupportedModelError(f"Gemma with activation {hidden_act!r} (gelu_pytorch_tanh is supported)")
+    return {"norm_placement": "sandwich", "norm_weight_offset": 1.0, "hidden_act": "gelu_tanh",
+            "embedding_scale": cfg["hidden_size"] ** 0.5,
+            "attention_scale": cfg.get("query_pre_attn_scalar", cfg.get("head_dim", 256)) ** -0.5,
+            "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True)),
+            "sliding_window": cfg.get("sliding_window"),
+            "sliding_layers": [t == "sliding_attention" for t in types]}
+
+
+def _olmo2(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"qk_norm": "proj", "norm_placement": "post"}
+
+
 # architecture -> the variant fields it sets beyond the shared ones
 _FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "LlamaForCausalLM": lambda cfg: {},
-    "MistralForCausalLM": lambda cfg: {},
+    "MistralForCausalLM": _mistral,
     "Qwen2ForCausalLM": _qwen2,
     "Qwen3ForCausalLM": _qwen3,
     # Phi-3, 3.5 and 4 checkpoints store q/k/v and gate/up already fused, as the model does.
-    "Phi3ForCausalLM": lambda cfg: {},
+    "Phi3ForCausalLM": lambda cfg: {"sliding_window": cfg.get("sliding_window")},
+    "Gemma2ForCausalLM": _gemma2,
+    "Gemma3ForCausalLM": _gemma3,
+    "Olmo2ForCausalLM": _olmo2,
 }
 SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
 _ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                       "phi3": "Phi3ForCausalLM"}
+                       "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                       "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
 
 
 def model_config_fields(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -72,13 +115,15 @@ def model_config_fields(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    # transformers 5 moved rope settings into `rope_parameters`; older configs keep
-    # `rope_theta` and `rope_scaling`.
-    return cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    # transformers 5 moved rope settings into `rope_parameters` (Gemma 3: one per layer type;
+    # these are the global layers'); older configs keep `rope_theta` and `rope_scaling`.
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    return params.get("full_attention", params)
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:
     params = cfg.get("rope_parameters") or {}
+    params = params.get("full_attention", params)
     return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
 
 

@@ -44,7 +44,44 @@ def phi3():
         gguf_metadata=[lambda w: w.add_rope_scaling_orig_ctx_len(64)])
 
 
-FAMILIES = {"qwen3": qwen3, "phi3": phi3}
+# Gemma 2's template refuses a system message.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
+    "{{ m.content }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+# One sliding layer (window 8, shorter than every prompt) and one global; a query scale
+# that is not head_dim ** -0.5; caps low enough to bend the scores and logits.
+GEMMA = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+             layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512)
+
+
+def gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(**{**TINY, "tie_word_embeddings": True}, **GEMMA,
+                          attn_logit_softcapping=5.0, final_logit_softcapping=2.0)
+    return dict(model_cls=Gemma2ForCausalLM, config=config, template=GEMMA_TEMPLATE)
+
+
+def gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    config = Gemma3TextConfig(**{**TINY, "tie_word_embeddings": True}, **GEMMA, rope_parameters=rope)
+    return dict(model_cls=Gemma3ForCausalLM, config=config)
+
+
+def olmo2():
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    return dict(model_cls=Olmo2ForCausalLM, config=Olmo2Config(**TINY, max_position_embeddings=512))
+
+
+FAMILIES = {"qwen3": qwen3, "phi3": phi3, "gemma2": gemma2, "gemma3": gemma3, "olmo2": olmo2}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
