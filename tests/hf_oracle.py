@@ -35,10 +35,16 @@ def save_tiny(model_cls, config, directory, tokenizer, seed: int = 0):
 
 
 def hf_greedy(model, ids: list[int], n: int = 32) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
+    """transformers' greedy tokens, computed once per model and prompt (the engine, GGUF and
+    server tests all compare against them)."""
+    cache = model.__dict__.setdefault("_greedy_tokens", {})
+    key = (tuple(ids), n)
+    if key not in cache:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        cache[key] = out[0, len(ids):].tolist()
+    return cache[key]
 
 
 def hf_last_logits(model, ids: list[int]) -> torch.Tensor:
@@ -85,11 +91,12 @@ def compare(engine, hf_model, encode, rel_bound: float = 1e-4):
             f"greedy tokens differ for {text!r}"
 
 
-def write_gguf(model, path, arch: str, extra_tensors=(), metadata=()) -> str:
+def write_gguf(model, path, arch: str, extra_tensors=(), metadata=(), norm_offset: float = 0.0) -> str:
     """The model's weights as float32 GGUF tensors under llama.cpp's names, as gguf-py maps
     them, with the metadata keys llama.cpp's converter writes; no tokenizer (tests pass the
     checkpoint directory as --tokenizer). `extra_tensors`: (gguf name, array) written as
-    they are; `metadata`: callables on the writer."""
+    they are; `metadata`: callables on the writer; `norm_offset` added to every norm weight
+    (llama.cpp's Gemma converter stores 1 + weight)."""
     import gguf
 
     cfg = model.config
@@ -105,14 +112,19 @@ def write_gguf(model, path, arch: str, extra_tensors=(), metadata=()) -> str:
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters
+    w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
     for add in metadata:
         add(w)
     for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:  # the embedding's, again
+            continue
         stem, _, suffix = name.rpartition(".")
+        if name.endswith("norm.weight"):
+            tensor = tensor + norm_offset
         w.add_tensor(f"{names.get_name(stem)}.{suffix}", tensor.float().numpy())
     for name, array in extra_tensors:
         w.add_tensor(name, array)

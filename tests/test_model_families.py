@@ -7,8 +7,11 @@ from transformers import AutoTokenizer
 
 from conftest import LiveServer
 from hf_oracle import PROMPTS, TINY, compare, hf_greedy, save_tiny, write_gguf
+from test_engine_batching import assert_all_blocks_free
+from test_prefix_cache import GREEDY, SYSTEM, HitCounter, overlapping_prompts, run_in_waves
 from wattserve.engine.config import CacheConfig, EngineConfig
 from wattserve.engine.core import EngineCore
+from wattserve.kernels.kv_format import KV_CACHE_DTYPES
 
 
 # The end of Qwen3's chat template: `enable_thinking: false` pre-fills an empty think block.
@@ -58,21 +61,32 @@ GEMMA = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512)
 
 
+# llama.cpp writes no query_pre_attn_scalar; an explicit attention scale stands in for it.
+GEMMA_GGUF = [lambda w: w.add_sliding_window(8), lambda w: w.add_attention_scale(24**-0.5),
+              lambda w: w.add_sliding_window_pattern([True, False])]
+
+
 def gemma2():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     config = Gemma2Config(**{**TINY, "tie_word_embeddings": True}, **GEMMA,
                           attn_logit_softcapping=5.0, final_logit_softcapping=2.0)
-    return dict(model_cls=Gemma2ForCausalLM, config=config, template=GEMMA_TEMPLATE)
+    return dict(model_cls=Gemma2ForCausalLM, config=config, template=GEMMA_TEMPLATE, gguf_norm_offset=1.0,
+                gguf_metadata=[*GEMMA_GGUF, lambda w: w.add_attn_logit_softcapping(5.0),
+                               lambda w: w.add_final_logit_softcapping(2.0)])
 
 
 def gemma3():
+    """Local layers on base 1e4, global ones on 1e6 with linear scaling by 8."""
+    import gguf
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
     config = Gemma3TextConfig(**{**TINY, "tie_word_embeddings": True}, **GEMMA, rope_parameters=rope)
-    return dict(model_cls=Gemma3ForCausalLM, config=config)
+    return dict(model_cls=Gemma3ForCausalLM, config=config, gguf_norm_offset=1.0,
+                gguf_metadata=[*GEMMA_GGUF, lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR),
+                               lambda w: w.add_rope_scaling_factor(8.0)])
 
 
 def olmo2():
@@ -110,7 +124,7 @@ def test_safetensors_logits_and_greedy_tokens_match_transformers(checkpoint):
 def test_gguf_logits_and_greedy_tokens_match_transformers(checkpoint, tmp_path):
     name, directory, hf_model, family = checkpoint
     path = write_gguf(hf_model, tmp_path / f"{name}.gguf", name, family.get("gguf_tensors", ()),
-                      family.get("gguf_metadata", ()))
+                      family.get("gguf_metadata", ()), family.get("gguf_norm_offset", 0.0))
     engine = EngineCore(EngineConfig(model=path, tokenizer=directory, warm_up=False,
                                      cache=CacheConfig(kv_cache_memory=8 << 20)))
     compare(engine, hf_model, lambda t: engine.tokenizer.encode(t, add_special_tokens=False))
@@ -173,3 +187,56 @@ def test_chat_template_kwargs_may_not_replace_the_servers_own_variables(checkpoi
             extra_body={"chat_template_kwargs": {"messages": []}})
     assert err.value.body["param"] == "chat_template_kwargs"
     assert "messages" in err.value.body["message"]
+
+
+def test_a_system_message_renders_as_transformers_renders_it_or_is_a_400(checkpoint, server):
+    """Gemma 2's template refuses a system role: the template's own message comes back as a
+    400 on `messages`; the others render it as transformers does."""
+    import jinja2
+    from openai import BadRequestError, OpenAI
+
+    _, directory, _, _ = checkpoint
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    tok = AutoTokenizer.from_pretrained(directory)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    try:
+        want = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    except jinja2.TemplateError as e:
+        with pytest.raises(BadRequestError) as err:
+            client.chat.completions.create(model=os.path.basename(directory), messages=messages)
+        assert err.value.body["param"] == "messages" and str(e) in err.value.body["message"]
+        return
+    got = client.chat.completions.create(model=os.path.basename(directory), messages=messages,
+                                         max_tokens=1)
+    assert got.usage.prompt_tokens == len(want)
+
+
+@pytest.fixture(scope="module")
+def gemma2_checkpoint(tmp_path_factory, tokenizer):
+    """Gemma 2 alone: sliding window, soft-capping and sandwich norms, the most that differs
+    from Llama in one family."""
+    family = gemma2()
+    family["config"].vocab_size = tokenizer.vocab_size
+    directory = tmp_path_factory.mktemp("gemma2-kv")
+    return str(directory), save_tiny(family["model_cls"], family["config"], directory, tokenizer)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", KV_CACHE_DTYPES)
+def test_every_kv_dtype_with_prefix_caching_gives_the_tokens_computed_without_it(gemma2_checkpoint,
+                                                                                 kv_cache_dtype):
+    """Overlapping prompts (a shared prefix cut mid-block, longer than the window), one at a
+    time, with and without the prefix cache: the same greedy tokens and some hits; in the
+    model dtype also transformers' tokens. One at a time because a quantized code depends on
+    what else is batched (test_prefix_cache.py)."""
+    directory, hf_model = gemma2_checkpoint
+    cached, plain = (engine_for(directory, kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=on)
+                     for on in (True, False))
+    counter = HitCounter()
+    cached.observers[:] = [counter]
+    prompts = overlapping_prompts(cached, SYSTEM + " " + SYSTEM)  # KIVI blocks of 64: hits too
+    tokens = run_in_waves(cached, prompts, len(prompts))
+    assert tokens == run_in_waves(plain, prompts, len(prompts))
+    assert counter.hits > 0
+    assert_all_blocks_free(cached)
+    if kv_cache_dtype == "auto":
+        assert tokens == [hf_greedy(hf_model, p, GREEDY.max_tokens) for p in prompts]

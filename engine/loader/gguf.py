@@ -8,6 +8,7 @@ half-split rotary layout.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any, Iterator
@@ -22,7 +23,9 @@ from wattserve.engine.config import ModelConfig, UnsupportedModelError
 from wattserve.engine.loader import ModelLoadError
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+                  "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                  "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                  "olmo2": "Olmo2ForCausalLM"}
 
 _TOP_LEVEL = {
     "token_embd": "model.embed_tokens",
@@ -43,10 +46,19 @@ _PER_LAYER = {
     "ffn_down": "mlp.down_proj",
 }
 # Where an architecture's tensors differ from the table above.
+_POST_NORMS = {"post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"}
+_GEMMA_NORMS = {**_POST_NORMS, "ffn_norm": "pre_feedforward_layernorm"}
 _PER_LAYER_BY_ARCH = {
     # Phi-3 stores q/k/v fused, and gate/up fused under ffn_up.
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "gemma2": _GEMMA_NORMS,
+    "gemma3": _GEMMA_NORMS,
+    "olmo2": _POST_NORMS,
 }
+# llama.cpp's Gemma 27B models (by layer count) scale queries by hidden / heads, the others by
+# head_dim; its converter writes no query_pre_attn_scalar.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _ROPE_FREQS = "rope_freqs.weight"
 # Phi-3's longrope factors, which llama.cpp stores as tensors
@@ -124,8 +136,35 @@ def _model_config(reader: GGUFReader, path: str) -> ModelConfig:
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "bos_token_id": get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": list(dict.fromkeys(i for i in eos if i is not None)),
+        "sliding_window": get(f"{arch}.attention.sliding_window") or None,
     }
-    return ModelConfig.from_hf(hf_config)
+    if arch in _GEMMA_27B_LAYERS:
+        hf_config.update(_gemma_config(get, arch, hf_config))
+    config = ModelConfig.from_hf(hf_config)
+    if arch in _GEMMA_27B_LAYERS:
+        # llama.cpp's converter stores Gemma's norm weights as 1 + weight already.
+        config = dataclasses.replace(config, norm_weight_offset=0.0)
+    return config
+
+
+def _gemma_config(get: Any, arch: str, hf_config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma's keys that GGUF names its own way or leaves to the runtime."""
+    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    # An explicit attention scale wins (`{arch}.attention.scale`), else llama.cpp's rule.
+    scale = get(f"{arch}.attention.scale")
+    big = hf_config["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch]
+    scalar = scale ** -2 if scale else (hidden // heads if big else hf_config["head_dim"])
+    # The pattern is every n-th layer global, or one flag per layer (true: sliding); absent,
+    # the family's default (engine/families.py).
+    pattern = get(f"{arch}.attention.sliding_window_pattern")
+    layer_types = None
+    if isinstance(pattern, list):
+        layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
+    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar,
+            "sliding_window_pattern": pattern if isinstance(pattern, int) else None,
+            "layer_types": layer_types,
+            "attn_logit_softcapping": get(f"{arch}.attn_logit_softcapping"),
+            "final_logit_softcapping": get(f"{arch}.final_logit_softcapping")}
 
 
 def _rope_scaling(get: Any, arch: str, tensors: dict[str, ReaderTensor], theta: float,
