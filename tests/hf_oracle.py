@@ -78,17 +78,18 @@ def engine_last_logits(engine, prompt_ids: list[int]) -> torch.Tensor:
         engine.kv.free(seq.seq_id)
 
 
-def compare(engine, hf_model, encode, rel_bound: float = 1e-4):
+def compare(engine, hf_model, encode, rel_bound: float = 1e-4, greedy: bool = True):
     """fp32 on both sides; only the order of float ops differs (fused projections, SDPA over
     the paged cache): the error is a few ulps of the largest logits, far below any gap that
-    decides a token."""
+    decides a token. `greedy`: also 32 greedy tokens each."""
     for text in PROMPTS:
         ids = encode(text)
         ref, ours = hf_last_logits(hf_model, ids), engine_last_logits(engine, ids)
         rel = (ours - ref).abs().max() / ref.abs().max()
         assert rel < rel_bound, f"{text!r}: max relative logit error {rel:.2e}"
-        assert engine_greedy(engine, ids) == hf_greedy(hf_model, ids), \
-            f"greedy tokens differ for {text!r}"
+        if greedy:
+            assert engine_greedy(engine, ids) == hf_greedy(hf_model, ids), \
+                f"greedy tokens differ for {text!r}"
 
 
 def write_gguf(model, path, arch: str, extra_tensors=(), metadata=(), norm_offset: float = 0.0) -> str:

@@ -37,8 +37,9 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.attention_scale or cfg.head_dim**-0.5
-        self.variants = {"sliding_window": cfg.sliding_window if sliding else None,
-                         "softcap": cfg.attn_logit_softcap}
+        # Passed only when set: plain attention keeps the plain signature.
+        variants = {"sliding_window": cfg.sliding_window if sliding else None, "softcap": cfg.attn_logit_softcap}
+        self.variants = {k: v for k, v in variants.items() if v is not None}
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.qk_norm, self.eps = cfg.qk_norm, cfg.rms_norm_eps
