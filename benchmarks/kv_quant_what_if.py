@@ -16,6 +16,7 @@ Usage: python benchmarks/kv_quant_what_if.py [--windows 4] [--window 1024] [--sc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -126,8 +127,8 @@ class WhatIfAttention:
         self.k = self.v = None
 
     def ops(self) -> Ops:
-        return Ops(REFERENCE_OPS.rms_norm, REFERENCE_OPS.add_rms_norm, self.rotary_write_kv, self.paged_attention,
-                   REFERENCE_OPS.silu_and_mul, REFERENCE_OPS.linear)
+        return dataclasses.replace(REFERENCE_OPS, rotary_write_kv=self.rotary_write_kv,
+                                   paged_attention=self.paged_attention)
 
     def rotary_write_kv(self, q, k, v, positions, cos_sin, cache, meta):
         q, self.k = apply_rotary_ref(q, k, positions, cos_sin)

@@ -6,17 +6,16 @@ from typing import Any
 
 from wattserve.kernels.kv_format import default_block_size, kv_format
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 class UnsupportedModelError(ValueError):
-    """The checkpoint is not a Llama-family decoder we can run."""
+    """The checkpoint is not a decoder family we can run."""
 
 
 @dataclass
 class ModelConfig:
-    """Shapes and variants of one Llama-family model; variants are fields, not subclasses."""
+    """Shapes and variants of one decoder; variants are fields, not subclasses
+    (engine/families.py sets them from each family's config.json)."""
 
     architecture: str
     vocab_size: int
@@ -35,56 +34,28 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None  # dtype the checkpoint was saved in, if known
+    # "head": RMSNorm over each head of q and k before rotary (Qwen3, Gemma 3); "proj": over
+    # the whole q and k projections (OLMo 2).
+    qk_norm: str | None = None
+    # "pre": a norm before attention and before the MLP; "sandwich": also after each (Gemma
+    # 2/3); "post": after each only (OLMo 2).
+    norm_placement: str = "pre"
+    norm_weight_offset: float = 0.0  # Gemma's norms scale by 1 + weight; added at load
+    hidden_act: str = "silu"  # "gelu_tanh": GeGLU (Gemma)
+    embedding_scale: float = 1.0  # Gemma: sqrt(hidden_size)
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # Gemma 2: cap * tanh(score / cap)
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None  # keys a query sees, itself included, on sliding layers
+    sliding_layers: list[bool] | None = None  # None: every layer, when sliding_window is set
+    local_rope_theta: float | None = None  # Gemma 3's sliding layers (without rope scaling)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
-        archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else _ARCH_BY_MODEL_TYPE.get(cfg.get("model_type", ""), "")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"architecture {arch or cfg.get('model_type', '?')!r} is not supported; "
-                f"wattserve runs {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
-        eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-        return cls(
-            architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=_rope_theta(cfg),
-            rope_scaling=_rope_scaling(cfg),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-        )
+        """From an HF config.json's fields; raises UnsupportedModelError for other families."""
+        from wattserve.engine.families import model_config_fields
 
-
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    # transformers 5 moved rope settings into `rope_parameters`; older configs keep `rope_theta`.
-    params = cfg.get("rope_parameters") or {}
-    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
-
-
-def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    if not scaling:
-        return None
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind == "default":
-        return None
-    if kind not in ("llama3", "linear"):
-        raise UnsupportedModelError(f"rope scaling {kind!r} is not supported (llama3, linear are)")
-    return {**scaling, "rope_type": kind}
+        return cls(**model_config_fields(cfg))
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Each sequence brings `query_len` new tokens whose K and V are already written to the cache;
 they attend causally to the sequence's `context_len` cached tokens (the new ones included),
-so a query at position `p` sees keys `0..p`.
+so a query at position `p` sees keys `0..p`; with a sliding window `w`, keys `p-w+1..p`.
+Soft-capping (Gemma 2) maps each scaled score `s` to `cap * tanh(s / cap)` before the softmax.
 """
 from __future__ import annotations
 
@@ -73,13 +74,14 @@ class AttentionMetadata:
         return max(self.query_lens, default=0)
 
 
-def paged_attention_ref(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention_ref(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
+                        sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]. A
     quantized cache is dequantized block by block as it is gathered, into q's dtype."""
     out = torch.empty_like(q)
     decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
     if decode:
-        _decode_batch(q, cache, meta, decode, scale, out)
+        _decode_batch(q, cache, meta, decode, scale, sliding_window, softcap, out)
     starts = meta.query_start_loc.tolist() if len(decode) < len(meta.query_lens) else []
     for i, n in enumerate(meta.query_lens):
         if n == 1:
@@ -89,15 +91,30 @@ def paged_attention_ref(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMet
         qi = q[starts[i] : starts[i] + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         # Query j sits at position ctx - n + j and sees keys up to and including it.
         mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
-        o = F.scaled_dot_product_attention(
-            qi, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
-        )
+        if sliding_window is not None:
+            mask &= ~torch.ones_like(mask).tril(ctx - n - sliding_window)
+        o = _attend(qi, k.transpose(1, 2), v.transpose(1, 2), mask, scale, softcap)
         out[starts[i] : starts[i] + n] = o[0].transpose(0, 1)
     return out
 
 
-def _decode_batch(q, cache, meta, rows: list[int], scale: float, out) -> None:
-    """All single-token queries at once: gather their blocks, mask past each context."""
+def _attend(q, k, v, mask, scale: float, softcap: float | None):
+    """q: [B, H, n, D], k and v: [B, KVH, T, D], mask: broadcast to [B, H, n, T] or None."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def _decode_batch(q, cache, meta, rows: list[int], scale: float, sliding_window: int | None,
+                  softcap: float | None, out) -> None:
+    """All single-token queries at once: gather their blocks, mask past each context (and
+    before each window)."""
     ctx = [meta.context_lens_host[i] for i in rows]
     max_ctx = max(ctx)
     if len(rows) == len(meta.query_lens):
@@ -107,17 +124,19 @@ def _decode_batch(q, cache, meta, rows: list[int], scale: float, out) -> None:
         tokens, lens = meta.query_start_loc[idx], meta.context_lens[idx]
     k, v = _gather(cache, meta, rows, max_ctx, q.dtype)  # [B, T, KVH, D]
     mask = None
-    if min(ctx) < max_ctx:  # ragged: mask each sequence's tail (batch 1 never is)
-        valid = torch.arange(max_ctx, device=q.device)[None, :] < lens[:, None]  # [B, T]
+    windowed = sliding_window is not None and max_ctx > sliding_window
+    if min(ctx) < max_ctx or windowed:  # ragged or windowed (batch 1 without a window never is)
+        pos = torch.arange(max_ctx, device=q.device)[None, :]
+        valid = pos < lens[:, None]  # [B, T]
+        if windowed:
+            valid &= pos >= lens[:, None] - sliding_window
         # Slots past a context hold whatever was there before (even NaN): zero them, since
         # a masked score or weight times garbage can still be NaN.
         invalid = ~valid[:, :, None, None]
         k, v = k.masked_fill(invalid, 0.0), v.masked_fill(invalid, 0.0)
         mask = valid[:, None, None, :]
     qb = q[tokens].unsqueeze(2)  # [B, H, 1, D]
-    o = F.scaled_dot_product_attention(
-        qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True,
-    )
+    o = _attend(qb, k.transpose(1, 2), v.transpose(1, 2), mask, scale, softcap)
     out[tokens] = o.squeeze(2)
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from wattserve.kernels.activation import silu_and_mul_ref
+from wattserve.kernels.activation import gelu_tanh_and_mul_ref, silu_and_mul_ref
 from wattserve.kernels.attention import paged_attention_ref
 from wattserve.kernels.kv_rotation import in_model_basis
 from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
@@ -27,6 +27,7 @@ class Ops:
     rotary_write_kv: Callable
     paged_attention: Callable
     silu_and_mul: Callable
+    gelu_tanh_and_mul: Callable
     linear: Callable
 
 
@@ -36,6 +37,7 @@ REFERENCE_OPS = Ops(
     rotary_write_kv=rotary_write_kv_ref,
     paged_attention=in_model_basis(paged_attention_ref),
     silu_and_mul=silu_and_mul_ref,
+    gelu_tanh_and_mul=gelu_tanh_and_mul_ref,
     linear=torch.nn.functional.linear,
 )
 
@@ -48,7 +50,7 @@ def ops_for(device: torch.device) -> Ops:
 
 def triton_ops() -> Ops:
     # Imported here: CPU-only installs have no triton.
-    from wattserve.kernels.triton_activation import silu_and_mul_triton
+    from wattserve.kernels.triton_activation import gelu_tanh_and_mul_triton, silu_and_mul_triton
     from wattserve.kernels.triton_attention import paged_attention_triton
     from wattserve.kernels.triton_gemv import linear_triton
     from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
@@ -60,5 +62,6 @@ def triton_ops() -> Ops:
         rotary_write_kv=rotary_write_kv_triton,
         paged_attention=in_model_basis(paged_attention_triton),
         silu_and_mul=silu_and_mul_triton,
+        gelu_tanh_and_mul=gelu_tanh_and_mul_triton,
         linear=linear_triton,
     )

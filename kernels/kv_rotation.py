@@ -67,7 +67,7 @@ def in_model_basis(attention: Callable) -> Callable:
     """An Ops.paged_attention from a kernel that works in the cache's basis."""
 
     @functools.wraps(attention)
-    def paged_attention(q, cache, meta, scale):
-        return rotate_out_of_cache(cache, attention(q, cache, meta, scale))
+    def paged_attention(q, cache, meta, scale, **variants):
+        return rotate_out_of_cache(cache, attention(q, cache, meta, scale, **variants))
 
     return paged_attention

@@ -1,4 +1,5 @@
-"""Rotary position embedding (HF "rotate half" layout), with Llama-3.1 and linear scaling."""
+"""Rotary position embedding (HF "rotate half" layout), with Llama-3.1, linear and Phi-3's
+longrope scaling."""
 from __future__ import annotations
 
 import math
@@ -34,9 +35,29 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 def rope_cos_sin(head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int) -> torch.Tensor:
     """[max_positions, head_dim] float32 table: cos in the first half, sin in the second, on
     the default device (the model builds it under `torch.device(...)`)."""
-    inv_freq = rope_inv_freq(head_dim, theta, scaling)
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    positions = torch.arange(max_positions, dtype=torch.float64)
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        return _longrope_cos_sin(head_dim, theta, scaling, positions)
+    freqs = torch.outer(positions, rope_inv_freq(head_dim, theta, scaling))
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+
+
+def _longrope_cos_sin(head_dim: int, theta: float, scaling: dict[str, Any],
+                      positions: torch.Tensor) -> torch.Tensor:
+    """Phi-3: frequencies divided per dimension by the short factors inside the original
+    context and by the long ones beyond it, cos and sin scaled by the attention factor.
+
+    Chosen by the token's position, so the K/V already cached never change. transformers
+    instead drops its cache when a sequence outgrows the original context and computes the
+    whole sequence again with the long factors; inside the original context the two agree
+    exactly, past it tokens differ slightly (vLLM also keeps the cache, switching per batch).
+    """
+    base = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    original = scaling["original_max_position_embeddings"]
+    short = torch.outer(positions, base / torch.tensor(scaling["short_factor"], dtype=torch.float64))
+    long = torch.outer(positions, base / torch.tensor(scaling["long_factor"], dtype=torch.float64))
+    freqs = torch.where((positions < original)[:, None], short, long)
+    return (torch.cat([freqs.cos(), freqs.sin()], dim=-1) * scaling["attention_factor"]).float()
 
 
 def apply_rotary_ref(

@@ -15,8 +15,10 @@ from wattserve.kernels.triton_attention_decode import paged_decode_attention_cac
 from wattserve.kernels.triton_attention_prefill import paged_prefill_attention_cache
 
 
-def paged_attention_triton(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention_triton(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
+                           sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]."""
     if meta.max_query_len == 1:  # one token per sequence: q's rows are the sequences
-        return paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, meta.kivi)
-    return paged_prefill_attention_cache(q, cache, meta, scale)
+        return paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, meta.kivi,
+                                            sliding_window, softcap)
+    return paged_prefill_attention_cache(q, cache, meta, scale, sliding_window, softcap)

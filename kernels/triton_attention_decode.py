@@ -41,11 +41,13 @@ from wattserve.kernels.triton_paged_tile import (
     attend_tile,
     attend_tile_quantized,
     cache_kernel_args,
+    in_window,
     join_planes,
     kv_codes,
     split_planes,
     tile_blocks,
     tile_scales,
+    variant_args,
 )
 
 
@@ -93,7 +95,7 @@ def _decode_kernel(
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, k_res_ptr, v_res_ptr, res_tables_ptr, res_starts_ptr,
     sink_ptr, sink_scale_ptr, sink_zero_ptr,
     stride_m_block, stride_m_tok, stride_kc_block, stride_r_slot, stride_r_tok, stride_r_head, stride_res_table,
-    num_kv_heads, scale_log2, num_splits,
+    num_kv_heads, scale_log2, num_splits, window, softcap,
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head, stride_table,
     stride_c_block, stride_c_tok, stride_c_head,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -101,7 +103,7 @@ def _decode_kernel(
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
     CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
-    LANES: tl.constexpr,
+    LANES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -110,8 +112,11 @@ def _decode_kernel(
     if KIVI:  # positions from here on are in the residual ring; loaded beside ctx, not after it
         res_start = tl.load(res_starts_ptr + seq)
     num_tiles = tl.cdiv(ctx, TILE_N)
-    per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * per_split
+    first_tile = 0
+    if WINDOW:  # tiles wholly before the window are skipped, the rest split
+        first_tile = tl.maximum(ctx - window, 0) // TILE_N
+    per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+    tile_lo = first_tile + split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
 
     # Rows: LANES lanes x ROWS (the group padded to a power of two); all lanes hold q.
@@ -133,8 +138,8 @@ def _decode_kernel(
         for t in range(tile_lo, tile_hi):
             acc, m, l = attend_tile(
                 acc, m, l, q, last_pos, t * TILE_N, ctx, table, k_cache_ptr, v_cache_ptr, kv_head,
-                stride_c_block, stride_c_tok, stride_c_head, scale_log2,
-                HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
+                stride_c_block, stride_c_tok, stride_c_head, scale_log2, window, softcap,
+                HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, WINDOW, SOFTCAP,
             )
     else:
         q_sum = tl.sum(q.to(tl.float32), axis=1)
@@ -168,16 +173,17 @@ def _decode_kernel(
             accs, m, l = attend_tile_quantized(
                 accs, m, l, q, qs, q_sum, last_pos, lane, _lane_starts(t, LANES, TILE_N), stop, table,
                 k_cache_ptr, v_cache_ptr, scales, kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
-                HEAD_DIM, BLOCK_SIZE, TILE_N, not KIVI, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
-                UNPACK_ASM, SINK,
+                window, softcap, HEAD_DIM, BLOCK_SIZE, TILE_N, not KIVI, DOT_PRECISION, KV_BITS, FP8, KIVI,
+                CODE_MAGIC, CODE_BIAS, UNPACK_ASM, SINK, WINDOW, SOFTCAP,
             )
             scales = next_scales
         acc = join_planes(accs)
         if SINK:  # lane 0 of the split holding tile 0 takes position 0; after the loop, since
             # before it the loop ran 6% slower (int2, batch 32 x 8k, H100: 0.169 -> 0.160 ms)
             if (tile_lo == 0) & (coded_end > 0):
-                acc, m, l = attend_sink(acc, m, l, q, lane == 0, table, sink_ptr, sink_scale_ptr, sink_zero_ptr,
-                                        kv_head, num_kv_heads, scale_log2, HEAD_DIM)
+                rows = in_window(lane == 0, last_pos, window, WINDOW)
+                acc, m, l = attend_sink(acc, m, l, q, rows, table, sink_ptr, sink_scale_ptr, sink_zero_ptr,
+                                        kv_head, num_kv_heads, scale_log2, softcap, HEAD_DIM, SOFTCAP)
         if KIVI:
             # The ring rows as a block table of positions from the residual start on; lane 0's
             # rows alone attend them (the others' positions precede them).
@@ -188,8 +194,8 @@ def _decode_kernel(
                 acc, m, l = attend_tile(
                     acc, m, l, q, res_pos, t * TILE_N - res_start, ctx - res_start,
                     res_tables_ptr + seq * stride_res_table, k_res_ptr, v_res_ptr, kv_head,
-                    stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
-                    HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
+                    stride_r_slot, stride_r_tok, stride_r_head, scale_log2, window, softcap,
+                    HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, WINDOW, SOFTCAP,
                 )
     if LANES > 1:
         acc, m, l = _merge_lanes(acc, m, l, LANES)
@@ -259,14 +265,15 @@ def paged_decode_attention(
 
 def paged_decode_attention_cache(
     q: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
-    scale: float, kivi: KiviPlan | None = None,
-    *, tile_tokens: int | None = None, num_splits: int | None = None, num_warps: int = 4,
+    scale: float, kivi: KiviPlan | None = None, sliding_window: int | None = None,
+    softcap: float | None = None, *, tile_tokens: int | None = None, num_splits: int | None = None, num_warps: int = 4,
     num_stages: int | None = None, lanes: int | None = None,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
     (kernels/kv_format.py); block_tables: [num_seqs, max_blocks] int32; context_lens:
     [num_seqs] int32 (device; never read on the host); kivi: the step's plan, for its residual
-    tables and starts (int4/int2 caches only). Returns [num_seqs, num_heads, head_dim].
+    tables and starts (int4/int2 caches only); sliding_window, softcap: as
+    attention.paged_attention_ref. Returns [num_seqs, num_heads, head_dim].
 
     tile_tokens: tokens per K/V tile, a power of two, larger or smaller than block_size
     (64 x 128 dims x bf16: 16 KB of K and 16 KB of V per pipeline stage); with per-channel
@@ -316,10 +323,11 @@ def paged_decode_attention_cache(
     dot_dtype = q.dtype if fmt.quantized else k_cache.dtype
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_max, part_sum, *fmt_args,
-        scale * LOG2E, num_splits,
+        scale * LOG2E, num_splits, *variant_args(sliding_window, softcap),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_H=block_h, LANES=lanes,
+        WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE_N=tile_tokens, SPLIT=split,
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", **fmt_constexprs,
         num_warps=num_warps, num_stages=num_stages,

@@ -33,11 +33,13 @@ from wattserve.kernels.triton_paged_tile import (
     attend_tile,
     attend_tile_quantized,
     cache_kernel_args,
+    in_window,
     join_planes,
     kv_codes,
     split_planes,
     tile_blocks,
     tile_scales,
+    variant_args,
 )
 
 
@@ -59,10 +61,11 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 def _attend_coded_tile(
     accs, m, l, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok,
-    stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+    stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2, window, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr,
     CODE_MAGIC: tl.constexpr, CODE_BIAS: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One tile of a quantized cache (one lane: every row attends it): its scales, then
     attend_tile_quantized."""
@@ -73,9 +76,9 @@ def _attend_coded_tile(
     )
     return attend_tile_quantized(
         accs, m, l, q, qs, q_sum, q_pos, 0, (start,), kv_end, table, k_cache_ptr, v_cache_ptr, scales,
-        kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+        kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2, window, softcap,
         HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS, UNPACK_ASM,
-        SINK,
+        SINK, WINDOW, SOFTCAP,
     )
 
 
@@ -88,13 +91,14 @@ def _prefill_kernel(
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, k_res_ptr, v_res_ptr, res_tables_ptr, res_starts_ptr,
     sink_ptr, sink_scale_ptr, sink_zero_ptr,
     stride_m_block, stride_m_tok, stride_kc_block, stride_r_slot, stride_r_tok, stride_r_head, stride_res_table,
-    num_kv_heads, scale_log2, num_seqs,
+    num_kv_heads, scale_log2, num_seqs, window, softcap,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
     stride_c_block, stride_c_tok, stride_c_head,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
     CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # Highest tile first: a sequence's last query tiles see the most keys, so the longest
     # programs start early instead of forming the tail.
@@ -127,19 +131,24 @@ def _prefill_kernel(
     # Every row sees at least key first_pos, so no row's sum stays 0.
     kv_end = tl.minimum(first_pos + BLOCK_Q, ctx)
     unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
+    # With a window, tiles wholly before the first row's window are skipped; the rest are
+    # masked (attend_tile masks whenever WINDOW is set).
+    lo = 0
+    if WINDOW:
+        lo = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
     if KV_BITS == 0:
         q = q.to(k_cache_ptr.dtype.element_ty)
-        for start in range(0, unmasked_end, BLOCK_N):
+        for start in range(lo, unmasked_end, BLOCK_N):
             acc, m, l = attend_tile(
                 acc, m, l, q, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head,
-                stride_c_block, stride_c_tok, stride_c_head, scale_log2,
-                HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+                stride_c_block, stride_c_tok, stride_c_head, scale_log2, window, softcap,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, WINDOW, SOFTCAP,
             )
         for start in range(unmasked_end, kv_end, BLOCK_N):
             acc, m, l = attend_tile(
                 acc, m, l, q, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head,
-                stride_c_block, stride_c_tok, stride_c_head, scale_log2,
-                HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+                stride_c_block, stride_c_tok, stride_c_head, scale_log2, window, softcap,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, WINDOW, SOFTCAP,
             )
     else:
         q_sum = tl.sum(q.to(tl.float32), axis=1)
@@ -150,42 +159,43 @@ def _prefill_kernel(
         qs = split_planes(q, PLANES)
         accs = split_planes(acc, PLANES)
         # Tiles wholly below every row's position need no causal mask; the rest do.
-        for start in range(0, tl.minimum(unmasked_end, coded_end), BLOCK_N):
+        for start in range(lo, tl.minimum(unmasked_end, coded_end), BLOCK_N):
             accs, m, l = _attend_coded_tile(
                 accs, m, l, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
                 k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok,
-                stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+                stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2, window, softcap,
                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
-                UNPACK_ASM, SINK,
+                UNPACK_ASM, SINK, WINDOW, SOFTCAP,
             )
         for start in range(unmasked_end, coded_end, BLOCK_N):
             accs, m, l = _attend_coded_tile(
                 accs, m, l, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
                 k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok,
-                stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
+                stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2, window, softcap,
                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
-                UNPACK_ASM, SINK,
+                UNPACK_ASM, SINK, WINDOW, SOFTCAP,
             )
         acc = join_planes(accs)
         if SINK:  # position 0, from its int8 copy
             if coded_end > 0:
-                acc, m, l = attend_sink(acc, m, l, q, r >= 0, table, sink_ptr, sink_scale_ptr, sink_zero_ptr,
-                                        kv_head, num_kv_heads, scale_log2, HEAD_DIM)
+                rows = in_window(r >= 0, q_pos, window, WINDOW)
+                acc, m, l = attend_sink(acc, m, l, q, rows, table, sink_ptr, sink_scale_ptr, sink_zero_ptr,
+                                        kv_head, num_kv_heads, scale_log2, softcap, HEAD_DIM, SOFTCAP)
         if KIVI:
             # The ring rows as a block table of positions from the residual start on.
             res_table = res_tables_ptr + seq * stride_res_table
-            for start in range(tl.minimum(unmasked_end, coded_end), unmasked_end, BLOCK_N):
+            for start in range(tl.maximum(lo, tl.minimum(unmasked_end, coded_end)), unmasked_end, BLOCK_N):
                 acc, m, l = attend_tile(
                     acc, m, l, q, q_pos - res_start, start - res_start, kv_end - res_start, res_table,
                     k_res_ptr, v_res_ptr, kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
-                    HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+                    window, softcap, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, WINDOW, SOFTCAP,
                 )
             for start in range(tl.maximum(unmasked_end, coded_end), kv_end, BLOCK_N):
                 acc, m, l = attend_tile(
                     acc, m, l, q, q_pos - res_start, start - res_start, kv_end - res_start, res_table,
                     k_res_ptr, v_res_ptr,
-                    kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2,
-                    HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+                    kv_head, stride_r_slot, stride_r_tok, stride_r_head, scale_log2, window, softcap,
+                    HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, WINDOW, SOFTCAP,
                 )
 
     o = acc / l[:, None]
@@ -204,11 +214,13 @@ def paged_prefill_attention(
 
 def paged_prefill_attention_cache(
     q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata,
-    scale: float, *, block_m: int | None = None, block_n: int | None = None,
+    scale: float, sliding_window: int | None = None, softcap: float | None = None,
+    *, block_m: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int = 3,
 ) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
-    (kernels/kv_format.py). Returns [num_tokens, num_heads, head_dim]. Reads
+    (kernels/kv_format.py); sliding_window, softcap: as attention.paged_attention_ref.
+    Returns [num_tokens, num_heads, head_dim]. Reads
     meta.query_start_loc, context_lens, block_tables (and meta.kivi's residual tables) on the
     device; meta.max_query_len (host) only picks the tile shape.
 
@@ -245,10 +257,11 @@ def paged_prefill_attention_cache(
     fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, meta.kivi)
     _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
         q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start_loc, *fmt_args,
-        scale * LOG2E, num_seqs,
+        scale * LOG2E, num_seqs, *variant_args(sliding_window, softcap),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
+        WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", **fmt_constexprs,
         num_warps=num_warps, num_stages=num_stages,

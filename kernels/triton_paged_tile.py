@@ -2,6 +2,10 @@
 
 A tile of one sequence's token positions is gathered through its block-table row. Scores are
 in the log2 domain (the softmax scale carries log2(e)) so the kernels use exp2.
+Variants (runtime values, each behind a constexpr flag so the plain kernels compile without
+them): WINDOW, a sliding window (a row at position p sees keys p-window+1..p); SOFTCAP,
+Gemma 2's cap * tanh(score / cap), applied in the log2 domain with cap * log2(e), which is
+the same map (tanh(s log2e / (cap log2e)) = tanh(s / cap)).
 
 `attend_tile` reads a cache in the model dtype (and an int2/int4 cache's full-precision
 residual); `attend_tile_quantized` reads codes (kernels/kv_format.py) and never builds a
@@ -41,6 +45,12 @@ from wattserve.kernels.kv_format import KVFormat, LayerKVCache
 LOG2E = 1.4426950408889634  # the launchers pass scale * LOG2E
 
 
+def variant_args(sliding_window: int | None, softcap: float | None) -> tuple[int, float]:
+    """The kernels' (window, softcap) runtime arguments: placeholders where a variant is off
+    (its constexpr flag is then False and the value unread)."""
+    return (sliding_window or 0), (1.0 if softcap is None else softcap * LOG2E)
+
+
 @triton.jit
 def _kv_offsets(table_ptr, tok, valid, kv_head, stride_block, stride_tok, stride_head,
                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
@@ -59,17 +69,33 @@ def _load_kv(cache_ptr, offsets, valid):
 
 
 @triton.jit
+def softcap_scores(s, cap_log2):
+    """cap * tanh(s / cap), with tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends (exp2
+    overflows to inf, giving 1; underflows to 0, giving -1)."""
+    return cap_log2 * (1.0 - 2.0 / (tl.exp2(2.8853900817779268 * s / cap_log2) + 1.0))  # 2 log2(e)
+
+
+@triton.jit
+def in_window(rows, q_pos, window, WINDOW: tl.constexpr):
+    """`rows` [M] where position 0 lies inside each row's window (for `attend_sink`)."""
+    if WINDOW:
+        rows = rows & (q_pos < window)
+    return rows
+
+
+@triton.jit
 def attend_tile(
     acc, m, l, q, q_pos, start, kv_end, table_ptr, k_cache_ptr, v_cache_ptr, kv_head,
-    stride_block, stride_tok, stride_head, scale_log2,
+    stride_block, stride_tok, stride_head, scale_log2, window, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Fold keys start .. start+BLOCK_N-1 (those < kv_end) into the running softmax.
 
     acc: [M, HEAD_DIM], m, l: [M] float32 (running max, sum); q: [M, HEAD_DIM] in the cache
     dtype; q_pos: [M] each row's position, used when CAUSAL (a row sees keys <= its
-    position). Without CAUSAL every key of the tile must be visible to every row.
+    position). Without CAUSAL every key of the tile must be visible to every row, unless
+    WINDOW hides the keys before a row's window.
     """
     tok = start + tl.arange(0, BLOCK_N)
     valid = tok < kv_end
@@ -79,7 +105,12 @@ def attend_tile(
     k = _load_kv(k_cache_ptr, offsets, valid)
     v = _load_kv(v_cache_ptr, offsets, valid)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    m_new, l, p, alpha = _softmax_step(m, l, s, valid[None, :] & (tok[None, :] <= q_pos[:, None]), CAUSAL)
+    if SOFTCAP:
+        s = softcap_scores(s, softcap)
+    visible = valid[None, :] & (tok[None, :] <= q_pos[:, None])
+    if WINDOW:
+        visible = visible & (tok[None, :] > q_pos[:, None] - window)
+    m_new, l, p, alpha = _softmax_step(m, l, s, visible, CAUSAL or WINDOW)
     acc = acc * alpha[:, None]
     acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l
@@ -112,14 +143,17 @@ def _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, row, dtype: tl.constexpr,
 
 @triton.jit
 def attend_sink(acc, m, l, q, rows, table_ptr, sink_ptr, sink_scale_ptr, sink_zero_ptr, kv_head, num_kv_heads,
-                scale_log2, HEAD_DIM: tl.constexpr):
+                scale_log2, softcap, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
     """A `sink` format's position 0, read from its block's int8 copy (kernels/kv_format.py),
     folded into the online softmax (acc [M, HEAD_DIM], m, l) of the rows where `rows` [M]
     holds; the quantized tiles skip position 0."""
     base = tl.load(table_ptr).to(tl.int64) * 2 * num_kv_heads + kv_head  # [nb, 2, h]: K, then V
     k = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base, q.dtype, HEAD_DIM)
     v = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base + num_kv_heads, q.dtype, HEAD_DIM)
-    s = tl.where(rows, tl.sum(q.to(tl.float32) * k[None, :], axis=1) * scale_log2, float("-inf"))
+    s = tl.sum(q.to(tl.float32) * k[None, :], axis=1) * scale_log2
+    if SOFTCAP:
+        s = softcap_scores(s, softcap)
+    s = tl.where(rows, s, float("-inf"))
     m_new = tl.maximum(m, s)
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_sub)
@@ -310,11 +344,12 @@ def _lane_codes(ptr, blocks, start, kv_end, kv_head, stride_block, stride_tok, s
 @triton.jit
 def attend_tile_quantized(
     accs, m, l, q, qs, q_sum, q_pos, lane, starts, kv_end, table_ptr, k_ptr, v_ptr, scales, kv_head,
-    stride_block, stride_tok, stride_head, scale_log2,
+    stride_block, stride_tok, stride_head, scale_log2, window, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
     CODE_BIAS: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """`attend_tile` over a quantized cache (code words [num_blocks, block_size, kvh, words]), in
     planes (`split_planes`): qs and accs are q's and acc's planes, so each plane of codes goes
@@ -334,7 +369,7 @@ def attend_tile_quantized(
     residual start. SINK: position 0 is skipped (`attend_sink` reads it)."""
     PLANES: tl.constexpr = len(qs)
     LANES: tl.constexpr = len(starts)
-    MASK: tl.constexpr = CAUSAL or LANES > 1 or SINK
+    MASK: tl.constexpr = CAUSAL or LANES > 1 or SINK or WINDOW
     dtype: tl.constexpr = qs[0].dtype
     k_scale, k_zero, v_scale, v_zero = scales
     if KIVI:  # q * k_scale against the codes; the minimum and CODE_BIAS in one per-row bias
@@ -372,6 +407,8 @@ def attend_tile_quantized(
         if not FP8:
             s -= q_sum[:, None] * (CODE_BIAS + k_zero)
         s *= k_scale * scale_log2
+    if SOFTCAP:
+        s = softcap_scores(s, softcap)
     visible = None
     if MASK:  # made here, not live across the dots
         tok = _per_row(lane, starts, False) + tl.arange(0, BLOCK_N)  # [M, N] ([N]: one lane)
@@ -380,6 +417,8 @@ def attend_tile_quantized(
             visible = visible & (tok > 0)
         if CAUSAL:
             visible = visible & (tok <= q_pos[:, None])
+        if WINDOW:
+            visible = visible & (tok > q_pos[:, None] - window)
     m, l, p, alpha = _softmax_step(m, l, s, visible, MASK)
     p_scaled = (p * v_scale).to(dtype)
     if not FP8:  # the zero point is per token: the same correction for every channel

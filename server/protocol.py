@@ -7,7 +7,7 @@ engine's default" (an explicit JSON null means the same). Unknown fields are kep
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
@@ -169,6 +169,10 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         raise InvalidRequestError("logit_bias keys must be token ids", "logit_bias") from None
 
 
+# What the server itself passes to a chat template.
+_TEMPLATE_ARGUMENTS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
@@ -181,6 +185,16 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, description="Alternatives per token, 0..20; "
                                                        "needs logprobs: true.")
+    # vLLM's extra: variables for the chat template, e.g. Qwen3's {"enable_thinking": false}.
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description='Extra chat template variables, e.g. {"enable_thinking": false}.')
+
+    def template_variables(self) -> dict[str, Any]:
+        reserved = sorted(set(self.chat_template_kwargs or {}) & _TEMPLATE_ARGUMENTS)
+        if reserved:
+            raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}",
+                                      "chat_template_kwargs")
+        return self.chat_template_kwargs or {}
 
     def to_sampling_params(self, tool_constraint: OutputConstraint | None) -> SamplingParams:
         """`tool_constraint`: the grammar that tool_choice required or a named function sets."""

@@ -356,8 +356,8 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="'phi3'"):
-        read_gguf(write_gguf(tmp_path / "phi3.gguf", {}, arch="phi3"))
+    with pytest.raises(UnsupportedModelError, match="'phi2'"):
+        read_gguf(write_gguf(tmp_path / "phi2.gguf", {}, arch="phi2"))
 
 
 def test_foreign_tensor_is_named(tmp_path):

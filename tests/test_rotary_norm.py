@@ -52,3 +52,32 @@ def test_rms_norm_and_fused_residual_add_match_transformers():
     out, new_res = add_rms_norm_ref(x, res, hf.weight, 1e-5)
     torch.testing.assert_close(new_res, x + res)
     torch.testing.assert_close(out, hf(x + res))
+
+
+def test_longrope_table_uses_short_factors_inside_the_original_context_and_long_past_it():
+    """Phi-3-mini-128k's shape (head_dim 96, original context 4096): rows before 4096 are
+    transformers' short-factor frequencies, rows from 4096 on its long-factor ones (what it
+    uses once a sequence outgrows the original context), both times its attention factor."""
+    from transformers import Phi3Config
+
+    from wattserve.engine.families import model_config_fields
+
+    gen = torch.Generator().manual_seed(0)
+    short = (1 + torch.rand(48, generator=gen)).tolist()
+    long = (1 + 20 * torch.rand(48, generator=gen)).tolist()
+    hf_cfg = Phi3Config(hidden_size=3072, num_attention_heads=32, max_position_embeddings=131072,
+                        original_max_position_embeddings=4096,
+                        rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
+    scaling = model_config_fields({**hf_cfg.to_dict(), "architectures": ["Phi3ForCausalLM"]})["rope_scaling"]
+    positions = torch.tensor([0, 1, 100, 4095, 4096, 4097])
+    ours = rope_cos_sin(96, 10000.0, scaling, 131072)[positions]
+    fn = ROPE_INIT_FUNCTIONS["longrope"]
+    short_inv, factor = fn(hf_cfg, "cpu")
+    long_inv, _ = fn(hf_cfg, "cpu", seq_len=4097)
+    assert factor == scaling["attention_factor"] and factor > 1
+    inv = torch.where((positions < 4096)[:, None], short_inv.double(), long_inv.double())
+    freqs = positions[:, None].double() * inv
+    want = torch.cat([freqs.cos(), freqs.sin()], -1) * factor
+    # transformers' frequencies are float32 (relative rounding 6e-8): at position 4097 the
+    # angle moves by up to 3e-4 rad.
+    torch.testing.assert_close(ours, want.float(), rtol=0, atol=1e-3)

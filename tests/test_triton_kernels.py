@@ -12,14 +12,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are deco
 import pytest
 import torch
 
-from wattserve.kernels.activation import silu_and_mul_ref
+from wattserve.kernels.activation import gelu_tanh_and_mul_ref, silu_and_mul_ref
 from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
 from wattserve.kernels.dispatch import REFERENCE_OPS, ops_for
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache, allocate_layer
 from wattserve.kernels.kv_write import write_kv_ref
 from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
 from wattserve.kernels.rotary import apply_rotary_ref, rope_cos_sin, rotary_write_kv_ref
-from wattserve.kernels.triton_activation import silu_and_mul_triton
+from wattserve.kernels.triton_activation import gelu_tanh_and_mul_triton, silu_and_mul_triton
 from wattserve.kernels.triton_attention import paged_attention_triton
 from wattserve.kernels.triton_attention_decode import paged_decode_attention, paged_decode_attention_ref
 from wattserve.kernels.triton_attention_prefill import paged_prefill_attention
@@ -193,10 +193,13 @@ def test_linear_entry_point_takes_cublas_beyond_decode_sizes():
 
 @pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
 @pytest.mark.parametrize("inter", [100, 1500])
-def test_silu_and_mul(dtype, inter):
+@pytest.mark.parametrize("triton_fn, ref", [(silu_and_mul_triton, silu_and_mul_ref),
+                                            (gelu_tanh_and_mul_triton, gelu_tanh_and_mul_ref)],
+                         ids=["silu", "gelu_tanh"])
+def test_gated_activations(dtype, inter, triton_fn, ref):
     gen = torch.Generator().manual_seed(4)
     gate_up = rand(5, 2 * inter, dtype=dtype, gen=gen) * 3
-    torch.testing.assert_close(silu_and_mul_triton(gate_up), silu_and_mul_ref(gate_up), **ELEMENTWISE_TOL[dtype])
+    torch.testing.assert_close(triton_fn(gate_up), ref(gate_up), **ELEMENTWISE_TOL[dtype])
 
 
 # ---- paged attention ---------------------------------------------------------------------

@@ -245,6 +245,23 @@ def test_prefill_mixed_batch(name, num_heads, num_kv_heads, head_dim, block_size
     assert_rel_close(out, reference(q, cache, meta, scale), dtype)
 
 
+# Gemma's variants: a window of 24 (shorter than most contexts: decode skips the tiles before
+# it, int2's sink position 0 falls outside it for some rows and inside for others) and a cap
+# of 2 on scores of about unit size (every score bent).
+@pytest.mark.parametrize("name,block_size,dtype", [
+    ("auto", 16, torch.float32), ("fp8_e4m3", 16, torch.float16), ("int8", 16, torch.float32),
+    ("int4", 64, torch.float16), ("int2", 16, torch.float32),
+])
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_sliding_window_and_softcap(name, block_size, dtype, decode, window=24, softcap=2.0):
+    query_lens = [1] * len(DECODE_CONTEXTS) if decode else MIXED_QUERY_LENS
+    contexts = DECODE_CONTEXTS if decode else MIXED_CONTEXTS
+    q, cache, meta = quantized_batch(name, query_lens, contexts, 8, 2, 64, dtype, block_size, seed=5)
+    out = paged_attention_triton(q, cache, meta, 0.125, sliding_window=window, softcap=softcap)
+    want = paged_attention_ref(q.float(), cache, meta, 0.125, sliding_window=window, softcap=softcap)
+    assert_rel_close(out, want, dtype)
+
+
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_decode_entry_point_and_write_kernel_together(name):
     """A decode step as the model runs it: the write kernel stores the new token (flushing a

@@ -8,6 +8,7 @@ half-split rotary layout.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any, Iterator
@@ -21,7 +22,10 @@ from tqdm import tqdm
 from wattserve.engine.config import ModelConfig, UnsupportedModelError
 from wattserve.engine.loader import ModelLoadError
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                  "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                  "olmo2": "Olmo2ForCausalLM"}
 
 _TOP_LEVEL = {
     "token_embd": "model.embed_tokens",
@@ -33,14 +37,32 @@ _PER_LAYER = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Where an architecture's tensors differ from the table above.
+_POST_NORMS = {"post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"}
+_GEMMA_NORMS = {**_POST_NORMS, "ffn_norm": "pre_feedforward_layernorm"}
+_PER_LAYER_BY_ARCH = {
+    # Phi-3 stores q/k/v fused, and gate/up fused under ffn_up.
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "gemma2": _GEMMA_NORMS,
+    "gemma3": _GEMMA_NORMS,
+    "olmo2": _POST_NORMS,
+}
+# llama.cpp's Gemma 27B models (by layer count) scale queries by hidden / heads, the others by
+# head_dim; its converter writes no query_pre_attn_scalar.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _ROPE_FREQS = "rope_freqs.weight"
+# Phi-3's longrope factors, which llama.cpp stores as tensors
+_ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
 _REQUIRED = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
 
 # llama.cpp bakes Llama 3.1/3.2 rope scaling into per-frequency divisors (rope_freqs.weight)
@@ -57,7 +79,8 @@ def read_gguf(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not read {path} as a GGUF file: {e}") from e
     config = _model_config(reader, path)
-    plan = [(t, hf_name) for t in reader.tensors if (hf_name := _hf_name(t.name, path))]
+    arch = reader.fields["general.architecture"].contents()
+    plan = [(t, hf_name) for t in reader.tensors if (hf_name := _hf_name(t.name, arch, path))]
     return config, _weights(plan, config, path)
 
 
@@ -107,18 +130,51 @@ def _model_config(reader: GGUFReader, path: str) -> ModelConfig:
         "head_dim": head_dim,
         "rms_norm_eps": get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": rope_theta,
-        "rope_scaling": _rope_scaling(get, arch, tensors.get(_ROPE_FREQS), rope_theta, head_dim),
+        "rope_scaling": _rope_scaling(get, arch, tensors, rope_theta, head_dim),
         "max_position_embeddings": get(f"{arch}.context_length", 4096),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "bos_token_id": get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": list(dict.fromkeys(i for i in eos if i is not None)),
+        "sliding_window": get(f"{arch}.attention.sliding_window") or None,
     }
-    return ModelConfig.from_hf(hf_config)
+    if arch in _GEMMA_27B_LAYERS:
+        hf_config.update(_gemma_config(get, arch, hf_config))
+    config = ModelConfig.from_hf(hf_config)
+    if arch in _GEMMA_27B_LAYERS:
+        # llama.cpp's converter stores Gemma's norm weights as 1 + weight already.
+        config = dataclasses.replace(config, norm_weight_offset=0.0)
+    return config
 
 
-def _rope_scaling(get: Any, arch: str, rope_freqs: ReaderTensor | None, theta: float,
+def _gemma_config(get: Any, arch: str, hf_config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma's keys that GGUF names its own way or leaves to the runtime."""
+    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    # An explicit attention scale wins (`{arch}.attention.scale`), else llama.cpp's rule.
+    scale = get(f"{arch}.attention.scale")
+    big = hf_config["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch]
+    scalar = scale ** -2 if scale else (hidden // heads if big else hf_config["head_dim"])
+    # The pattern is every n-th layer global, or one flag per layer (true: sliding); absent,
+    # the family's default (engine/families.py).
+    pattern = get(f"{arch}.attention.sliding_window_pattern")
+    layer_types = None
+    if isinstance(pattern, list):
+        layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
+    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar,
+            "sliding_window_pattern": pattern if isinstance(pattern, int) else None,
+            "layer_types": layer_types,
+            "attn_logit_softcapping": get(f"{arch}.attn_logit_softcapping"),
+            "final_logit_softcapping": get(f"{arch}.final_logit_softcapping")}
+
+
+def _rope_scaling(get: Any, arch: str, tensors: dict[str, ReaderTensor], theta: float,
                   head_dim: int) -> dict[str, Any] | None:
+    if _ROPE_FACTORS["long_factor"] in tensors:
+        return {"rope_type": "longrope", "attention_factor": get(f"{arch}.rope.scaling.attn_factor"),
+                "original_max_position_embeddings":
+                    get(f"{arch}.rope.scaling.original_context_length"),
+                **{key: _float_list(tensors[name]) for key, name in _ROPE_FACTORS.items()}}
+    rope_freqs = tensors.get(_ROPE_FREQS)
     if rope_freqs is not None:
         divisors = dequantize(rope_freqs.data, rope_freqs.tensor_type).reshape(-1)
         scaling = {"rope_type": "llama3", "factor": float(divisors.max()), **_LLAMA3_ROPE}
@@ -139,6 +195,10 @@ def _rope_scaling(get: Any, arch: str, rope_freqs: ReaderTensor | None, theta: f
     return scaling
 
 
+def _float_list(tensor: ReaderTensor) -> list[float]:
+    return dequantize(tensor.data, tensor.tensor_type).reshape(-1).tolist()
+
+
 def _llama3_rope_divisors(scaling: dict[str, Any], theta: float, head_dim: int) -> np.ndarray:
     """What llama.cpp's converter writes as rope_freqs: per frequency, inv_freq / scaled inv_freq.
 
@@ -155,16 +215,17 @@ def _llama3_rope_divisors(scaling: dict[str, Any], theta: float, head_dim: int) 
     return divisors.astype(np.float32)
 
 
-def _hf_name(gguf_name: str, path: str) -> str | None:
-    """The HF parameter name; None for tensors that are not parameters (rope_freqs)."""
-    if gguf_name == _ROPE_FREQS:
+def _hf_name(gguf_name: str, arch: str, path: str) -> str | None:
+    """The HF parameter name; None for tensors that are not parameters (rope factors)."""
+    if gguf_name == _ROPE_FREQS or gguf_name in _ROPE_FACTORS.values():
         return None
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _TOP_LEVEL and suffix == "weight":
         return f"{_TOP_LEVEL[stem]}.weight"
     m = _LAYER_TENSOR.match(gguf_name)
-    if m and m.group(2) in _PER_LAYER:
-        return f"model.layers.{m.group(1)}.{_PER_LAYER[m.group(2)]}.{m.group(3)}"
+    per_layer = {**_PER_LAYER, **_PER_LAYER_BY_ARCH.get(arch, {})}
+    if m and m.group(2) in per_layer:
+        return f"model.layers.{m.group(1)}.{per_layer[m.group(2)]}.{m.group(3)}"
     raise ModelLoadError(
         f"{path} has a tensor {gguf_name!r} that a Llama-family model does not use"
     )

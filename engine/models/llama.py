@@ -1,6 +1,9 @@
-"""The Llama family in one model: Llama 2/3/3.1, Mistral, Qwen2/2.5, SmolLM2.
+"""One decoder for every family: Llama 2/3/3.1, Mistral, Qwen2/2.5/3, Phi-3/3.5/4, Gemma 2/3,
+OLMo 2, SmolLM2.
 
-Variants are ModelConfig fields (qkv bias, tied embeddings, rope scaling, GQA), not classes.
+Variants are ModelConfig fields (qkv bias, q/k norms, norm placement, GeGLU, soft-capping,
+sliding-window layers, tied embeddings, rope scaling, GQA), not classes; engine/families.py
+sets them per family.
 The model runs on a flat batch of tokens (no padding): prefill chunks and decodes of many
 sequences side by side, with K/V read from and written to the paged cache.
 """
@@ -27,58 +30,109 @@ class RMSNormWeight(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, sliding: bool):
         super().__init__()
         self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.attention_scale or cfg.head_dim**-0.5
+        # Passed only when set: plain attention keeps the plain signature.
+        variants = {"sliding_window": cfg.sliding_window if sliding else None, "softcap": cfg.attn_logit_softcap}
+        self.variants = {k: v for k, v in variants.items() if v is not None}
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qk_norm, self.eps = cfg.qk_norm, cfg.rms_norm_eps
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNormWeight(cfg.head_dim if per_head else self.q_size)
+            self.k_norm = RMSNormWeight(cfg.head_dim if per_head else self.kv_size)
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
         """x: [num_tokens, hidden]; kv_cache: this layer's LayerKVCache."""
         qkv = self.ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "proj":
+            q = self.ops.rms_norm(q, self.q_norm.weight, self.eps)
+            k = self.ops.rms_norm(k, self.k_norm.weight, self.eps)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q = self._norm_heads(q, self.q_norm.weight)
+            k = self._norm_heads(k, self.k_norm.weight)
         q = self.ops.rotary_write_kv(q, k, v, positions, cos_sin, kv_cache, meta)
-        o = self.ops.paged_attention(q, kv_cache, meta, self.scale)
+        o = self.ops.paged_attention(q, kv_cache, meta, self.scale, **self.variants)
         return self.ops.linear(o.reshape(-1, self.q_size), self.o_proj.weight)
+
+    def _norm_heads(self, x, weight):
+        """x: [num_tokens, heads, head_dim], normalized per head."""
+        return self.ops.rms_norm(x.reshape(-1, self.head_dim), weight, self.eps).view(x.shape)
 
 
 class MLP(nn.Module):
+    """The gated MLP: SwiGLU, or GeGLU for Gemma. Any module with forward(x) -> x of the same
+    shape and HF's parameter names under `mlp.` can take its place (a mixture of experts)."""
+
     def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
         self.ops = ops
+        self.act_and_mul = ops.gelu_tanh_and_mul if cfg.hidden_act == "gelu_tanh" else ops.silu_and_mul
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        h = self.ops.silu_and_mul(self.ops.linear(x, self.gate_up_proj.weight))
+        h = self.act_and_mul(self.ops.linear(x, self.gate_up_proj.weight))
         return self.ops.linear(h, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    """Norms where the family puts them (cfg.norm_placement), under HF's names:
+    pre:      input_layernorm -> attn -> post_attention_layernorm -> mlp
+    sandwich: input_layernorm -> attn -> post_attention_layernorm, then
+              pre_feedforward_layernorm -> mlp -> post_feedforward_layernorm
+    post:     attn -> post_attention_layernorm, then mlp -> post_feedforward_layernorm
+    Each norm before a block is fused with the residual add in front of it."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, layer: int):
         super().__init__()
-        self.ops, self.eps = ops, cfg.rms_norm_eps
-        self.self_attn = Attention(cfg, ops)
+        self.ops, self.eps, self.placement = ops, cfg.rms_norm_eps, cfg.norm_placement
+        sliding = cfg.sliding_window is not None and (cfg.sliding_layers is None or cfg.sliding_layers[layer])
+        self.sliding = sliding
+        self.self_attn = Attention(cfg, ops, sliding)
         self.mlp = MLP(cfg, ops)
-        self.input_layernorm = RMSNormWeight(cfg.hidden_size)
+        if self.placement != "post":
+            self.input_layernorm = RMSNormWeight(cfg.hidden_size)
         self.post_attention_layernorm = RMSNormWeight(cfg.hidden_size)
+        if self.placement != "pre":
+            self.post_feedforward_layernorm = RMSNormWeight(cfg.hidden_size)
+        if self.placement == "sandwich":
+            self.pre_feedforward_layernorm = RMSNormWeight(cfg.hidden_size)
 
     def forward(self, x, residual, positions, cos_sin, kv_cache, meta):
-        if residual is None:
-            residual = x
-            h = self.ops.rms_norm(x, self.input_layernorm.weight, self.eps)
-        else:
-            h, residual = self.ops.add_rms_norm(x, residual, self.input_layernorm.weight, self.eps)
+        """x + residual is the residual stream (residual None: x is, in the first layer);
+        returns the same pair after this layer."""
+        h, residual = self._before(x, residual, getattr(self, "input_layernorm", None))
         h = self.self_attn(h, positions, cos_sin, kv_cache, meta)
-        h, residual = self.ops.add_rms_norm(h, residual, self.post_attention_layernorm.weight, self.eps)
-        return self.mlp(h), residual
+        if self.placement == "pre":
+            h, residual = self.ops.add_rms_norm(h, residual, self.post_attention_layernorm.weight, self.eps)
+        else:
+            h = self.ops.rms_norm(h, self.post_attention_layernorm.weight, self.eps)
+            h, residual = self._before(h, residual, getattr(self, "pre_feedforward_layernorm", None))
+        h = self.mlp(h)
+        if self.placement != "pre":
+            h = self.ops.rms_norm(h, self.post_feedforward_layernorm.weight, self.eps)
+        return h, residual
+
+    def _before(self, x, residual, norm):
+        """The block's input and the new residual stream, x + residual, normed when the block
+        has a norm before it."""
+        if norm is None:
+            residual = x if residual is None else x + residual
+            return residual, residual
+        if residual is None:
+            return self.ops.rms_norm(x, norm.weight, self.eps), x
+        return self.ops.add_rms_norm(x, residual, norm.weight, self.eps)
 
 
 class LlamaModel(nn.Module):
@@ -86,7 +140,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.cfg, self.ops = cfg, ops
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        # Rounded to the weights' dtype, as HF does (Gemma: sqrt(hidden)).
+        self.embedding_scale = torch.tensor(cfg.embedding_scale, dtype=self.embed_tokens.weight.dtype).item()
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i) for i in range(cfg.num_layers))
         self.norm = RMSNormWeight(cfg.hidden_size)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer(
@@ -94,38 +150,58 @@ class LlamaModel(nn.Module):
             rope_cos_sin(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions),
             persistent=False,
         )
+        # Gemma 3's sliding layers rotate with their own base (and no scaling).
+        local = cfg.local_rope_theta
+        self.register_buffer(
+            "cos_sin_local",
+            None if local is None else rope_cos_sin(cfg.head_dim, local, None, max_positions),
+            persistent=False,
+        )
 
     def forward(self, input_ids, positions, kv_caches: list[LayerKVCache], meta: AttentionMetadata):
         """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden]."""
         x, residual = self.embed_tokens(input_ids), None
+        if self.embedding_scale != 1.0:
+            x = x * self.embedding_scale
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, self.cos_sin, kv_cache, meta)
+            local = layer.sliding and self.cos_sin_local is not None
+            cos_sin = self.cos_sin_local if local else self.cos_sin
+            x, residual = layer(x, residual, positions, cos_sin, kv_cache, meta)
         x, _ = self.ops.add_rms_norm(x, residual, self.norm.weight, self.cfg.rms_norm_eps)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> float32 logits [n, vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.ops.linear(hidden, weight).float()
+        logits = self.ops.linear(hidden, weight).float()
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     # ---- weights -----------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in, fusing q/k/v and gate/up into their stacked parameters."""
+        """Copy HF-named tensors in, fusing q/k/v and gate/up into their stacked parameters
+        (checkpoints that store them fused, as Phi-3's, fill every part at once)."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue
-            target, offset = _stacked_target(name.removeprefix("model."), self.cfg)
+            target, part = _stacked_target(name.removeprefix("model."))
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
             param = params[target].data
-            dst = param if offset is None else param.narrow(0, offset, tensor.shape[0])
+            offsets = _offsets(_parts(target, self.cfg))
+            if part is None:
+                dst, filled = param, offsets
+            else:
+                dst, filled = param.narrow(0, offsets[part], tensor.shape[0]), [offsets[part]]
             if dst.shape != tensor.shape:
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
             dst.copy_(tensor)
-            loaded.add(f"{target}@{offset}")
-        expected = {f"{n}@{o}" for n, o in _expected_slots(self.cfg, params)}
+            if name.endswith("norm.weight"):
+                dst.add_(self.cfg.norm_weight_offset)
+            loaded.update(f"{target}@{o}" for o in filled)
+        expected = {f"{n}@{o}" for n in params for o in _offsets(_parts(n, self.cfg))}
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -141,23 +217,26 @@ class LlamaModel(nn.Module):
                 p.data.normal_(0.0, 0.02, generator=gen)
 
 
-def _stacked_target(name: str, cfg: ModelConfig) -> tuple[str, int | None]:
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    for part, fused, offset in (
-        ("q_proj", "qkv_proj", 0), ("k_proj", "qkv_proj", q), ("v_proj", "qkv_proj", q + kv),
-        ("gate_proj", "gate_up_proj", 0), ("up_proj", "gate_up_proj", inter),
-    ):
+# HF's separate projections -> (our fused parameter, index of the part in it)
+_STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def _stacked_target(name: str) -> tuple[str, int | None]:
+    for part, (fused, index) in _STACKED.items():
         if f".{part}." in name:
-            return name.replace(part, fused), offset
+            return name.replace(part, fused), index
     return name, None
 
 
-def _expected_slots(cfg: ModelConfig, params: dict) -> Iterable[tuple[str, int | None]]:
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    for n in params:
-        if n.endswith("qkv_proj.weight") or n.endswith("qkv_proj.bias"):
-            yield from ((n, o) for o in (0, q, q + kv))
-        elif n.endswith("gate_up_proj.weight"):
-            yield from ((n, o) for o in (0, inter))
-        else:
-            yield n, None
+def _parts(param_name: str, cfg: ModelConfig) -> list[int]:
+    """Row counts of the parts a parameter stacks; one part for an unstacked one."""
+    if ".qkv_proj." in param_name:
+        return [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+    if ".gate_up_proj." in param_name:
+        return [cfg.intermediate_size] * 2
+    return [0]
+
+
+def _offsets(parts: list[int]) -> list[int]:
+    return [sum(parts[:i]) for i in range(len(parts))]

@@ -27,10 +27,11 @@ router = APIRouter()
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None,
-                    **template_args) -> list[int]:
+                    variables: dict | None = None, **render_args) -> list[int]:
+    """`variables`: the request's chat_template_kwargs."""
     # The template adds BOS itself where the model wants one.
-    return tokenizer.encode(tokenizer.render_chat(messages, tools=tools, **template_args),
-                            add_special_tokens=False)
+    return tokenizer.encode(tokenizer.render_chat(messages, tools=tools, **(variables or {}),
+                                                  **render_args), add_special_tokens=False)
 
 
 async def start_chat(request: Request, state: ServerState, body: ChatCompletionRequest,
@@ -40,6 +41,7 @@ async def start_chat(request: Request, state: ServerState, body: ChatCompletionR
     share."""
     plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, state.tool_parser)
     params = body.to_sampling_params(plan.constraint)
+    variables = body.template_variables()
     names = {"prompt": "messages", "logprobs": "top_logprobs",
              "structured_output": "tools" if plan.constraint else "response_format"}
     if body.max_completion_tokens is not None:
@@ -47,7 +49,7 @@ async def start_chat(request: Request, state: ServerState, body: ChatCompletionR
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     gen, header = await start(request, state, body.model, id_prefix, params, chat_prompt_ids,
                               [m.as_template_input() for m in body.messages], tools,
-                              param_names=names, slo=body.slo)
+                              variables, param_names=names, slo=body.slo)
     return gen, header, params, plan
 
 
