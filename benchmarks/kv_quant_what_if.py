@@ -20,7 +20,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -126,8 +126,8 @@ class WhatIfAttention:
         self.k = self.v = None
 
     def ops(self) -> Ops:
-        return Ops(REFERENCE_OPS.rms_norm, REFERENCE_OPS.add_rms_norm, self.rotary_write_kv, self.paged_attention,
-                   REFERENCE_OPS.silu_and_mul, REFERENCE_OPS.linear)
+        return replace(REFERENCE_OPS, rotary_write_kv=self.rotary_write_kv,
+                       paged_attention=self.paged_attention)
 
     def rotary_write_kv(self, q, k, v, positions, cos_sin, cache, meta):
         q, self.k = apply_rotary_ref(q, k, positions, cos_sin)

@@ -16,6 +16,7 @@ import torch
 from wattserve.kernels.activation import silu_and_mul_ref
 from wattserve.kernels.attention import paged_attention_ref
 from wattserve.kernels.kv_rotation import in_model_basis
+from wattserve.kernels.moe import fused_moe_ref
 from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
 from wattserve.kernels.rotary import rotary_write_kv_ref
 
@@ -28,6 +29,7 @@ class Ops:
     paged_attention: Callable
     silu_and_mul: Callable
     linear: Callable
+    fused_moe: Callable
 
 
 REFERENCE_OPS = Ops(
@@ -37,6 +39,7 @@ REFERENCE_OPS = Ops(
     paged_attention=in_model_basis(paged_attention_ref),
     silu_and_mul=silu_and_mul_ref,
     linear=torch.nn.functional.linear,
+    fused_moe=fused_moe_ref,
 )
 
 
@@ -51,6 +54,7 @@ def triton_ops() -> Ops:
     from wattserve.kernels.triton_activation import silu_and_mul_triton
     from wattserve.kernels.triton_attention import paged_attention_triton
     from wattserve.kernels.triton_gemv import linear_triton
+    from wattserve.kernels.triton_moe import fused_moe_triton
     from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
     from wattserve.kernels.triton_rotary import rotary_write_kv_triton
 
@@ -61,4 +65,5 @@ def triton_ops() -> Ops:
         paged_attention=in_model_basis(paged_attention_triton),
         silu_and_mul=silu_and_mul_triton,
         linear=linear_triton,
+        fused_moe=fused_moe_triton,
     )
