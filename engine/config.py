@@ -6,8 +6,10 @@ from typing import Any
 
 from wattserve.kernels.kv_format import default_block_size, kv_format
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+_ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                       "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 class UnsupportedModelError(ValueError):
@@ -32,6 +34,12 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q, k, v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before rotary
+    # Mixture of experts (Mixtral, Qwen3-MoE); num_experts 0 is a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalize the top-k router probabilities to sum to 1
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None  # dtype the checkpoint was saved in, if known
@@ -66,7 +74,24 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            qk_norm=arch == "Qwen3MoeForCausalLM",
+            **_moe_fields(cfg, arch),
         )
+
+
+def _moe_fields(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    if arch not in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):
+        return {}
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise UnsupportedModelError("MoE models with dense layers among the sparse ones "
+                                    "(mlp_only_layers, decoder_sparse_step > 1) are not supported")
+    return {
+        "num_experts": cfg.get("num_experts") or cfg["num_local_experts"],
+        "num_experts_per_tok": cfg["num_experts_per_tok"],
+        # Mixtral's experts are its intermediate_size; Qwen3-MoE names theirs apart.
+        "moe_intermediate_size": cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+        "norm_topk_prob": arch == "MixtralForCausalLM" or bool(cfg.get("norm_topk_prob", False)),
+    }
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:

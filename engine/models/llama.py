@@ -1,4 +1,5 @@
-"""The Llama family in one model: Llama 2/3/3.1, Mistral, Qwen2/2.5, SmolLM2.
+"""The Llama family in one model: Llama 2/3/3.1, Mistral, Qwen2/2.5, SmolLM2, and the
+mixture-of-experts Mixtral and Qwen3-MoE (engine/models/moe.py stands in for the MLP).
 
 Variants are ModelConfig fields (qkv bias, tied embeddings, rope scaling, GQA), not classes.
 The model runs on a flat batch of tokens (no padding): prefill chunks and decodes of many
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from wattserve.engine.config import ModelConfig
+from wattserve.engine.models.moe import SparseMoeBlock, canonical_name, expected_expert_slots, expert_slot
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.dispatch import Ops
 from wattserve.kernels.kv_format import LayerKVCache
@@ -36,6 +38,10 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.eps, self.qk_norm = cfg.rms_norm_eps, cfg.qk_norm
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head of q and k, before rotary
+            self.q_norm = RMSNormWeight(cfg.head_dim)
+            self.k_norm = RMSNormWeight(cfg.head_dim)
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
         """x: [num_tokens, hidden]; kv_cache: this layer's LayerKVCache."""
@@ -44,6 +50,9 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.ops.rms_norm(q.reshape(-1, self.head_dim), self.q_norm.weight, self.eps).view(q.shape)
+            k = self.ops.rms_norm(k.reshape(-1, self.head_dim), self.k_norm.weight, self.eps).view(k.shape)
         q = self.ops.rotary_write_kv(q, k, v, positions, cos_sin, kv_cache, meta)
         o = self.ops.paged_attention(q, kv_cache, meta, self.scale)
         return self.ops.linear(o.reshape(-1, self.q_size), self.o_proj.weight)
@@ -66,7 +75,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.ops, self.eps = ops, cfg.rms_norm_eps
         self.self_attn = Attention(cfg, ops)
-        self.mlp = MLP(cfg, ops)
+        self.mlp = SparseMoeBlock(cfg, ops) if cfg.num_experts else MLP(cfg, ops)
         self.input_layernorm = RMSNormWeight(cfg.hidden_size)
         self.post_attention_layernorm = RMSNormWeight(cfg.hidden_size)
 
@@ -116,16 +125,25 @@ class LlamaModel(nn.Module):
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue
-            target, offset = _stacked_target(name.removeprefix("model."), self.cfg)
+            short = canonical_name(name.removeprefix("model."))
+            slot = expert_slot(short, self.cfg)
+            if slot is not None:  # one expert's projection: its rows of the stacked parameter
+                target, expert, offset = slot
+                key = f"{target}@{expert},{offset}"
+            else:
+                (target, offset), expert = _stacked_target(short, self.cfg), None
+                key = f"{target}@{offset}"
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-            param = params[target].data
+            param = params[target].data if expert is None else params[target].data[expert]
             dst = param if offset is None else param.narrow(0, offset, tensor.shape[0])
             if dst.shape != tensor.shape:
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
             dst.copy_(tensor)
-            loaded.add(f"{target}@{offset}")
+            loaded.add(key)
         expected = {f"{n}@{o}" for n, o in _expected_slots(self.cfg, params)}
+        expected |= {f"{n}@{e},{o}" for n in params if ".experts." in n
+                     for e, o in expected_expert_slots(n, self.cfg)}
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -155,6 +173,8 @@ def _stacked_target(name: str, cfg: ModelConfig) -> tuple[str, int | None]:
 def _expected_slots(cfg: ModelConfig, params: dict) -> Iterable[tuple[str, int | None]]:
     q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     for n in params:
+        if ".experts." in n:
+            continue  # moe.expected_expert_slots
         if n.endswith("qkv_proj.weight") or n.endswith("qkv_proj.bias"):
             yield from ((n, o) for o in (0, q, q + kv))
         elif n.endswith("gate_up_proj.weight"):
