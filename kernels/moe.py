@@ -1,9 +1,8 @@
 """Mixture-of-experts feed-forward: route each token to its top-k experts, run each expert's
 SwiGLU MLP on the tokens sent to it, and sum the outputs weighted by the router.
 
-`select_experts` is shared by every implementation (a softmax and a top-k over [tokens,
-experts] are a few microseconds); `fused_moe_ref` is the CPU path and the oracle of
-kernels/triton_moe.py.
+`select_experts` (the router) and `fused_moe_ref` (the experts) are the CPU path and the
+oracles of kernels/triton_moe_routing.py and kernels/triton_moe.py.
 
 Expert weights are stacked per layer, as transformers 5 holds them in memory:
   w_gate_up: [num_experts, 2 * intermediate, hidden]  rows: gate then up

@@ -13,8 +13,12 @@ BLOCK_M-row tile of the sorted list belongs to one expert. Then two kernels walk
 
 Everything is sized by the token count alone (at most cdiv(T*k, BLOCK_M) + min(E, T*k)
 tiles; the unused ones exit at once), with no host synchronisation, so a decode step's
-graph captures it. Each expert's weights are read once per tile, so at decode every routed
-expert's weights stream once: the weight-bandwidth bound of an MoE step. Hidden and
+graph captures it. Each expert's weights are read once per tile.
+
+With few assignments per expert (decode: T*k <= E / 2) the sort is skipped: each assignment
+is its own tile, so the step adds no sorting kernels (a dozen small launches per layer, as
+much time as the weights' stream at batch 1), at the price of reading an expert twice when
+two tokens pick it (expected share of such pairs: about T*k / 2E <= 1/4). Hidden and
 intermediate sizes are compile-time constants: fixed per model, they give one compile per
 layer shape and let the K loops unroll without a remainder check when they divide evenly.
 """
@@ -26,17 +30,31 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_rows(tile, sorted_ids_ptr, tile_expert_ptr, num_assignments,
+               BLOCK_M: tl.constexpr, PER_ASSIGNMENT: tl.constexpr):
+    """The tile's expert (-1: unused tile) and its BLOCK_M assignment ids, where
+    num_assignments marks an empty row."""
+    rows = tl.arange(0, BLOCK_M)
+    expert = tl.load(tile_expert_ptr + tile).to(tl.int32)
+    if PER_ASSIGNMENT:
+        ids = tl.where(rows == 0, tile, num_assignments)
+    else:
+        ids = tl.load(sorted_ids_ptr + tile * BLOCK_M + rows)
+    return expert, ids
+
+
+@triton.jit
 def _gate_up_silu_kernel(
     x_ptr, w_ptr, act_ptr, sorted_ids_ptr, tile_expert_ptr,
     num_assignments, top_k, stride_xm, stride_we, stride_wn, stride_am,
     HIDDEN: tl.constexpr, INTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PER_ASSIGNMENT: tl.constexpr,
 ):
     tile, pid_n = tl.program_id(0), tl.program_id(1)
-    expert = tl.load(tile_expert_ptr + tile)
+    expert, ids = _tile_rows(tile, sorted_ids_ptr, tile_expert_ptr, num_assignments, BLOCK_M, PER_ASSIGNMENT)
     if expert < 0:
         return
-    ids = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = ids < num_assignments
     tokens = ids // top_k
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -72,12 +90,12 @@ def _down_kernel(
     num_assignments, stride_am, stride_we, stride_wn, stride_om,
     HIDDEN: tl.constexpr, INTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PER_ASSIGNMENT: tl.constexpr,
 ):
     tile, pid_n = tl.program_id(0), tl.program_id(1)
-    expert = tl.load(tile_expert_ptr + tile)
+    expert, ids = _tile_rows(tile, sorted_ids_ptr, tile_expert_ptr, num_assignments, BLOCK_M, PER_ASSIGNMENT)
     if expert < 0:
         return
-    ids = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = ids < num_assignments
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < HIDDEN
@@ -129,13 +147,24 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int,
     return sorted_ids, tile_expert
 
 
-def _block_sizes(num_assignments: int, k_dim: int, n_dim: int) -> tuple[int, int, int]:
-    # BLOCK_M 16 (a tensor-core dot's minimum) while tiles are mostly padding, i.e. while
-    # experts see few tokens each; larger tiles once they see many and FLOPs matter.
-    block_m = 16 if num_assignments <= 1024 else 64
-    block_n = min(128, max(16, triton.next_power_of_2(n_dim)))
-    block_k = min(64, max(16, triton.next_power_of_2(k_dim)))
-    return block_m, block_n, block_k
+def _tiling(num_assignments: int, num_experts: int) -> tuple[bool, int]:
+    """(one tile per assignment?, BLOCK_M). BLOCK_M 16 (a tensor-core dot's minimum) while
+    experts see few tokens each and tiles are mostly padding; 64 once FLOPs matter."""
+    if num_assignments <= num_experts // 2:
+        return True, 16
+    return False, 16 if num_assignments < 32 * num_experts else 64
+
+
+def _launch_config(block_m: int, k_dim: int, n_dim: int) -> dict:
+    """Block sizes, warps and stages. Few rows: a weight stream like kernels/triton_gemv.py
+    (narrow column tiles so that enough programs run to fill the SMs, long K steps); many
+    rows: square 64 tiles, the usual grouped-GEMM shape."""
+    if block_m == 16:
+        block_n, block_k = 32, 256
+    else:
+        block_n, block_k = 64, 64
+    return dict(BLOCK_M=block_m, BLOCK_N=min(block_n, max(16, triton.next_power_of_2(n_dim))),
+                BLOCK_K=min(block_k, max(16, triton.next_power_of_2(k_dim))), num_warps=4, num_stages=3)
 
 
 def fused_moe_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
@@ -150,25 +179,25 @@ def fused_moe_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Ten
     n = num_tokens * top_k
     if n == 0:
         return torch.zeros_like(x)
-    block_m, block_n, block_k = _block_sizes(n, hidden, inter)
-    sorted_ids, tile_expert = align_by_expert(topk_ids, num_experts, block_m)
+    per_assignment, block_m = _tiling(n, num_experts)
+    if per_assignment:  # tile i is assignment i, of expert topk_ids.flat[i]; no list needed
+        tile_expert = topk_ids.reshape(-1)
+        sorted_ids = tile_expert
+    else:
+        sorted_ids, tile_expert = align_by_expert(topk_ids, num_experts, block_m)
     # fp32 models get fp32 dots (a tf32 dot would lose 3 decimal digits against the reference).
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    common = dict(DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                  PER_ASSIGNMENT=per_assignment, HIDDEN=hidden, INTER=inter)
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)
-    grid = (tile_expert.numel(), triton.cdiv(inter, block_n))
-    _gate_up_silu_kernel[grid](
+    config = _launch_config(block_m, hidden, inter)
+    _gate_up_silu_kernel[(tile_expert.numel(), triton.cdiv(inter, config["BLOCK_N"]))](
         x, w_gate_up, act, sorted_ids, tile_expert, n, top_k,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0),
-        HIDDEN=hidden, INTER=inter,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=precision,
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0), **common, **config,
     )
-    block_m, block_n, block_k = _block_sizes(n, inter, hidden)
     partial = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
-    grid = (tile_expert.numel(), triton.cdiv(hidden, block_n))
-    _down_kernel[grid](
+    config = _launch_config(block_m, inter, hidden)
+    _down_kernel[(tile_expert.numel(), triton.cdiv(hidden, config["BLOCK_N"]))](
         act, w_down, topk_weights.reshape(-1).float(), partial, sorted_ids, tile_expert,
-        n, act.stride(0), w_down.stride(0), w_down.stride(1), partial.stride(0),
-        HIDDEN=hidden, INTER=inter,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=precision,
+        n, act.stride(0), w_down.stride(0), w_down.stride(1), partial.stride(0), **common, **config,
     )
     return partial.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)

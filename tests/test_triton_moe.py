@@ -12,6 +12,7 @@ import torch
 
 from wattserve.kernels.moe import fused_moe_ref, select_experts
 from wattserve.kernels.triton_moe import align_by_expert, fused_moe_triton
+from wattserve.kernels.triton_moe_routing import select_experts_triton
 
 ON_GPU = os.environ["TRITON_INTERPRET"] != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -33,8 +34,10 @@ def skewed_logits(num_tokens, num_experts, gen, hot_experts):
     return logits.to(DEVICE)
 
 
+# Sorted into 16-row tiles, except (4, 2, 70): 64-row tiles (many tokens per expert), and
+# (64, 8, 3), (64, 1, 1): one tile per assignment (decode: few tokens per expert).
 @pytest.mark.parametrize("num_experts,top_k,num_tokens", [
-    (4, 1, 5), (4, 2, 37), (8, 2, 19), (16, 4, 23), (32, 6, 3), (64, 8, 9), (64, 1, 1),
+    (4, 1, 5), (4, 2, 37), (4, 2, 70), (8, 2, 19), (16, 4, 23), (32, 6, 3), (64, 8, 3), (64, 1, 1),
 ])
 def test_fused_moe_matches_reference(num_experts, top_k, num_tokens):
     gen = torch.Generator().manual_seed(num_experts * 100 + top_k)
@@ -102,3 +105,17 @@ def test_select_experts(renormalize):
         expected = expected / expected.sum(-1, keepdim=True)
     torch.testing.assert_close(weights, expected)
     assert weights.dtype == torch.float32
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2), (60, 4), (64, 8), (128, 8)])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_routing_kernel_matches_select_experts(num_experts, top_k, renormalize):
+    gen = torch.Generator().manual_seed(num_experts + top_k)
+    logits = (torch.randn(13, num_experts, generator=gen) * 3).to(DEVICE)
+    weights, ids = select_experts_triton(logits, top_k, renormalize)
+    ref_weights, ref_ids = select_experts(logits, top_k, renormalize)
+    assert ids.dtype == ref_ids.dtype and weights.dtype == torch.float32
+    assert torch.equal(ids, ref_ids)  # random logits: no ties
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-7)
+    weights, ids = select_experts_triton(logits[:0], top_k, renormalize)
+    assert weights.shape == ids.shape == (0, top_k)

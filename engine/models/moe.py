@@ -16,7 +16,6 @@ from torch import nn
 
 from wattserve.engine.config import ModelConfig
 from wattserve.kernels.dispatch import Ops
-from wattserve.kernels.moe import select_experts
 
 # Mixtral's names for the same tensors: block_sparse_moe.{gate, experts.E.w1/w3/w2}.
 _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -41,7 +40,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
-        weights, ids = select_experts(self.ops.linear(x, self.gate.weight), self.top_k, self.renormalize)
+        weights, ids = self.ops.select_experts(self.ops.linear(x, self.gate.weight), self.top_k, self.renormalize)
         return self.ops.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
 
 
