@@ -77,3 +77,16 @@ def test_prefix_cache_bench_computes_the_shared_prompt_once(tmp_path):
     for run in (plain, cached):
         assert 0 < run["p50_ttft_s"] <= run["p90_ttft_s"] <= run["max_ttft_s"] <= run["prefill_s"]
     assert result["bound"] is None  # no GPU, no matmul rate
+
+
+def test_moe_bench_tiny(tmp_path):
+    out = tmp_path / "moe.json"
+    bench("moe_bench.py", "--tiny", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [(r["shape"], r["tokens"]) for r in result["layer"]] == \
+        [(s, t) for s in ("tiny-8x2", "tiny-16x4") for t in (1, 4, 16)]
+    for row in result["layer"]:
+        assert row["fused_us"] > 0 and row["reference_us"] > 0 and row["roofline_us"] > 0
+        assert 1 <= row["experts_hit"] <= 16
+    assert result["decode_batch_1"]["output_tokens"] == 8 and result["decode_batch_1"]["roofline_tok_s"] > 0
+    assert result["offline"]["output_tok_s"] > 0 and result["offline"]["fraction_of_bound"] > 0
