@@ -7,9 +7,13 @@ from typing import Any
 from wattserve.kernels.kv_format import default_block_size, kv_format
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+                           "MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 _ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                       "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                       "olmoe": "OlmoeForCausalLM"}
+_MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+# RMSNorm on q and k before rotary: over each head (Qwen3), or over the whole projection (OLMoE).
+_QK_NORM = {"Qwen3MoeForCausalLM": "head", "OlmoeForCausalLM": "projection"}
 
 
 class UnsupportedModelError(ValueError):
@@ -34,7 +38,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q, k, v projections
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before rotary
+    qk_norm: str | None = None  # "head" or "projection": see _QK_NORM
     # Mixture of experts (Mixtral, Qwen3-MoE); num_experts 0 is a dense MLP.
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -74,21 +78,23 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-            qk_norm=arch == "Qwen3MoeForCausalLM",
+            qk_norm=_QK_NORM.get(arch),
             **_moe_fields(cfg, arch),
         )
 
 
 def _moe_fields(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
-    if arch not in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):
+    if arch not in _MOE_ARCHITECTURES:
         return {}
+    if cfg.get("clip_qkv") is not None:
+        raise UnsupportedModelError("clip_qkv (OLMoE variants that clamp q, k, v) is not supported")
     if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
         raise UnsupportedModelError("MoE models with dense layers among the sparse ones "
                                     "(mlp_only_layers, decoder_sparse_step > 1) are not supported")
     return {
         "num_experts": cfg.get("num_experts") or cfg["num_local_experts"],
         "num_experts_per_tok": cfg["num_experts_per_tok"],
-        # Mixtral's experts are its intermediate_size; Qwen3-MoE names theirs apart.
+        # Mixtral's and OLMoE's experts are their intermediate_size; Qwen3-MoE names theirs apart.
         "moe_intermediate_size": cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
         "norm_topk_prob": arch == "MixtralForCausalLM" or bool(cfg.get("norm_topk_prob", False)),
     }

@@ -1,4 +1,4 @@
-"""Mixtral and Qwen3-MoE against HF transformers: tiny random checkpoints built here, loaded
+"""Mixtral, Qwen3-MoE and OLMoE against HF transformers: tiny random checkpoints built here, loaded
 from safetensors and from a GGUF written from the same weights in llama.cpp's layout."""
 import functools
 
@@ -14,7 +14,8 @@ from wattserve.engine.llm import LLM
 from wattserve.engine.request import SamplingParams
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=1024, tie_word_embeddings=False, rms_norm_eps=1e-6)
+              max_position_embeddings=1024, tie_word_embeddings=False, rms_norm_eps=1e-6,
+              bos_token_id=1, eos_token_id=2)
 FAMILIES = {
     # Mixtral always renormalizes its top-k router weights.
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96),
@@ -22,7 +23,12 @@ FAMILIES = {
     # head_dim unlike hidden / heads, and q/k norms.
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
                       intermediate_size=128, head_dim=32, norm_topk_prob=False),
+    # OLMoE: no renormalization, q/k norms over the whole projection.
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=48),
 }
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "olmoe": "OlmoeForCausalLM"}
+GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
 
 
 def build_tiny_moe(family, directory, tokenizer):
@@ -32,10 +38,10 @@ def build_tiny_moe(family, directory, tokenizer):
     between two experts' probabilities would make the chosen experts depend on float
     summation order on either side.
     """
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    import transformers
 
-    config_cls, model_cls = {"mixtral": (MixtralConfig, MixtralForCausalLM),
-                             "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[family]
+    model_cls = getattr(transformers, ARCHITECTURES[family])
+    config_cls = getattr(transformers, ARCHITECTURES[family].replace("ForCausalLM", "Config"))
     torch.manual_seed(0)
     model = model_cls(config_cls(vocab_size=tokenizer.vocab_size, **COMMON, **FAMILIES[family]))
     with torch.no_grad():
@@ -96,7 +102,8 @@ def test_safetensors_matches_transformers(tiny_moe):
     expected = FAMILIES[family]
     assert cfg.num_experts == expected.get("num_experts", expected.get("num_local_experts"))
     assert cfg.num_experts_per_tok == expected["num_experts_per_tok"]
-    assert cfg.norm_topk_prob == (family == "mixtral") and cfg.qk_norm == (family == "qwen3_moe")
+    assert cfg.norm_topk_prob == (family == "mixtral")
+    assert cfg.qk_norm == {"mixtral": None, "qwen3_moe": "head", "olmoe": "projection"}[family]
     assert_matches_transformers(llm, hf_model, hf_greedy)
 
 
@@ -104,10 +111,11 @@ def test_safetensors_matches_transformers(tiny_moe):
 
 def write_moe_gguf(path, family, hf_model):
     """What llama.cpp's convert_hf_to_gguf.py writes for these models, in F32: Mixtral as
-    arch "llama" with Q/K rows permuted, Qwen3-MoE as "qwen3moe"; experts stacked per layer."""
+    arch "llama" with Q/K rows permuted, the others under their names; experts stacked per
+    layer."""
     cfg = hf_model.config
-    arch = "llama" if family == "mixtral" else "qwen3moe"
-    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    arch = GGUF_ARCH[family]
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -143,7 +151,7 @@ def write_moe_gguf(path, family, hf_model):
                "ffn_norm": layer("post_attention_layernorm.weight"),
                "ffn_gate_inp": layer("mlp.gate.weight"),
                "ffn_gate_exps": gate, "ffn_up_exps": up, "ffn_down_exps": down}
-        if family == "qwen3_moe":
+        if family != "mixtral":
             blk |= {"attn_q_norm": layer("self_attn.q_norm.weight"),
                     "attn_k_norm": layer("self_attn.k_norm.weight")}
         tensors |= {f"blk.{i}.{n}.weight": x for n, x in blk.items()}
@@ -161,9 +169,10 @@ def test_gguf_round_trip_matches_transformers(tiny_moe, tmp_path):
     write_moe_gguf(path, family, hf_model)
     llm = LLM(str(path), tokenizer=str(directory), kv_cache_memory=8 << 20, warm_up=False)
     cfg = llm.core.model_config
-    assert cfg.architecture == {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[family]
-    assert cfg.moe_intermediate_size == (96 if family == "mixtral" else 32)
-    assert cfg.head_dim == (16 if family == "mixtral" else 32)
+    assert cfg.architecture == ARCHITECTURES[family]
+    assert cfg.norm_topk_prob == (family == "mixtral")
+    assert cfg.moe_intermediate_size == {"mixtral": 96, "qwen3_moe": 32, "olmoe": 48}[family]
+    assert cfg.head_dim == (32 if family == "qwen3_moe" else 16)
     assert_matches_transformers(llm, hf_model, hf_greedy)
 
 

@@ -25,7 +25,7 @@ from wattserve.engine.loader import ModelLoadError
 
 # llama.cpp writes Mixtral as "llama" with experts (see _architecture).
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3moe": "Qwen3MoeForCausalLM"}
+                  "qwen3moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 
 _TOP_LEVEL = {
     "token_embd": "model.embed_tokens",
@@ -130,8 +130,9 @@ def _model_config(reader: GGUFReader, path: str) -> ModelConfig:
         "num_experts": experts,
         "num_experts_per_tok": get(f"{arch}.expert_used_count"),
         "moe_intermediate_size": get(f"{arch}.expert_feed_forward_length"),
-        # llama.cpp renormalizes the top-k weights of llama (Mixtral) and qwen3moe routers.
-        "norm_topk_prob": get(f"{arch}.expert_weights_norm", True),
+        # llama.cpp renormalizes the top-k weights of llama (Mixtral) and qwen3moe routers,
+        # not olmoe's.
+        "norm_topk_prob": get(f"{arch}.expert_weights_norm", arch != "olmoe"),
     }
     return ModelConfig.from_hf(hf_config)
 

@@ -1,5 +1,5 @@
 """The Llama family in one model: Llama 2/3/3.1, Mistral, Qwen2/2.5, SmolLM2, and the
-mixture-of-experts Mixtral and Qwen3-MoE (engine/models/moe.py stands in for the MLP).
+mixture-of-experts Mixtral, Qwen3-MoE and OLMoE (engine/models/moe.py stands in for the MLP).
 
 Variants are ModelConfig fields (qkv bias, tied embeddings, rope scaling, GQA), not classes.
 The model runs on a flat batch of tokens (no padding): prefill chunks and decodes of many
@@ -39,9 +39,10 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.eps, self.qk_norm = cfg.rms_norm_eps, cfg.qk_norm
-        if cfg.qk_norm:  # Qwen3: RMSNorm over each head of q and k, before rotary
-            self.q_norm = RMSNormWeight(cfg.head_dim)
-            self.k_norm = RMSNormWeight(cfg.head_dim)
+        if cfg.qk_norm:  # over each head ("head") or all heads ("projection"), before rotary
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNormWeight(cfg.head_dim if per_head else self.q_size)
+            self.k_norm = RMSNormWeight(cfg.head_dim if per_head else self.kv_size)
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
         """x: [num_tokens, hidden]; kv_cache: this layer's LayerKVCache."""
@@ -50,9 +51,10 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q = self.ops.rms_norm(q.reshape(-1, self.head_dim), self.q_norm.weight, self.eps).view(q.shape)
-            k = self.ops.rms_norm(k.reshape(-1, self.head_dim), self.k_norm.weight, self.eps).view(k.shape)
+        if self.qk_norm:  # rows the size of the norm: one head, or all of a token's heads
+            q = self.ops.rms_norm(q.reshape(-1, self.q_norm.weight.numel()), self.q_norm.weight, self.eps)
+            k = self.ops.rms_norm(k.reshape(-1, self.k_norm.weight.numel()), self.k_norm.weight, self.eps)
+            q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
         q = self.ops.rotary_write_kv(q, k, v, positions, cos_sin, kv_cache, meta)
         o = self.ops.paged_attention(q, kv_cache, meta, self.scale)
         return self.ops.linear(o.reshape(-1, self.q_size), self.o_proj.weight)
