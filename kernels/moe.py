@@ -43,5 +43,7 @@ def fused_moe_ref(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
         token, slot = torch.where(topk_ids == expert)
         gate, up = F.linear(x[token], w_gate_up[expert]).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, w_down[expert])
-        out.index_add_(0, token, y.float() * topk_weights[token, slot, None])
+        # index_put_ rather than index_add_: on CPU the latter costs milliseconds per call
+        # at these sizes (measured 12 ms vs 3 us for [2, 64] on 2 busy cores).
+        out.index_put_((token,), y.float() * topk_weights[token, slot, None], accumulate=True)
     return out.to(x.dtype)
