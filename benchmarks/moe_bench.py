@@ -144,10 +144,10 @@ def active_weight_bytes(model: torch.nn.Module, experts_hit: float, num_experts:
     return total
 
 
-def active_params(model: torch.nn.Module, top_k: int, num_experts: int) -> float:
-    """Parameters one token multiplies by: layers' matrices with top_k experts, and lm_head."""
+def active_layer_params(model: torch.nn.Module, top_k: int, num_experts: int) -> float:
+    """Parameters of the layers one token multiplies by: top_k experts of each layer's."""
     return sum(p.numel() * (top_k / num_experts if ".experts." in n else 1)
-               for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed_tokens"))
+               for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() >= 2)
 
 
 def expected_experts_hit(num_experts: int, top_k: int, batch: int) -> float:
@@ -185,7 +185,10 @@ def bench_offline(llm: LLM, config: dict, limits: dict, num_requests: int, input
     produced = sum(len(r.choices[0].token_ids) for r in results)
     assert produced == num_requests * output_len, produced
     model, e, k = llm.core.runner.model, config["num_experts"], config["num_experts_per_tok"]
-    prefill_s = num_requests * input_len * 2 * active_params(model, k, e) / limits["matmul_flop_s"]
+    # Every prompt token through the layers, the lm_head for each prompt's last one.
+    flops = num_requests * 2 * (input_len * active_layer_params(model, k, e)
+                                + config["hidden_size"] * config["vocab_size"])
+    prefill_s = flops / limits["matmul_flop_s"]
     step_bytes = active_weight_bytes(model, expected_experts_hit(e, k, num_requests), e)
     decode_s = (output_len - 1) * step_bytes / limits["copy_bytes_s"]
     bound = produced / (prefill_s + decode_s)

@@ -8,8 +8,10 @@ BLOCK_M-row tile of the sorted list belongs to one expert. Then two kernels walk
   1. gate_up: rows of x gathered by the tile's assignments times the expert's gate and up
      rows, SwiGLU applied in registers -> act [assignments, intermediate];
   2. down: act times the expert's down projection, scaled by the routing weight ->
-     partial [assignments, hidden], summed over each token's k assignments by one torch sum
-     (no atomics, so the result does not depend on the schedule).
+     partial [assignments, hidden] in float32;
+  3. sum: each token's k partial rows added in float32 and rounded once to x's dtype (no
+     atomics, so the result does not depend on the schedule; one launch where torch needs
+     a sum and a cast).
 
 Everything is sized by the token count alone (at most cdiv(T*k, BLOCK_M) + min(E, T*k)
 tiles; the unused ones exit at once), with no host synchronisation, so a decode step's
@@ -117,6 +119,18 @@ def _down_kernel(
     tl.store(out, acc * routing[:, None], mask=valid[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _sum_assignments_kernel(partial_ptr, out_ptr, HIDDEN: tl.constexpr, TOP_K: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(partial_ptr + (token * TOP_K + j) * HIDDEN + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + token * HIDDEN + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int,
                     block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """topk_ids: [num_tokens, top_k] -> (sorted_ids [num_tiles * block_m] int32,
@@ -200,4 +214,8 @@ def fused_moe_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Ten
         act, w_down, topk_weights.reshape(-1).float(), partial, sorted_ids, tile_expert,
         n, act.stride(0), w_down.stride(0), w_down.stride(1), partial.stride(0), **common, **config,
     )
-    return partial.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    block = min(1024, triton.next_power_of_2(hidden))
+    _sum_assignments_kernel[(num_tokens, triton.cdiv(hidden, block))](
+        partial, out, HIDDEN=hidden, TOP_K=top_k, BLOCK=block, num_warps=4)
+    return out
