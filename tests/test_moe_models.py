@@ -186,3 +186,29 @@ def test_dense_layers_among_sparse_ones_are_refused():
         ModelConfig.from_hf(config)
     config = {**config, "mlp_only_layers": []}
     assert ModelConfig.from_hf(config).num_experts == 4
+
+
+def test_moe_block_on_the_triton_kernels_equals_the_reference():
+    """The block as the CUDA path runs it (Triton routing and experts, here interpreted)
+    against the CPU path, with routing as uneven as a trained router's."""
+    from dataclasses import replace
+
+    from wattserve.engine.config import ModelConfig
+    from wattserve.engine.models.moe import SparseMoeBlock
+    from wattserve.kernels.dispatch import REFERENCE_OPS
+    from wattserve.kernels.triton_moe import fused_moe_triton
+    from wattserve.kernels.triton_moe_routing import select_experts_triton
+
+    cfg = ModelConfig("Qwen3MoeForCausalLM", 32, 48, 0, 1, 4, 2, 12, num_experts=16,
+                      num_experts_per_tok=4, moe_intermediate_size=24, norm_topk_prob=True)
+    triton_ops = replace(REFERENCE_OPS, select_experts=select_experts_triton, fused_moe=fused_moe_triton)
+    reference, fused = SparseMoeBlock(cfg, REFERENCE_OPS), SparseMoeBlock(cfg, triton_ops)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0.0, 0.3)
+        reference.gate.weight[:3] += 1.0  # three popular experts
+    fused.load_state_dict(reference.state_dict())
+    for tokens in (1, 5, 40):  # one tile per assignment, then sorted tiles
+        x = torch.randn(tokens, 48)
+        torch.testing.assert_close(fused(x), reference(x), rtol=1e-5, atol=1e-5)
