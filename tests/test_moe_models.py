@@ -109,10 +109,10 @@ def test_safetensors_matches_transformers(tiny_moe):
 
 # ---- GGUF: the same weights in llama.cpp's names, stacked experts and metadata ------------
 
-def write_moe_gguf(path, family, hf_model):
+def write_moe_gguf(path, family, hf_model, stacked=True):
     """What llama.cpp's convert_hf_to_gguf.py writes for these models, in F32: Mixtral as
     arch "llama" with Q/K rows permuted, the others under their names; experts stacked per
-    layer."""
+    layer, or (stacked=False) one tensor per expert as converters before 2024 wrote Mixtral."""
     cfg = hf_model.config
     arch = GGUF_ARCH[family]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -150,7 +150,9 @@ def write_moe_gguf(path, family, hf_model):
                "attn_norm": layer("input_layernorm.weight"),
                "ffn_norm": layer("post_attention_layernorm.weight"),
                "ffn_gate_inp": layer("mlp.gate.weight"),
-               "ffn_gate_exps": gate, "ffn_up_exps": up, "ffn_down_exps": down}
+               **({"ffn_gate_exps": gate, "ffn_up_exps": up, "ffn_down_exps": down} if stacked else
+                  {f"ffn_{proj}.{e}": x[e] for proj, x in (("gate", gate), ("up", up), ("down", down))
+                   for e in range(x.shape[0])})}
         if family != "mixtral":
             blk |= {"attn_q_norm": layer("self_attn.q_norm.weight"),
                     "attn_k_norm": layer("self_attn.k_norm.weight")}
@@ -212,3 +214,20 @@ def test_moe_block_on_the_triton_kernels_equals_the_reference():
     for tokens in (1, 5, 40):  # one tile per assignment, then sorted tiles
         x = torch.randn(tokens, 48)
         torch.testing.assert_close(fused(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_per_expert_gguf_tensors_load_like_stacked_ones(tmp_path, tokenizer):
+    """Only Mixtral GGUFs were written with one tensor per expert."""
+    from wattserve.engine.loader.gguf import read_gguf
+
+    family = "mixtral"
+    hf_model = build_tiny_moe(family, tmp_path / "hf", tokenizer)
+
+    write_moe_gguf(tmp_path / "stacked.gguf", family, hf_model)
+    write_moe_gguf(tmp_path / "per-expert.gguf", family, hf_model, stacked=False)
+    (cfg, stacked), (legacy_cfg, legacy) = (read_gguf(str(tmp_path / f)) for f in ("stacked.gguf", "per-expert.gguf"))
+    stacked, legacy = dict(stacked), dict(legacy)
+    assert legacy_cfg == cfg and sorted(legacy) == sorted(stacked)
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in legacy
+    for name, tensor in stacked.items():
+        assert torch.equal(legacy[name], tensor), name

@@ -51,6 +51,8 @@ _EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_d
 # llama.cpp's expert_gating_func value for a softmax router (the only kind these families use).
 _SOFTMAX_GATING = 1
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# Mixtral GGUFs converted before llama.cpp stacked experts (early 2024): one tensor per expert.
+_EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 _ROPE_FREQS = "rope_freqs.weight"
 _REQUIRED = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
 
@@ -187,6 +189,9 @@ def _hf_name(gguf_name: str, path: str) -> str | None:
         return f"model.layers.{m.group(1)}.{_PER_LAYER[m.group(2)]}.{m.group(3)}"
     if m and m.group(2) in _EXPERT_STACKS and m.group(3) == "weight":
         return f"model.layers.{m.group(1)}.mlp.experts.{{}}.{_EXPERT_STACKS[m.group(2)]}.weight"
+    m = _EXPERT_TENSOR.match(gguf_name)
+    if m:
+        return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
     raise ModelLoadError(
         f"{path} has a tensor {gguf_name!r} that a Llama-family model does not use"
     )
