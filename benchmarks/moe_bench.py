@@ -51,7 +51,7 @@ from wattserve.kernels.triton_moe_routing import select_experts_triton  # noqa: 
 LAYER_SHAPES = [("Mixtral-8x7B", 8, 2, 4096, 14336), ("Qwen3-30B-A3B", 128, 8, 2048, 768)]
 TINY_LAYER_SHAPES = [("tiny-8x2", 8, 2, 64, 96), ("tiny-16x4", 16, 4, 32, 48)]
 TOKEN_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-TINY_TOKEN_COUNTS = [1, 4, 16]
+TINY_TOKEN_COUNTS = [1, 16]  # one tile per assignment, then sorted tiles
 
 QWEN3_30B_A3B = {
     "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
@@ -228,7 +228,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results["layer"] = [row for shape in (TINY_LAYER_SHAPES if args.tiny else LAYER_SHAPES)
                         for row in bench_layer(shape, TINY_TOKEN_COUNTS if args.tiny else TOKEN_COUNTS,
-                                               device, dtype, limits, iters=3 if args.tiny else 20)]
+                                               device, dtype, limits, iters=1 if args.tiny else 20)]
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
