@@ -16,12 +16,11 @@ Usage: python benchmarks/kv_quant_what_if.py [--windows 4] [--window 1024] [--sc
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -127,7 +126,7 @@ class WhatIfAttention:
         self.k = self.v = None
 
     def ops(self) -> Ops:
-        return dataclasses.replace(REFERENCE_OPS, rotary_write_kv=self.rotary_write_kv,
+        return replace(REFERENCE_OPS, rotary_write_kv=self.rotary_write_kv,
                                    paged_attention=self.paged_attention)
 
     def rotary_write_kv(self, q, k, v, positions, cos_sin, cache, meta):

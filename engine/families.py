@@ -58,6 +58,23 @@ def _olmo2(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"qk_norm": "proj", "norm_placement": "post"}
 
 
+def _moe(cfg: dict[str, Any], renormalize: bool) -> dict[str, Any]:
+    """The experts of Mixtral, Qwen3-MoE and OLMoE (engine/models/moe.py); `renormalize`: the
+    top-k router weights are scaled to sum to 1 whatever the config says (Mixtral)."""
+    if cfg.get("clip_qkv") is not None:
+        raise UnsupportedModelError("clip_qkv (OLMoE variants that clamp q, k, v) is not supported")
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise UnsupportedModelError("MoE models with dense layers among the sparse ones "
+                                    "(mlp_only_layers, decoder_sparse_step > 1) are not supported")
+    return {
+        "num_experts": cfg.get("num_experts") or cfg["num_local_experts"],
+        "num_experts_per_tok": cfg["num_experts_per_tok"],
+        # Mixtral's and OLMoE's experts are their intermediate_size; Qwen3-MoE names theirs apart.
+        "moe_intermediate_size": cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+        "norm_topk_prob": renormalize or bool(cfg.get("norm_topk_prob", False)),
+    }
+
+
 # architecture -> the variant fields it sets beyond the shared ones
 _FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "LlamaForCausalLM": lambda cfg: {},
@@ -69,12 +86,17 @@ _FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "Gemma2ForCausalLM": _gemma2,
     "Gemma3ForCausalLM": _gemma3,
     "Olmo2ForCausalLM": _olmo2,
+    "MixtralForCausalLM": lambda cfg: _moe(cfg, renormalize=True),
+    "Qwen3MoeForCausalLM": lambda cfg: {**_moe(cfg, renormalize=False), "qk_norm": "head"},
+    "OlmoeForCausalLM": lambda cfg: {**_moe(cfg, renormalize=False), "qk_norm": "proj"},
 }
 SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
 _ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                        "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                       "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+                       "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                       "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                       "olmoe": "OlmoeForCausalLM"}
 
 
 def model_config_fields(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 from wattserve.kernels.activation import gelu_tanh_and_mul_ref, silu_and_mul_ref
 from wattserve.kernels.attention import paged_attention_ref
 from wattserve.kernels.kv_rotation import in_model_basis
+from wattserve.kernels.moe import fused_moe_ref, select_experts
 from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
 from wattserve.kernels.rotary import rotary_write_kv_ref
 
@@ -29,6 +30,8 @@ class Ops:
     silu_and_mul: Callable
     gelu_tanh_and_mul: Callable
     linear: Callable
+    select_experts: Callable
+    fused_moe: Callable
 
 
 REFERENCE_OPS = Ops(
@@ -39,6 +42,8 @@ REFERENCE_OPS = Ops(
     silu_and_mul=silu_and_mul_ref,
     gelu_tanh_and_mul=gelu_tanh_and_mul_ref,
     linear=torch.nn.functional.linear,
+    select_experts=select_experts,
+    fused_moe=fused_moe_ref,
 )
 
 
@@ -53,6 +58,8 @@ def triton_ops() -> Ops:
     from wattserve.kernels.triton_activation import gelu_tanh_and_mul_triton, silu_and_mul_triton
     from wattserve.kernels.triton_attention import paged_attention_triton
     from wattserve.kernels.triton_gemv import linear_triton
+    from wattserve.kernels.triton_moe import fused_moe_triton
+    from wattserve.kernels.triton_moe_routing import select_experts_triton
     from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
     from wattserve.kernels.triton_rotary import rotary_write_kv_triton
 
@@ -64,4 +71,6 @@ def triton_ops() -> Ops:
         silu_and_mul=silu_and_mul_triton,
         gelu_tanh_and_mul=gelu_tanh_and_mul_triton,
         linear=linear_triton,
+        select_experts=select_experts_triton,
+        fused_moe=fused_moe_triton,
     )

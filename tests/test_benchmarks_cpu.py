@@ -91,3 +91,16 @@ def test_structured_bench_constrained_against_free(tmp_path):
     assert result["json_schema_vs_unconstrained"] > 0 and result["mask_ms_per_step"] > 0
     compile_s = result["compile"]
     assert compile_s["cached_s"] < compile_s["new_schema_s"] <= compile_s["first_ever_s"]
+
+
+def test_moe_bench_tiny(tmp_path):
+    out = tmp_path / "moe.json"
+    bench("moe_bench.py", "--tiny", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [(r["shape"], r["tokens"]) for r in result["layer"]] == \
+        [(s, t) for s in ("tiny-8x2", "tiny-16x4") for t in (1, 16)]
+    for row in result["layer"]:
+        assert row["fused_us"] > 0 and row["reference_us"] > 0 and row["roofline_us"] > 0
+        assert 1 <= row["experts_hit"] <= 16
+    assert result["decode_batch_1"]["output_tokens"] == 8 and result["decode_batch_1"]["roofline_tok_s"] > 0
+    assert result["offline"]["output_tok_s"] > 0 and result["offline"]["fraction_of_bound"] > 0

@@ -5,7 +5,6 @@ import torch
 from hf_oracle import compare
 from wattserve.engine.config import CacheConfig, EngineConfig
 from wattserve.engine.core import EngineCore
-from wattserve.engine.llm import prompt_logits
 from wattserve.engine.loader import default_model_path
 
 

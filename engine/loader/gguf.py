@@ -4,7 +4,9 @@ Three things differ from an HF checkpoint besides the names: GGUF lists dimensio
 innermost first (we produce HF's [out, in]), weights may be block-quantized (dequantized to
 float32 with gguf.quants), and llama.cpp's converter permutes the rows of llama-arch Q and K
 so that rotary pairs sit next to each other; we undo that so the model sees HF's
-half-split rotary layout.
+half-split rotary layout. Mixture-of-experts files stack each layer's experts in one
+tensor per projection (`ffn_gate_exps`: [experts, intermediate, hidden] in HF order); we
+hand them on one expert at a time under the HF checkpoints' per-expert names.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from tqdm import tqdm
 from wattserve.engine.config import ModelConfig, UnsupportedModelError
 from wattserve.engine.loader import ModelLoadError
 
+# llama.cpp writes Mixtral as "llama" with experts (see _architecture).
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
                   "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
-                  "olmo2": "Olmo2ForCausalLM"}
+                  "olmo2": "Olmo2ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
+                  "olmoe": "OlmoeForCausalLM"}
 
 _TOP_LEVEL = {
     "token_embd": "model.embed_tokens",
@@ -44,6 +48,7 @@ _PER_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
 }
 # Where an architecture's tensors differ from the table above.
 _POST_NORMS = {"post_attention_norm": "post_attention_layernorm",
@@ -59,7 +64,13 @@ _PER_LAYER_BY_ARCH = {
 # llama.cpp's Gemma 27B models (by layer count) scale queries by hidden / heads, the others by
 # head_dim; its converter writes no query_pre_attn_scalar.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# Stacked expert tensors; "{}" in the HF name stands for the expert index.
+_EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+# llama.cpp's expert_gating_func value for a softmax router (the only kind these families use).
+_SOFTMAX_GATING = 1
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# Mixtral GGUFs converted before llama.cpp stacked experts (early 2024): one tensor per expert.
+_EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 _ROPE_FREQS = "rope_freqs.weight"
 # Phi-3's longrope factors, which llama.cpp stores as tensors
 _ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
@@ -118,9 +129,12 @@ def _model_config(reader: GGUFReader, path: str) -> ModelConfig:
         or hidden // heads
     rope_theta = get(f"{arch}.rope.freq_base", 10000.0)
     eos = [get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    experts = get(f"{arch}.expert_count", 0)
+    if experts and get(f"{arch}.expert_gating_func", _SOFTMAX_GATING) != _SOFTMAX_GATING:
+        raise UnsupportedModelError(f"{path}: only softmax expert routers are supported")
     # Laid out as an HF config.json so that ModelConfig.from_hf validates it in one place.
     hf_config = {
-        "architectures": [_ARCHITECTURES[arch]],
+        "architectures": ["MixtralForCausalLM" if arch == "llama" and experts else _ARCHITECTURES[arch]],
         "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # GGUF shape: [hidden, vocab]
         "hidden_size": hidden,
         "intermediate_size": shape["feed_forward_length"],
@@ -137,6 +151,12 @@ def _model_config(reader: GGUFReader, path: str) -> ModelConfig:
         "bos_token_id": get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": list(dict.fromkeys(i for i in eos if i is not None)),
         "sliding_window": get(f"{arch}.attention.sliding_window") or None,
+        "num_experts": experts,
+        "num_experts_per_tok": get(f"{arch}.expert_used_count"),
+        "moe_intermediate_size": get(f"{arch}.expert_feed_forward_length"),
+        # llama.cpp renormalizes the top-k weights of llama (Mixtral) and qwen3moe routers,
+        # not olmoe's.
+        "norm_topk_prob": get(f"{arch}.expert_weights_norm", arch != "olmoe"),
     }
     if arch in _GEMMA_27B_LAYERS:
         hf_config.update(_gemma_config(get, arch, hf_config))
@@ -226,6 +246,11 @@ def _hf_name(gguf_name: str, arch: str, path: str) -> str | None:
     per_layer = {**_PER_LAYER, **_PER_LAYER_BY_ARCH.get(arch, {})}
     if m and m.group(2) in per_layer:
         return f"model.layers.{m.group(1)}.{per_layer[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in _EXPERT_STACKS and m.group(3) == "weight":
+        return f"model.layers.{m.group(1)}.mlp.experts.{{}}.{_EXPERT_STACKS[m.group(2)]}.weight"
+    m = _EXPERT_TENSOR.match(gguf_name)
+    if m:
+        return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
     raise ModelLoadError(
         f"{path} has a tensor {gguf_name!r} that a Llama-family model does not use"
     )
@@ -233,10 +258,10 @@ def _hf_name(gguf_name: str, arch: str, path: str) -> str | None:
 
 def _weights(plan: list[tuple[ReaderTensor, str]], config: ModelConfig,
              path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    # llama.cpp permutes Q and K only for the llama arch (qwen2 keeps HF's layout); K with
-    # the KV head count.
+    # llama.cpp permutes Q and K only for the llama arch, Mixtral included (qwen2 and
+    # qwen3moe keep HF's layout); K with the KV head count.
     permuted_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} \
-        if config.architecture == "LlamaForCausalLM" else {}
+        if config.architecture in ("LlamaForCausalLM", "MixtralForCausalLM") else {}
     for tensor, hf_name in tqdm(plan, desc="Loading weights", unit="tensor"):
         try:
             w = dequantize(tensor.data, tensor.tensor_type)
@@ -249,6 +274,9 @@ def _weights(plan: list[tuple[ReaderTensor, str]], config: ModelConfig,
         heads = permuted_heads.get(hf_name.split(".")[-2])
         if heads is not None:
             w = _unpermute_rope_rows(w, heads)
+        if "{}" in hf_name:  # [experts, rows, cols]: one expert's matrix at a time
+            yield from ((hf_name.format(e), torch.from_numpy(w[e].copy())) for e in range(w.shape[0]))
+            continue
         # F32 tensors come back as read-only views of the memory-mapped file.
         yield hf_name, torch.from_numpy(w if w.flags.writeable else w.copy())
 

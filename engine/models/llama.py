@@ -1,5 +1,6 @@
 """One decoder for every family: Llama 2/3/3.1, Mistral, Qwen2/2.5/3, Phi-3/3.5/4, Gemma 2/3,
-OLMo 2, SmolLM2.
+OLMo 2, SmolLM2, and the mixture-of-experts Mixtral, Qwen3-MoE and OLMoE (engine/models/moe.py
+stands in for the MLP).
 
 Variants are ModelConfig fields (qkv bias, q/k norms, norm placement, GeGLU, soft-capping,
 sliding-window layers, tied embeddings, rope scaling, GQA), not classes; engine/families.py
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from wattserve.engine.config import ModelConfig
+from wattserve.engine.models.moe import SparseMoeBlock, canonical_name, expected_expert_slots, expert_slot
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.dispatch import Ops
 from wattserve.kernels.kv_format import LayerKVCache
@@ -100,7 +102,7 @@ class DecoderLayer(nn.Module):
         sliding = cfg.sliding_window is not None and (cfg.sliding_layers is None or cfg.sliding_layers[layer])
         self.sliding = sliding
         self.self_attn = Attention(cfg, ops, sliding)
-        self.mlp = MLP(cfg, ops)
+        self.mlp = SparseMoeBlock(cfg, ops) if cfg.num_experts else MLP(cfg, ops)
         if self.placement != "post":
             self.input_layernorm = RMSNormWeight(cfg.hidden_size)
         self.post_attention_layernorm = RMSNormWeight(cfg.hidden_size)
@@ -186,22 +188,29 @@ class LlamaModel(nn.Module):
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue
-            target, part = _stacked_target(name.removeprefix("model."))
+            short = canonical_name(name.removeprefix("model."))
+            slot = expert_slot(short, self.cfg)
+            if slot is not None:  # one expert's projection: its rows of the stacked parameter
+                target, expert, offset = slot
+            else:
+                target, part = _stacked_target(short)
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-            param = params[target].data
-            offsets = _offsets(_parts(target, self.cfg))
-            if part is None:
-                dst, filled = param, offsets
+            if slot is not None:
+                param, part, offsets, filled = params[target].data[expert], 0, [offset], [f"{expert},{offset}"]
             else:
-                dst, filled = param.narrow(0, offsets[part], tensor.shape[0]), [offsets[part]]
+                param, offsets = params[target].data, _offsets(_parts(target, self.cfg))
+                filled = offsets if part is None else [offsets[part]]
+            dst = param if part is None else param.narrow(0, offsets[part], tensor.shape[0])
             if dst.shape != tensor.shape:
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
             dst.copy_(tensor)
             if name.endswith("norm.weight"):
                 dst.add_(self.cfg.norm_weight_offset)
             loaded.update(f"{target}@{o}" for o in filled)
-        expected = {f"{n}@{o}" for n in params for o in _offsets(_parts(n, self.cfg))}
+        expected = {f"{n}@{o}" for n in params if ".experts." not in n for o in _offsets(_parts(n, self.cfg))}
+        expected |= {f"{n}@{e},{o}" for n in params if ".experts." in n
+                     for e, o in expected_expert_slots(n, self.cfg)}
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
