@@ -2,8 +2,10 @@
 
 The model calls `ops.<name>`; on CPU every op is the PyTorch reference, on CUDA the Triton
 kernel (kernels/triton_*.py), so no model code branches on the device. Matmuls are cuBLAS
-on CUDA except decode-sized ones (kernels/triton_gemv.py). Setting
-WATTSERVE_OPS=reference runs the references on CUDA too, for A/B checks.
+on CUDA except decode-sized ones (kernels/triton_gemv.py). `linear` also takes quantized
+weights (kernels/weight_format.py) and picks their kernel, so the model never branches on a
+weight's format either. Setting WATTSERVE_OPS=reference runs the references on CUDA too, for
+A/B checks.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from wattserve.kernels.activation import silu_and_mul_ref
 from wattserve.kernels.attention import paged_attention_ref
 from wattserve.kernels.kv_rotation import in_model_basis
 from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from wattserve.kernels.quant_linear import for_any_weight, linear_ref
 from wattserve.kernels.rotary import rotary_write_kv_ref
 
 
@@ -36,8 +39,16 @@ REFERENCE_OPS = Ops(
     rotary_write_kv=rotary_write_kv_ref,
     paged_attention=in_model_basis(paged_attention_ref),
     silu_and_mul=silu_and_mul_ref,
-    linear=torch.nn.functional.linear,
+    linear=linear_ref,
 )
+
+
+def keeps_weights_quantized(device: torch.device) -> bool:
+    """Whether quantized checkpoints run quantized on `device`. On CPU the reference would
+    dequantize every weight at every step: SmolLM2-135M Q4_1 decodes at a fraction of the
+    speed of weights dequantized once at load (benchmarks/weight_quant_bench.py --tiny shows
+    the ratio), so CPU dequantizes at load."""
+    return torch.device(device).type == "cuda"
 
 
 def ops_for(device: torch.device) -> Ops:
@@ -52,6 +63,7 @@ def triton_ops() -> Ops:
     from wattserve.kernels.triton_attention import paged_attention_triton
     from wattserve.kernels.triton_gemv import linear_triton
     from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+    from wattserve.kernels.triton_quant_linear import quant_linear_triton
     from wattserve.kernels.triton_rotary import rotary_write_kv_triton
 
     return Ops(
@@ -60,5 +72,5 @@ def triton_ops() -> Ops:
         rotary_write_kv=rotary_write_kv_triton,
         paged_attention=in_model_basis(paged_attention_triton),
         silu_and_mul=silu_and_mul_triton,
-        linear=linear_triton,
+        linear=for_any_weight(linear_triton, quant_linear_triton),
     )

@@ -125,7 +125,8 @@ class LlamaModel(nn.Module):
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
             dst.copy_(tensor)
             loaded.add(f"{target}@{offset}")
-        expected = {f"{n}@{o}" for n, o in _expected_slots(self.cfg, params)}
+        # Read again: quantized weights loaded beside this (engine/weight_loading.py) replace parameters.
+        expected = {f"{n}@{o}" for n, o in _expected_slots(self.cfg, dict(self.named_parameters()))}
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
