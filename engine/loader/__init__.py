@@ -93,7 +93,8 @@ def load_checkpoint(model: str | None, load_format: str = "auto",
                 "pass a Hugging Face model directory, a .gguf file or a Hub id (org/name)"
             )
         model_config = hf.read_config(path)
-        weights = None if dummy else hf.safetensors_weights(path)
+        weights = None if dummy else prequantized.quantized_weights(
+            hf.safetensors_weights(path), prequantized.quantization_config(path))
         if dummy and tokenizer is None and not os.path.isfile(os.path.join(path, "tokenizer.json")):
             # A bare config.json is enough to benchmark shapes; borrow a real tokenizer.
             tokenizer_source = default_model_path()
@@ -162,4 +163,4 @@ def load_tokenizer_only(source: str, eos_token_ids: Sequence[int] = ()) -> Token
 
 
 # At the bottom: the submodules import ModelLoadError from this package.
-from wattserve.engine.loader import gguf, hf  # noqa: E402
+from wattserve.engine.loader import gguf, hf, prequantized  # noqa: E402
