@@ -49,7 +49,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
         model.load_weights(stacker.divert(weights, keep))
         stacker.check_complete()
     if quantization in ("fp8", "int4"):
-        _quantize_dense_linears(model, quantization)
+        quantize_linears(model, quantization)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # the dense weights replaced: the KV cache is sized from what is free
     log.info("weight formats: %s", " | ".join(f"{k} {v}" for k, v in weight_formats(model).items()))
@@ -107,7 +107,9 @@ class _Stacker:
             raise ValueError(f"checkpoint lacks parts of the stacked weights {sorted(self.parts)}")
 
 
-def _quantize_dense_linears(model: nn.Module, quantization: str) -> None:
+def quantize_linears(model: nn.Module, quantization: str) -> None:
+    """The decoder layers' dense linears quantized in place: fp8 per channel, or int4 RTN in
+    groups of 128 (of 64 where the input size is no multiple of 128)."""
     for name, module in list(model.named_modules()):
         weight = getattr(module, "weight", None)
         if ".layers." in f".{name}" and name.endswith("_proj") and isinstance(weight, nn.Parameter):

@@ -77,3 +77,20 @@ def test_prefix_cache_bench_computes_the_shared_prompt_once(tmp_path):
     for run in (plain, cached):
         assert 0 < run["p50_ttft_s"] <= run["p90_ttft_s"] <= run["max_ttft_s"] <= run["prefill_s"]
     assert result["bound"] is None  # no GPU, no matmul rate
+
+
+def test_weight_quant_bench_tiny(tmp_path):
+    out = tmp_path / "weight_quant.json"
+    bench("weight_quant_bench.py", "--tiny", "--tokens", "256", "--window", "128", "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = result["decode_and_prefill"]
+    assert list(rows) == list(result["perplexity"]) == ["none", "fp8", "int4"]
+    assert rows["fp8"]["formats"]["qkv_proj"] == "fp8 per-channel"
+    assert rows["int4"]["formats"]["down_proj"] == "int4 RTN g128"
+    # Quantized linears take less memory; the dense LM head is most of this toy model.
+    assert rows["int4"]["weight_bytes_per_decode_step"] < rows["fp8"]["weight_bytes_per_decode_step"] \
+        < rows["none"]["weight_bytes_per_decode_step"]
+    assert all(r["decode_tok_s"] > 0 and r["roofline_tok_s"] > 0 for r in rows.values())
+    quality = result["perplexity"]
+    assert quality["none"]["perplexity_increase_pct"] == 0.0
+    assert all(r["perplexity"] > 1 for r in quality.values())
