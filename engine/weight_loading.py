@@ -64,7 +64,7 @@ def weight_formats(model: nn.Module) -> dict[str, str]:
             formats[name.rsplit(".", 1)[-1]].add(" + ".join(p.source for p in weight))
         elif isinstance(weight, QuantizedWeight):
             formats[name.rsplit(".", 1)[-1]].add(weight.source)
-        elif isinstance(weight, torch.Tensor) and not isinstance(module, QuantizedWeight):
+        elif isinstance(weight, torch.Tensor):
             formats[name.rsplit(".", 1)[-1]].add(str(weight.dtype).removeprefix("torch."))
     return {k: ", ".join(sorted(v)) for k, v in formats.items() if not k.endswith("norm")}
 

@@ -106,7 +106,7 @@ def quant_linear_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """The CUDA path: fp8 beyond decode sizes runs W8A8 on the fp8 tensor cores, everything
     else the dequantize-in-the-loop kernel. The choice uses x's shape only, so it is fixed
     inside a captured graph."""
-    if w.kind == "fp8" and x.shape[0] > GEMV_MAX_ROWS and x.is_cuda and _has_fp8_tensor_cores(x.device):
+    if w.kind == "fp8" and x.shape[0] > GEMV_MAX_ROWS and _scaled_mm_fits(x, w):
         return fp8_scaled_mm(x, w)
     return quant_matmul_triton(x, w)
 
@@ -116,8 +116,13 @@ def fp8_scaled_mm(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     x: [M, K] -> [M, N] in x's dtype."""
     codes, x_scales = quantize_per_token_fp8(x)
     # _scaled_mm wants the second operand column-major: the [N, K] row-major codes transposed.
-    return torch._scaled_mm(codes, w.codes.t(), scale_a=x_scales, scale_b=w.scales.t(), out_dtype=x.dtype)
+    # Row-wise scales: a [M, 1] and a [1, N] float32 (a view of the contiguous [N, 1]).
+    return torch._scaled_mm(codes, w.codes.t(), scale_a=x_scales, scale_b=w.scales.view(1, -1),
+                            out_dtype=x.dtype)
 
 
-def _has_fp8_tensor_cores(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+def _scaled_mm_fits(x: torch.Tensor, w: QuantizedWeight) -> bool:
+    """fp8 tensor cores (sm_89+), bf16 output (row-wise scaling's only one), and the
+    dimensions in multiples of 16 that cuBLASLt's fp8 GEMM needs."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 9) \
+        and w.in_features % 16 == 0 and w.out_features % 16 == 0

@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: first
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from conftest import interpreter_loop_bounds_fix
@@ -39,16 +40,29 @@ def rand(*shape, seed=0):
     return x
 
 
+# K-quant super-blocks: bytes, and where their float16 scales sit (gguf-py cannot quantize
+# them, so tests fill random bytes and put small finite scales there).
+K_QUANTS = {Q.Q4_K: (144, (0, 2)), Q.Q5_K: (176, (0, 2)), Q.Q6_K: (210, (208,))}
+
+
 def gguf_weight(qtype, n, k, seed=0):
-    data = rand(n, k, seed=seed).numpy()
-    raw = gguf.quants.quantize(data, qtype)
+    if qtype in K_QUANTS:
+        size, scale_at = K_QUANTS[qtype]
+        rng = np.random.default_rng(seed)
+        raw = rng.integers(0, 256, (n * k // 256, size), dtype=np.uint8)
+        for at in scale_at:
+            raw[:, at : at + 2] = (rng.random((len(raw), 1)) * 0.01 + 1e-3).astype(np.float16).view(np.uint8)
+        raw = raw.reshape(n, -1)
+    else:
+        raw = gguf.quants.quantize(rand(n, k, seed=seed).numpy(), qtype)
     return raw, blocks_to_weight(raw, qtype)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, *K_QUANTS])
 def test_gguf_blocks_dequantize_as_the_gguf_package(qtype):
-    raw, w = gguf_weight(qtype, 7, 96)
-    expected = gguf.quants.dequantize(raw, qtype).reshape(7, 96)
+    k = 512 if qtype in K_QUANTS else 96
+    raw, w = gguf_weight(qtype, 7, k)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(7, k)
     assert torch.equal(dequantize(w), torch.from_numpy(expected))
 
 
@@ -75,6 +89,9 @@ def _weights():
         "gguf_q4_0": gguf_weight(Q.Q4_0, 37, 96)[1],
         "gguf_q4_1": gguf_weight(Q.Q4_1, 70, 160, seed=1)[1],
         "gguf_q8_0": gguf_weight(Q.Q8_0, 37, 96, seed=2)[1],
+        "gguf_q4_k": gguf_weight(Q.Q4_K, 21, 256, seed=5)[1],
+        "gguf_q5_k": gguf_weight(Q.Q5_K, 21, 256, seed=6)[1],
+        "gguf_q6_k": gguf_weight(Q.Q6_K, 21, 256, seed=7)[1],
         "int4_g64_act_order": QuantizedWeight("u4", gptq.codes, gptq.scales, 64, gptq.offsets, perm),
         "fp8": quantize_fp8(rand(45, 80, seed=4)),
     }
