@@ -24,11 +24,37 @@ GEMM_CONFIG = (64, 64, 64, 4, 3)
 
 
 @triton.jit
+def _scale(codes, s_ptr, o_ptr, cols, k0, N, K, stride_sn,
+           HAS_OFFSET: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr):
+    """codes: [BLOCK_N, WIDTH] float32 codes of the tile's BLOCK_K input columns (WIDTH = BLOCK_K,
+    or BLOCK_K / 2 for one nibble of each byte) -> weights. Scales (and offsets) are loaded once
+    per group, not per weight, and broadcast over the group's codes."""
+    if ONE_GROUP:  # the tile lies inside one group
+        s_off = cols * stride_sn + k0 // GROUP
+        scale = tl.load(s_ptr + s_off, mask=cols < N, other=0.0).to(tl.float32)
+        w = codes * scale[:, None]
+        if HAS_OFFSET:
+            w += tl.load(o_ptr + s_off, mask=cols < N, other=0.0).to(tl.float32)[:, None]
+    else:  # BLOCK_K // GROUP whole groups
+        NG: tl.constexpr = BLOCK_K // GROUP
+        g = k0 // GROUP + tl.arange(0, NG)
+        s_off = cols[:, None] * stride_sn + g[None, :]
+        mask = (cols[:, None] < N) & (g[None, :] < K // GROUP)
+        scale = tl.load(s_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
+        w = tl.reshape(codes, [BLOCK_N, NG, WIDTH // NG]) * scale[:, :, None]
+        if HAS_OFFSET:
+            w += tl.load(o_ptr + s_off, mask=mask, other=0.0).to(tl.float32)[:, :, None]
+        w = tl.reshape(w, [BLOCK_N, WIDTH])
+    return w
+
+
+@triton.jit
 def _quant_linear_kernel(
     x_ptr, c_ptr, s_ptr, o_ptr, out_ptr, M, N, K,
     stride_xm, stride_cn, stride_sn, stride_om,
     PACKED: tl.constexpr, FP8: tl.constexpr, HAS_OFFSET: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -39,21 +65,17 @@ def _quant_linear_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if PACKED:
         # Byte j holds columns 2j and 2j+1: multiply the low nibbles by x's even columns and
-        # the high nibbles by its odd ones. GROUP is even, so both share one scale.
+        # the high nibbles by its odd ones. GROUP is even, so a byte's two codes share a scale.
         HALF: tl.constexpr = BLOCK_K // 2
         for k0 in range(0, K, BLOCK_K):
             kb = k0 // 2 + tl.arange(0, HALF)
             k_mask = kb[None, :] < K // 2
-            w_mask = col_mask & k_mask
-            packed = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + kb[None, :], mask=w_mask, other=0)
-            s_off = cols[:, None] * stride_sn + (2 * kb // GROUP)[None, :]
-            scale = tl.load(s_ptr + s_off, mask=w_mask, other=0.0).to(tl.float32)
-            w_lo = (packed & 15).to(tl.float32) * scale
-            w_hi = (packed >> 4).to(tl.float32) * scale
-            if HAS_OFFSET:
-                offset = tl.load(o_ptr + s_off, mask=w_mask, other=0.0).to(tl.float32)
-                w_lo += offset
-                w_hi += offset
+            packed = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + kb[None, :],
+                             mask=col_mask & k_mask, other=0)
+            w_lo = _scale((packed & 15).to(tl.float32), s_ptr, o_ptr, cols, k0, N, K, stride_sn,
+                          HAS_OFFSET, GROUP, ONE_GROUP, BLOCK_N, BLOCK_K, HALF)
+            w_hi = _scale((packed >> 4).to(tl.float32), s_ptr, o_ptr, cols, k0, N, K, stride_sn,
+                          HAS_OFFSET, GROUP, ONE_GROUP, BLOCK_N, BLOCK_K, HALF)
             x_off = x_ptr + rows[:, None] * stride_xm + 2 * kb[None, :]
             x_even = tl.load(x_off, mask=row_mask & k_mask, other=0.0)
             x_odd = tl.load(x_off + 1, mask=row_mask & k_mask, other=0.0)
@@ -63,14 +85,12 @@ def _quant_linear_kernel(
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks[None, :] < K
-            w_mask = col_mask & k_mask
-            codes = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + ks[None, :], mask=w_mask, other=0)
-            s_off = cols[:, None] * stride_sn + (ks // GROUP)[None, :]
+            codes = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + ks[None, :],
+                            mask=col_mask & k_mask, other=0)
             if FP8:  # passed as bytes: a masked load's `other` cannot be an fp8 constant
                 codes = codes.to(tl.float8e4nv, bitcast=True)
-            w = codes.to(tl.float32) * tl.load(s_ptr + s_off, mask=w_mask, other=0.0).to(tl.float32)
-            if HAS_OFFSET:
-                w += tl.load(o_ptr + s_off, mask=w_mask, other=0.0).to(tl.float32)
+            w = _scale(codes.to(tl.float32), s_ptr, o_ptr, cols, k0, N, K, stride_sn,
+                       HAS_OFFSET, GROUP, ONE_GROUP, BLOCK_N, BLOCK_K, BLOCK_K)
             x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask & k_mask, other=0.0)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     out = out_ptr + rows[:, None] * stride_om + cols[None, :]
@@ -92,11 +112,16 @@ def quant_matmul_triton(x: torch.Tensor, w: QuantizedWeight,
     if m == 0:
         return out
     offsets = w.offsets if w.offsets is not None else w.scales
+    # A tile spans whole groups or lies inside one: groups are powers of two from 16 to 128,
+    # or the whole row.
+    one_group = w.group >= block_k or w.group == k
+    assert (w.group % block_k == 0 or w.group == k) if one_group else block_k % w.group == 0, (w.group, block_k)
     grid = (triton.cdiv(w.out_features, block_n), triton.cdiv(m, block_m))
     _quant_linear_kernel[grid](
         x, w.codes.view(torch.uint8) if w.kind == "fp8" else w.codes, w.scales, offsets, out, m, w.out_features, k,
         x.stride(0), w.codes.stride(0), w.scales.stride(0), out.stride(0),
-        PACKED=w.kind == "u4", FP8=w.kind == "fp8", HAS_OFFSET=w.offsets is not None, GROUP=w.group,
+        PACKED=w.kind == "u4", FP8=w.kind == "fp8", HAS_OFFSET=w.offsets is not None,
+        GROUP=w.group, ONE_GROUP=one_group,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return out

@@ -92,6 +92,8 @@ def _weights():
         "gguf_q4_k": gguf_weight(Q.Q4_K, 21, 256, seed=5)[1],
         "gguf_q5_k": gguf_weight(Q.Q5_K, 21, 256, seed=6)[1],
         "gguf_q6_k": gguf_weight(Q.Q6_K, 21, 256, seed=7)[1],
+        # g128: the decode tile spans two groups, the prefill tile half of one.
+        "int4_g128": quantize_int4(rand(29, 384, seed=8), 128),
         "int4_g64_act_order": QuantizedWeight("u4", gptq.codes, gptq.scales, 64, gptq.offsets, perm),
         "fp8": quantize_fp8(rand(45, 80, seed=4)),
     }
