@@ -149,3 +149,15 @@ def test_gguf_rows_permute_with_their_scales():
     order = torch.tensor([3, 1, 0, 2, 7, 6, 5, 4])
     assert torch.equal(dequantize(w.map_rows(lambda t: t[order])), dequantize(w)[order])
 
+
+
+def test_dispatch_runs_every_weight_kind_through_one_op():
+    from wattserve.kernels.dispatch import REFERENCE_OPS, triton_ops
+
+    linear = triton_ops().linear
+    x, bias = rand(5, 96, seed=12).to(DEVICE), rand(37, seed=13).to(DEVICE)
+    for w in (WEIGHTS["gguf_q4_0"].to(DEVICE), stack([WEIGHTS["gguf_q8_0"].to(DEVICE)] * 2),
+              dequantize(WEIGHTS["gguf_q4_0"]).to(DEVICE)):
+        b = bias if w.shape[0] == 37 else None
+        ref = REFERENCE_OPS.linear(x, w, b)
+        assert torch.allclose(linear(x, w, b), ref, rtol=1e-5, atol=1e-4)
