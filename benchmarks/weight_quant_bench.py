@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 from _results import write_results
+from _roofline import prefill_flops, weight_bytes_per_step
 from kv_quality_bench import corpus_tokens, steps_logprobs
 from llama8b_config import LLAMA31_8B, write_checkpoint_dir
 from torch import nn
@@ -32,7 +33,7 @@ from wattserve.engine.core import EngineCore
 from wattserve.engine.llm import LLM
 from wattserve.engine.request import SamplingParams
 from wattserve.engine.weight_loading import quantize_linears, weight_formats
-from wattserve.kernels.weight_format import quantize_per_token_fp8, weight_bytes
+from wattserve.kernels.weight_format import quantize_per_token_fp8
 
 FORMATS = ("none", "fp8", "int4")  # none: the model's dtype (bf16 on CUDA)
 DECODE_GOALS = {"fp8": 1.8, "int4": 2.5}  # x bf16 tok/s, issue 20
@@ -92,18 +93,6 @@ class FormatSwitch:
             runner.capture_decode_graphs(self.engine.config.scheduler.max_num_seqs, self.engine.max_model_len)
 
 
-def layer_weight_bytes(engine: EngineCore) -> int:
-    """Bytes a decode step reads: the decoder layers and the LM head (embedding rows: none)."""
-    model = engine.runner.model
-    return weight_bytes(model) - model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-
-
-def linear_flops_per_token(config) -> int:
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    h, i = config.hidden_size, config.intermediate_size
-    return 2 * config.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * i)
-
-
 def speed(llm: LLM, switch: FormatSwitch, limits: dict, prompt_len: int, new_tokens: int) -> dict:
     engine = llm.core
     prompt = list(range(1000, 1000 + prompt_len))
@@ -115,10 +104,8 @@ def speed(llm: LLM, switch: FormatSwitch, limits: dict, prompt_len: int, new_tok
         (decode,) = llm.generate([prompt[:16]], params)
         llm.generate([prompt], SamplingParams(max_tokens=1))
         (prefill,) = llm.generate([prompt], SamplingParams(max_tokens=1))
-        step_bytes = layer_weight_bytes(engine)
-        cfg = engine.model_config
-        attention = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * prompt_len * (prompt_len + 1)
-        prefill_flops = linear_flops_per_token(cfg) * prompt_len + attention
+        step_bytes = weight_bytes_per_step(engine.runner.model)
+        flops = prefill_flops(engine.runner.model, engine.model_config, prompt_len)
         matmul = limits["fp8_matmul_flop_per_s" if fmt == "fp8" else "bf16_matmul_flop_per_s"]
         rows[fmt] = {
             "formats": weight_formats(engine.runner.model),
@@ -127,8 +114,8 @@ def speed(llm: LLM, switch: FormatSwitch, limits: dict, prompt_len: int, new_tok
             "roofline_tok_s": limits["copy_bytes_per_s"] / step_bytes,
             "prefill_tokens": prompt_len,
             "prefill_s": prefill.stats.prefill_time,
-            "prefill_flop_per_s": prefill_flops / prefill.stats.prefill_time,
-            "prefill_vs_matmul": None if matmul is None else prefill_flops / prefill.stats.prefill_time / matmul,
+            "prefill_flop_per_s": flops / prefill.stats.prefill_time,
+            "prefill_vs_matmul": None if matmul is None else flops / prefill.stats.prefill_time / matmul,
         }
         rows[fmt]["decode_vs_roofline"] = rows[fmt]["decode_tok_s"] / rows[fmt]["roofline_tok_s"]
         rows[fmt]["decode_vs_bf16"] = rows[fmt]["decode_tok_s"] / rows["none"]["decode_tok_s"]
