@@ -159,7 +159,8 @@ def main() -> None:
         (checkpoint / "config.json").write_text(json.dumps(TINY_LLAMA))
     llm = LLM(str(checkpoint), load_format="dummy", device=str(device), max_num_seqs=1,
               max_num_batched_tokens=prompt_len, max_model_len=prompt_len + 16,
-              kv_cache_memory=(4 << 30) if device.type == "cuda" else (64 << 20), warm_up=False)
+              kv_cache_memory=(4 << 30) if device.type == "cuda" else (64 << 20), warm_up=False,
+              enable_prefix_caching=False)  # every run prefills its prompt, in the format of the moment
     speeds = speed(llm, FormatSwitch(llm.core), limits, prompt_len, new_tokens)
     del llm
     quality_engine = LLM(device=str(device), quantization="none", enforce_eager=True, max_num_seqs=tokens // window,
