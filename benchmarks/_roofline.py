@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from wattserve.engine.config import ModelConfig
+from wattserve.kernels.weight_format import weight_bytes
 
 
 def cuda_time(fn, warmup: int = 10, iters: int = 30) -> float:
@@ -39,17 +40,17 @@ def matmul_flops() -> float:
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
-    """Weight bytes one decode step must read, whatever its batch: every matrix once, of the
-    embedding table only the rows looked up (negligible, so none counted)."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Weight bytes one decode step must read, whatever its batch: every matrix once in its
+    stored format, of the embedding table only the rows looked up (negligible, so none counted)."""
     embed = model.embed_tokens.weight
-    return weight_bytes - embed.numel() * embed.element_size()
+    return weight_bytes(model) - embed.numel() * embed.element_size()
 
 
 def prefill_flops(model: torch.nn.Module, config: ModelConfig, prompt_len: int) -> float:
     """FLOPs of one prompt's prefill: the layers' matrices for every token, causal attention
     (QK^T and PV over the lower triangle), and the lm_head for the one sampled token."""
-    layer_params = sum(p.numel() for n, p in model.named_parameters()
-                       if n.startswith("layers.") and p.dim() == 2)
+    # Shapes, not parameters: a quantized weight (kernels/weight_format.py) is a module.
+    layer_params = sum(m.weight.shape.numel() for n, m in model.named_modules()
+                       if n.startswith("layers.") and n.endswith("_proj"))
     attention = 4 * config.num_layers * config.num_heads * config.head_dim * prompt_len * (prompt_len + 1) / 2
     return 2 * layer_params * prompt_len + attention + 2 * config.hidden_size * config.vocab_size

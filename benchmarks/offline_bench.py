@@ -138,7 +138,8 @@ def physical_bound(engine: EngineCore, num_requests: int, input_len: int, output
 def build(args, device: torch.device):
     """The LLM and, with --hf-peer, HF's model with the same weights (on the same device)."""
     options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   max_model_len=args.input_len + args.output_len, kv_cache_memory=args.kv_cache_memory)
+                   max_model_len=args.input_len + args.output_len, kv_cache_memory=args.kv_cache_memory,
+                   quantization=args.quantization)
     if device.type == "cpu":
         llm = LLM(device="cpu", warm_up=args.warm_up, **options)
         path = default_model_path()
@@ -168,6 +169,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", type=parse_size,
                     help="bytes for the KV cache, e.g. 24GiB (default: the engine's rule)")
     ap.add_argument("--tokenizer", help="CUDA: tokenizer dir for the random-weight model (default: the default model's)")
+    ap.add_argument("--quantization", default="auto",
+                    help="weight format, as `wattserve serve --quantization` (fp8, int4: at load)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the batch this many times in the process; the last run is compared")
@@ -175,6 +178,8 @@ def main() -> None:
                     help="start the engine without its warm-up (engine/warmup.py)")
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/offline_<device>.json)")
     args = ap.parse_args()
+    if args.hf_peer and args.quantization not in ("auto", "none"):
+        ap.error("--hf-peer copies HF's dense weights in: run it without --quantization")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     limits = None
@@ -195,6 +200,7 @@ def main() -> None:
         "dtype": str(engine.dtype).removeprefix("torch."), "command": "python " + " ".join(sys.argv),
         "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "quantization": args.quantization,
     }
     results["repeat"], results["warm_up"] = args.repeat, args.warm_up
     results["wattserve_runs"] = runs = [run_engine(llm, batch, args.output_len) for batch in batches]

@@ -98,6 +98,8 @@ class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct Q4_1 GGUF)
     load_format: str = "auto"  # auto | gguf | safetensors | dummy
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's (or bfloat16) on CUDA
+    # Format the linear weights run in: one of engine.weight_loading.QUANTIZATIONS.
+    quantization: str = "auto"
     device: str = "auto"
     tokenizer: str | None = None
     seed: int = 0

@@ -26,7 +26,9 @@ from wattserve.engine.slo import SLO
 from wattserve.engine.stats import EngineStats, RequestStats, StatsObserver, StepStats
 from wattserve.engine.structured.compiler import GrammarCompiler
 from wattserve.engine.warmup import warm_up
+from wattserve.engine.weight_loading import load_weights
 from wattserve.kernels.kv_format import kv_format
+from wattserve.kernels.weight_format import weight_bytes
 
 log = logging.getLogger("wattserve.engine")
 
@@ -63,10 +65,7 @@ class EngineCore:
         max_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         fmt = kv_format(config.cache.kv_cache_dtype)
         self.runner = ModelRunner(mc, self.dtype, self.device, max_len, fmt)
-        if ckpt.weights is None:
-            self.runner.model.init_random(config.seed)
-        else:
-            self.runner.model.load_weights(ckpt.weights)
+        load_weights(self.runner.model, ckpt.weights, config.quantization, self.device, config.seed)
         cache = config.cache
         # int4 and int2 (KIVI) keep each running sequence's last blocks in full precision: one ring
         # each (forks beyond max_num_seqs wait for a free one, see Scheduler._fork_siblings).
@@ -100,9 +99,10 @@ class EngineCore:
         self._in_flight: _Launched | None = None
         self._last_step_end = 0.0
         log.info(
-            "model %s | %s on %s | KV cache %s: %d blocks x %d tokens = %d tokens (%.1f MiB) | context %d"
-            " | prefix caching %s",
-            self.model_name, str(self.dtype).removeprefix("torch."), self.device, fmt.name, num_blocks,
+            "model %s | %s on %s | weights %.1f MiB | KV cache %s: %d blocks x %d tokens = %d tokens (%.1f MiB)"
+            " | context %d | prefix caching %s",
+            self.model_name, str(self.dtype).removeprefix("torch."), self.device,
+            weight_bytes(self.runner.model) / 2**20, fmt.name, num_blocks,
             cache.block_size, capacity, num_blocks * self.runner.bytes_per_block(cache.block_size) / 2**20,
             max_len, "on" if cache.enable_prefix_caching else "off",
         )

@@ -16,6 +16,7 @@ import uvicorn
 
 from wattserve.engine.client import EngineInfo
 from wattserve.engine.config import CacheConfig, EngineConfig, MonitorConfig, SchedulerConfig
+from wattserve.engine.weight_loading import QUANTIZATIONS
 from wattserve.kernels.kv_format import KV_CACHE_DTYPES
 from wattserve.server.config_file import PresetError, load_preset
 from wattserve.server.state import ServerConfig
@@ -76,6 +77,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                        choices=["auto", "float32", "float16", "bfloat16"],
                        help="dtype of weights and activations; auto: float32 on CPU, the "
                             "checkpoint's (or bfloat16) on CUDA")
+    group.add_argument("--quantization", default=engine.quantization, choices=QUANTIZATIONS,
+                       help="format the linear layers run in. auto: the checkpoint's (GGUF blocks, "
+                            "AWQ, GPTQ, FP8 kept quantized on CUDA; dequantized at load on CPU, "
+                            "where that is faster); checkpoint: the checkpoint's on every device; "
+                            "none: dequantized; fp8: float8 weights and activations (W8A8), "
+                            "quantized at load; int4: weight-only int4, group 128, round to "
+                            "nearest at load")
     group.add_argument("--device", default=engine.device,
                        help="torch device to run on, e.g. cpu, cuda, cuda:1; auto: CUDA if "
                             "available")
@@ -197,7 +205,8 @@ def _add_monitoring_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+        model=args.model, load_format=args.load_format, dtype=args.dtype, quantization=args.quantization,
+        device=args.device,
         tokenizer=args.tokenizer, seed=args.seed, enforce_eager=args.enforce_eager,
         launch_ahead=args.launch_ahead, warm_up=args.warm_up,
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,

@@ -104,3 +104,20 @@ def test_moe_bench_tiny(tmp_path):
         assert 1 <= row["experts_hit"] <= 16
     assert result["decode_batch_1"]["output_tokens"] == 8 and result["decode_batch_1"]["roofline_tok_s"] > 0
     assert result["offline"]["output_tok_s"] > 0 and result["offline"]["fraction_of_bound"] > 0
+
+
+def test_weight_quant_bench_tiny(tmp_path):
+    out = tmp_path / "weight_quant.json"
+    bench("weight_quant_bench.py", "--tiny", "--tokens", "256", "--window", "128", "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = result["decode_and_prefill"]
+    assert list(rows) == list(result["perplexity"]) == ["none", "fp8", "int4"]
+    assert rows["fp8"]["formats"]["qkv_proj"] == "fp8 per-channel"
+    assert rows["int4"]["formats"]["down_proj"] == "int4 RTN g128"
+    # Quantized linears take less memory; the dense LM head is most of this toy model.
+    assert rows["int4"]["weight_bytes_per_decode_step"] < rows["fp8"]["weight_bytes_per_decode_step"] \
+        < rows["none"]["weight_bytes_per_decode_step"]
+    assert all(r["decode_tok_s"] > 0 and r["roofline_tok_s"] > 0 for r in rows.values())
+    quality = result["perplexity"]
+    assert quality["none"]["perplexity_increase_pct"] == 0.0
+    assert all(r["perplexity"] > 1 for r in quality.values())

@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType as Q
 from wattserve.engine.config import UnsupportedModelError
 from wattserve.engine.loader import ModelLoadError, default_model_path, load_checkpoint
 from wattserve.engine.loader.gguf import read_gguf
+from wattserve.kernels.weight_format import QuantizedWeight, dequantize
 
 # A one-layer llama small enough to write in milliseconds; FFN 256 so that ffn_down rows
 # hold whole 256-element K-quant blocks.
@@ -86,9 +87,12 @@ def transformers_gguf():
 
 def test_default_model_weights_equal_transformers(default_checkpoint, transformers_gguf):
     reference = transformers_gguf["tensors"]
-    seen = []
+    seen, quantized = [], []
     for name, tensor in default_checkpoint.weights:
         assert name in reference, f"{name} is not a parameter transformers loads from this GGUF"
+        if isinstance(tensor, QuantizedWeight):  # linears stay in their blocks (Q/K rows unpermuted)
+            quantized.append(name)
+            tensor = dequantize(tensor)
         ref = reference[name]
         assert tensor.dtype == torch.float32, f"{name}: {tensor.dtype}, expected float32"
         assert tensor.shape == ref.shape, \
@@ -99,6 +103,7 @@ def test_default_model_weights_equal_transformers(default_checkpoint, transforme
     assert sorted(seen) == sorted(reference), \
         f"missing: {sorted(set(reference) - set(seen))[:5]}"
     assert len(seen) == 272 and "lm_head.weight" not in seen  # tied embeddings
+    assert len(quantized) == 30 * 7 and all(n.endswith("_proj.weight") for n in quantized)
 
 
 def test_default_model_config(default_checkpoint, transformers_gguf):

@@ -8,7 +8,7 @@ EOS = 0
 
 
 def seq(prompt=(5, 6), output=(), **params):
-    s = Sequence("r", 0, list(prompt), SamplingParams(**params), 100, detokenizer=None)
+    s = Sequence("r", 0, list(prompt), SamplingParams(**params), 100)
     s.token_ids += list(output)
     return s
 

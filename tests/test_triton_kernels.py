@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are deco
 
 import pytest
 import torch
+from conftest import interpreter_loop_bounds_fix
 
 from wattserve.kernels.activation import gelu_tanh_and_mul_ref, silu_and_mul_ref
 from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
@@ -33,23 +34,8 @@ AUTO = FORMATS["auto"]
 ON_GPU = os.environ["TRITON_INTERPRET"] != "1"
 
 
-def _interpreter_loop_bounds_fix():
-    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array there) into a loop
-    bound with int(array), which numpy >= 2.4 refuses (triton-lang/triton#9171, fixed after
-    3.6): take the element explicitly."""
-    from triton.runtime import interpreter
-
-    patch = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-
-
 if not ON_GPU:
-    _interpreter_loop_bounds_fix()
+    interpreter_loop_bounds_fix()
 DEVICE = "cuda" if ON_GPU else "cpu"
 ELEMENTWISE_DTYPES = [torch.float32, torch.bfloat16]
 ATTENTION_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])

@@ -18,6 +18,7 @@ import torch
 
 from wattserve.engine.config import ModelConfig
 from wattserve.engine.tokenizer import Tokenizer
+from wattserve.kernels.weight_format import QuantizedWeight
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
@@ -37,8 +38,9 @@ class Checkpoint:
     model_config: ModelConfig
     tokenizer: Tokenizer
     # HF parameter names and float tensors (float32 from GGUF, the saved dtype from
-    # safetensors), produced lazily; None for load_format="dummy".
-    weights: Iterable[tuple[str, torch.Tensor]] | None
+    # safetensors) or, for quantized linears, QuantizedWeight (engine/weight_loading.py puts
+    # them in), produced lazily; None for load_format="dummy".
+    weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]] | None
 
 
 def default_model_path() -> str:
@@ -83,7 +85,7 @@ def load_checkpoint(model: str | None, load_format: str = "auto",
     if load_format == "gguf" or (load_format != "safetensors" and path.endswith(".gguf")):
         if not os.path.isfile(path):
             raise ModelLoadError(f"{path} is not a file; load format gguf needs a .gguf file")
-        model_config, weights = gguf.read_gguf(path)
+        model_config, weights = gguf.read_gguf(path, keep_quantized=True)
     else:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelLoadError(
@@ -91,7 +93,8 @@ def load_checkpoint(model: str | None, load_format: str = "auto",
                 "pass a Hugging Face model directory, a .gguf file or a Hub id (org/name)"
             )
         model_config = hf.read_config(path)
-        weights = None if dummy else hf.safetensors_weights(path)
+        weights = None if dummy else prequantized.quantized_weights(
+            hf.safetensors_weights(path), prequantized.quantization_config(path))
         if dummy and tokenizer is None and not os.path.isfile(os.path.join(path, "tokenizer.json")):
             # A bare config.json is enough to benchmark shapes; borrow a real tokenizer.
             tokenizer_source = default_model_path()
@@ -160,4 +163,4 @@ def load_tokenizer_only(source: str, eos_token_ids: Sequence[int] = ()) -> Token
 
 
 # At the bottom: the submodules import ModelLoadError from this package.
-from wattserve.engine.loader import gguf, hf  # noqa: E402
+from wattserve.engine.loader import gguf, hf, prequantized  # noqa: E402

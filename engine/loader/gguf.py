@@ -22,7 +22,8 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from wattserve.engine.config import ModelConfig, UnsupportedModelError
-from wattserve.engine.loader import ModelLoadError
+from wattserve.engine.loader import ModelLoadError, gguf_blocks
+from wattserve.kernels.weight_format import QuantizedWeight
 
 # llama.cpp writes Mixtral as "llama" with experts (see _architecture).
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -83,8 +84,10 @@ _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 
 
-def read_gguf(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
-    """The model config and a lazy iterator over (HF name, float32 tensor) of the file."""
+def read_gguf(path: str, keep_quantized: bool = False) \
+        -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor | QuantizedWeight]]]:
+    """The model config and a lazy iterator over (HF name, float32 tensor) of the file;
+    keep_quantized: linear weights in the block formats of gguf_blocks come as QuantizedWeight."""
     try:
         reader = GGUFReader(path)
     except (OSError, ValueError) as e:
@@ -92,7 +95,7 @@ def read_gguf(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]
     config = _model_config(reader, path)
     arch = reader.fields["general.architecture"].contents()
     plan = [(t, hf_name) for t in reader.tensors if (hf_name := _hf_name(t.name, arch, path))]
-    return config, _weights(plan, config, path)
+    return config, _weights(plan, config, path, keep_quantized)
 
 
 def load_tokenizer(path: str) -> Any:
@@ -256,13 +259,20 @@ def _hf_name(gguf_name: str, arch: str, path: str) -> str | None:
     )
 
 
-def _weights(plan: list[tuple[ReaderTensor, str]], config: ModelConfig,
-             path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _weights(plan: list[tuple[ReaderTensor, str]], config: ModelConfig, path: str,
+             keep_quantized: bool) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     # llama.cpp permutes Q and K only for the llama arch, Mixtral included (qwen2 and
     # qwen3moe keep HF's layout); K with the KV head count.
     permuted_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads} \
         if config.architecture in ("LlamaForCausalLM", "MixtralForCausalLM") else {}
     for tensor, hf_name in tqdm(plan, desc="Loading weights", unit="tensor"):
+        heads = permuted_heads.get(hf_name.split(".")[-2])
+        # Experts stay dense: the fused MoE kernel (kernels/triton_moe.py) reads dense weights.
+        if keep_quantized and hf_name.endswith("_proj.weight") and ".experts." not in hf_name \
+                and tensor.tensor_type in gguf_blocks.FORMATS:
+            w = gguf_blocks.blocks_to_weight(tensor.data, tensor.tensor_type)
+            yield hf_name, w if heads is None else w.map_rows(lambda t: _unpermute_rope_rows(t, heads))
+            continue
         try:
             w = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as e:
@@ -271,7 +281,6 @@ def _weights(plan: list[tuple[ReaderTensor, str]], config: ModelConfig,
                 f"gguf package cannot dequantize ({e})"
             ) from e
         w = w.reshape([int(d) for d in reversed(tensor.shape)])
-        heads = permuted_heads.get(hf_name.split(".")[-2])
         if heads is not None:
             w = _unpermute_rope_rows(w, heads)
         if "{}" in hf_name:  # [experts, rows, cols]: one expert's matrix at a time
@@ -285,7 +294,8 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's `permute` of Q/K rows, which within each head interleaves the two
     rotary halves (r0, r_d/2, r1, r_d/2+1, ...); HF keeps them apart (r0..r_d/2-1, r_d/2..).
 
-    w: [n_heads * head_dim, ...] (a weight or a bias) -> same shape.
+    w: [n_heads * head_dim, ...] (a weight, a bias or a plane of a QuantizedWeight; numpy or
+    torch) -> same shape.
     """
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]) \
         .swapaxes(1, 2).reshape(w.shape)

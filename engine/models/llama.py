@@ -208,6 +208,8 @@ class LlamaModel(nn.Module):
             if name.endswith("norm.weight"):
                 dst.add_(self.cfg.norm_weight_offset)
             loaded.update(f"{target}@{o}" for o in filled)
+        # Read again: quantized weights loaded beside this (engine/weight_loading.py) replace parameters.
+        params = dict(self.named_parameters())
         expected = {f"{n}@{o}" for n in params if ".experts." not in n for o in _offsets(_parts(n, self.cfg))}
         expected |= {f"{n}@{e},{o}" for n in params if ".experts." in n
                      for e, o in expected_expert_slots(n, self.cfg)}

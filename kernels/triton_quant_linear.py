@@ -1,0 +1,153 @@
+"""Triton dequantize-in-the-loop matmul: out = x @ dequantize(w).T for every format of
+kernels/weight_format.py. Reference: kernels/quant_linear.py `quant_linear_ref`.
+
+Each program owns a BLOCK_M x BLOCK_N output tile and streams its weight rows over all of K
+in their stored format (4 or 8 bits a weight plus a scale per group), dequantizing in
+registers before a tensor-core dot in x's dtype; the weight is never written out dense. With
+BLOCK_M = 16 (decode batches) it is a weight stream like kernels/triton_gemv.py, so its speed
+bound is the stored bytes, a quarter of bf16's for 4-bit codes. Larger batches take
+BLOCK_M = 64 tiles (prefill); fp8 there goes to the fp8 tensor cores instead
+(torch._scaled_mm, activations quantized per token) where the GPU has them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from wattserve.kernels.weight_format import QuantizedWeight, quantize_per_token_fp8
+
+GEMV_MAX_ROWS = 16
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+GEMV_CONFIG = (16, 32, 256, 4, 4)
+GEMM_CONFIG = (64, 64, 64, 4, 3)
+
+
+@triton.jit
+def _scale(codes, s_ptr, o_ptr, cols, k0, N, K, stride_sn,
+           HAS_OFFSET: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr):
+    """codes: [BLOCK_N, WIDTH] float32 codes of the tile's BLOCK_K input columns (WIDTH = BLOCK_K,
+    or BLOCK_K / 2 for one nibble of each byte) -> weights. Scales (and offsets) are loaded once
+    per group, not per weight, and broadcast over the group's codes."""
+    if ONE_GROUP:  # the tile lies inside one group
+        s_off = cols * stride_sn + k0 // GROUP
+        scale = tl.load(s_ptr + s_off, mask=cols < N, other=0.0).to(tl.float32)
+        w = codes * scale[:, None]
+        if HAS_OFFSET:
+            w += tl.load(o_ptr + s_off, mask=cols < N, other=0.0).to(tl.float32)[:, None]
+    else:  # BLOCK_K // GROUP whole groups
+        NG: tl.constexpr = BLOCK_K // GROUP
+        g = k0 // GROUP + tl.arange(0, NG)
+        s_off = cols[:, None] * stride_sn + g[None, :]
+        mask = (cols[:, None] < N) & (g[None, :] < K // GROUP)
+        scale = tl.load(s_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
+        w = tl.reshape(codes, [BLOCK_N, NG, WIDTH // NG]) * scale[:, :, None]
+        if HAS_OFFSET:
+            w += tl.load(o_ptr + s_off, mask=mask, other=0.0).to(tl.float32)[:, :, None]
+        w = tl.reshape(w, [BLOCK_N, WIDTH])
+    return w
+
+
+@triton.jit
+def _quant_linear_kernel(
+    x_ptr, c_ptr, s_ptr, o_ptr, out_ptr, M, N, K,
+    stride_xm, stride_cn, stride_sn, stride_om,
+    PACKED: tl.constexpr, FP8: tl.constexpr, HAS_OFFSET: tl.constexpr, GROUP: tl.constexpr,
+    ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows[:, None] < M
+    col_mask = cols[:, None] < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PACKED:
+        # Byte j holds columns 2j and 2j+1: multiply the low nibbles by x's even columns and
+        # the high nibbles by its odd ones. GROUP is even, so a byte's two codes share a scale.
+        HALF: tl.constexpr = BLOCK_K // 2
+        for k0 in range(0, K, BLOCK_K):
+            kb = k0 // 2 + tl.arange(0, HALF)
+            k_mask = kb[None, :] < K // 2
+            packed = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + kb[None, :],
+                             mask=col_mask & k_mask, other=0)
+            w_lo = _scale((packed & 15).to(tl.float32), s_ptr, o_ptr, cols, k0, N, K, stride_sn,
+                          HAS_OFFSET, GROUP, ONE_GROUP, BLOCK_N, BLOCK_K, HALF)
+            w_hi = _scale((packed >> 4).to(tl.float32), s_ptr, o_ptr, cols, k0, N, K, stride_sn,
+                          HAS_OFFSET, GROUP, ONE_GROUP, BLOCK_N, BLOCK_K, HALF)
+            x_off = x_ptr + rows[:, None] * stride_xm + 2 * kb[None, :]
+            x_even = tl.load(x_off, mask=row_mask & k_mask, other=0.0)
+            x_odd = tl.load(x_off + 1, mask=row_mask & k_mask, other=0.0)
+            acc = tl.dot(x_even, tl.trans(w_lo.to(x_even.dtype)), acc)
+            acc = tl.dot(x_odd, tl.trans(w_hi.to(x_odd.dtype)), acc)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks[None, :] < K
+            codes = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + ks[None, :],
+                            mask=col_mask & k_mask, other=0)
+            if FP8:  # passed as bytes: a masked load's `other` cannot be an fp8 constant
+                codes = codes.to(tl.float8e4nv, bitcast=True)
+            w = _scale(codes.to(tl.float32), s_ptr, o_ptr, cols, k0, N, K, stride_sn,
+                       HAS_OFFSET, GROUP, ONE_GROUP, BLOCK_N, BLOCK_K, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask & k_mask, other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    out = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask & (cols[None, :] < N))
+
+
+def quant_matmul_triton(x: torch.Tensor, w: QuantizedWeight,
+                        config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x: [M, K] (float32, bf16 or fp16; columns contiguous) -> [M, N] in x's dtype, weight-only:
+    fp8 codes multiply x unquantized. config: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages),
+    default by M."""
+    if w.perm is not None:
+        x = x[:, w.perm]
+    x = x.contiguous()
+    m, k = x.shape
+    assert k == w.in_features
+    block_m, block_n, block_k, warps, stages = config or (GEMV_CONFIG if m <= GEMV_MAX_ROWS else GEMM_CONFIG)
+    out = torch.empty(m, w.out_features, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    offsets = w.offsets if w.offsets is not None else w.scales
+    # A tile spans whole groups or lies inside one: groups are powers of two from 16 to 128,
+    # or the whole row.
+    one_group = w.group >= block_k or w.group == k
+    assert (w.group % block_k == 0 or w.group == k) if one_group else block_k % w.group == 0, (w.group, block_k)
+    grid = (triton.cdiv(w.out_features, block_n), triton.cdiv(m, block_m))
+    _quant_linear_kernel[grid](
+        x, w.codes.view(torch.uint8) if w.kind == "fp8" else w.codes, w.scales, offsets, out, m, w.out_features, k,
+        x.stride(0), w.codes.stride(0), w.scales.stride(0), out.stride(0),
+        PACKED=w.kind == "u4", FP8=w.kind == "fp8", HAS_OFFSET=w.offsets is not None,
+        GROUP=w.group, ONE_GROUP=one_group,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def quant_linear_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """The CUDA path: fp8 beyond decode sizes runs W8A8 on the fp8 tensor cores, everything
+    else the dequantize-in-the-loop kernel. The choice uses x's shape only, so it is fixed
+    inside a captured graph."""
+    if w.kind == "fp8" and x.shape[0] > GEMV_MAX_ROWS and _scaled_mm_fits(x, w):
+        return fp8_scaled_mm(x, w)
+    return quant_matmul_triton(x, w)
+
+
+def fp8_scaled_mm(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """W8A8: x quantized per token, the product scaled by x's and w's scales in the epilogue.
+    x: [M, K] -> [M, N] in x's dtype."""
+    codes, x_scales = quantize_per_token_fp8(x)
+    # _scaled_mm wants the second operand column-major: the [N, K] row-major codes transposed.
+    # Row-wise scales: a [M, 1] and a [1, N] float32 (a view of the contiguous [N, 1]).
+    return torch._scaled_mm(codes, w.codes.t(), scale_a=x_scales, scale_b=w.scales.view(1, -1),
+                            out_dtype=x.dtype)
+
+
+def _scaled_mm_fits(x: torch.Tensor, w: QuantizedWeight) -> bool:
+    """fp8 tensor cores (sm_89+), bf16 output (row-wise scaling's only one), and the
+    dimensions in multiples of 16 that cuBLASLt's fp8 GEMM needs."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 9) \
+        and w.in_features % 16 == 0 and w.out_features % 16 == 0

@@ -1,0 +1,177 @@
+"""Quantized weight formats: GGUF blocks repacked dequantize exactly as the gguf package does;
+the Triton dequantize-in-the-loop kernel (decode and prefill tiles) against
+dequantize-then-matmul on odd shapes; the ops.linear entry over stacked parts and biases.
+
+Runs under Triton's interpreter on CPU by default; TRITON_INTERPRET=0 runs it on a GPU.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: first
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import interpreter_loop_bounds_fix
+from gguf import GGMLQuantizationType as Q
+
+from wattserve.engine.loader.gguf_blocks import blocks_to_weight
+from wattserve.kernels.quant_linear import for_any_weight, linear_ref, quant_linear_ref
+from wattserve.kernels.triton_quant_linear import GEMM_CONFIG, GEMV_CONFIG, quant_matmul_triton
+from wattserve.kernels.weight_format import (
+    QuantizedParts,
+    QuantizedWeight,
+    dequantize,
+    quantize_fp8,
+    quantize_int4,
+    stack,
+)
+
+ON_GPU = os.environ["TRITON_INTERPRET"] != "1"
+if not ON_GPU:
+    interpreter_loop_bounds_fix()
+DEVICE = "cuda" if ON_GPU else "cpu"
+# The interpreter's float32 dots are exact; compiled ones would take tf32, so the GPU runs
+# bfloat16 activations, as served, against a bound of a few bf16 roundings.
+DTYPE, REL_ERR = (torch.bfloat16, 1e-2) if ON_GPU else (torch.float32, 1e-5)
+
+
+def rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    x.view(-1)[::97] *= 8  # a few outliers, as real weights have
+    return x
+
+
+# K-quant super-blocks: bytes, and where their float16 scales sit (gguf-py cannot quantize
+# them, so tests fill random bytes and put small finite scales there).
+K_QUANTS = {Q.Q4_K: (144, (0, 2)), Q.Q5_K: (176, (0, 2)), Q.Q6_K: (210, (208,))}
+
+
+def gguf_weight(qtype, n, k, seed=0):
+    if qtype in K_QUANTS:
+        size, scale_at = K_QUANTS[qtype]
+        rng = np.random.default_rng(seed)
+        raw = rng.integers(0, 256, (n * k // 256, size), dtype=np.uint8)
+        for at in scale_at:
+            raw[:, at : at + 2] = (rng.random((len(raw), 1)) * 0.01 + 1e-3).astype(np.float16).view(np.uint8)
+        raw = raw.reshape(n, -1)
+    else:
+        raw = gguf.quants.quantize(rand(n, k, seed=seed).numpy(), qtype)
+    return raw, blocks_to_weight(raw, qtype)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, *K_QUANTS])
+def test_gguf_blocks_dequantize_as_the_gguf_package(qtype):
+    k = 512 if qtype in K_QUANTS else 96
+    raw, w = gguf_weight(qtype, 7, k)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(7, k)
+    assert torch.equal(dequantize(w), torch.from_numpy(expected))
+
+
+def test_int4_rtn_error_is_within_half_a_step():
+    w = rand(5, 256)
+    q = quantize_int4(w, 128)
+    step = q.scales.float().repeat_interleave(128, dim=1)
+    assert ((dequantize(q) - w).abs() <= step / 2 + 1e-6).all()
+    assert q.codes.numel() == 5 * 128  # two codes a byte
+
+
+def test_fp8_per_channel_relative_error():
+    w = rand(9, 64)
+    q = quantize_fp8(w)
+    # e4m3 keeps 3 mantissa bits: a relative step of 2^-3, so rounding errs by <= 2^-4.
+    assert ((dequantize(q) - w).abs() <= w.abs() * 2**-4 + q.scales * 2**-9).all()
+
+
+def _weights():
+    """One weight per format and stored layout, with K no multiple of the kernel's BLOCK_K."""
+    gptq = quantize_int4(rand(37, 192, seed=3), 64)
+    perm = torch.randperm(192, generator=torch.Generator().manual_seed(0))
+    return {
+        "gguf_q4_0": gguf_weight(Q.Q4_0, 37, 96)[1],
+        "gguf_q4_1": gguf_weight(Q.Q4_1, 70, 160, seed=1)[1],
+        "gguf_q8_0": gguf_weight(Q.Q8_0, 37, 96, seed=2)[1],
+        "gguf_q4_k": gguf_weight(Q.Q4_K, 21, 256, seed=5)[1],
+        "gguf_q5_k": gguf_weight(Q.Q5_K, 21, 256, seed=6)[1],
+        "gguf_q6_k": gguf_weight(Q.Q6_K, 21, 256, seed=7)[1],
+        # g128: the decode tile spans two groups, the prefill tile half of one.
+        "int4_g128": quantize_int4(rand(29, 384, seed=8), 128),
+        "int4_g64_act_order": QuantizedWeight("u4", gptq.codes, gptq.scales, 64, gptq.offsets, perm),
+        "fp8": quantize_fp8(rand(45, 80, seed=4)),
+    }
+
+
+WEIGHTS = _weights()
+
+
+@pytest.mark.parametrize("name", WEIGHTS)
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_triton_quant_matmul_against_dequantize_then_matmul(name, m):
+    w = WEIGHTS[name].to(DEVICE)
+    x = rand(m, w.in_features, seed=m).to(DEVICE, DTYPE)
+    ref = x.double() @ dequantize(w).double().T
+    # Dequantized values are exact in float32 and the dot accumulates in float32 (no tf32 in
+    # the interpreter): only summation order differs.
+    for config in (GEMV_CONFIG, GEMM_CONFIG):
+        out = quant_matmul_triton(x, w, config)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < REL_ERR, f"{config}: relative error {err:.2e}"
+
+
+def test_stacked_parts_and_bias_through_linear():
+    q, k = quantize_int4(rand(16, 128, seed=5), 64), quantize_fp8(rand(8, 128, seed=6))
+    parts = stack([q, k])
+    assert isinstance(parts, QuantizedParts) and parts.shape == (24, 128)
+    same = stack([q, quantize_int4(rand(8, 128, seed=7), 64)])
+    assert isinstance(same, QuantizedWeight) and same.shape == (24, 128)
+    x, bias = rand(3, 128, seed=8), rand(24, seed=9)
+    expected = torch.cat([quant_linear_ref(x, q), quant_linear_ref(x, k)], dim=-1) + bias
+    assert torch.equal(linear_ref(x, parts, bias), expected)
+    triton_linear = for_any_weight(torch.nn.functional.linear, quant_matmul_triton)
+    ref = x @ dequantize(same).T + bias
+    assert torch.allclose(triton_linear(x, same, bias), ref, rtol=1e-5, atol=1e-4)
+    dense = dequantize(same)
+    assert torch.equal(linear_ref(x, dense, bias), torch.nn.functional.linear(x, dense, bias))
+
+
+def test_fp8_reference_quantizes_activations_per_token():
+    w, x = quantize_fp8(rand(32, 64, seed=10)), rand(4, 64, seed=11)
+    x[0] *= 1000  # per token: a loud row does not coarsen the others
+    weight_only = x @ dequantize(w).T
+    w8a8 = quant_linear_ref(x, w)
+    assert not torch.equal(w8a8, weight_only)
+    rel = (w8a8 - weight_only).norm(dim=-1) / weight_only.norm(dim=-1)
+    # Each activation errs by <= 2^-4 relative; summed over K with random signs the output
+    # errs by far less: a bound of 2^-4 leaves room.
+    assert (rel < 2**-4).all(), rel
+
+
+def test_gguf_rows_permute_with_their_scales():
+    raw, w = gguf_weight(Q.Q4_1, 8, 64)
+    order = torch.tensor([3, 1, 0, 2, 7, 6, 5, 4])
+    assert torch.equal(dequantize(w.map_rows(lambda t: t[order])), dequantize(w)[order])
+
+
+
+def test_dispatch_runs_every_weight_kind_through_one_op():
+    from wattserve.kernels.dispatch import REFERENCE_OPS, triton_ops
+
+    linear = triton_ops().linear
+    x, bias = rand(5, 96, seed=12).to(DEVICE, DTYPE), rand(37, seed=13).to(DEVICE, DTYPE)
+    for w in (WEIGHTS["gguf_q4_0"].to(DEVICE), stack([WEIGHTS["gguf_q8_0"].to(DEVICE)] * 2),
+              dequantize(WEIGHTS["gguf_q4_0"], DTYPE).to(DEVICE)):
+        b = bias if w.shape[0] == 37 else None
+        out, ref = linear(x, w, b).double(), REFERENCE_OPS.linear(x, w, b).double()
+        assert ((out - ref).norm() / ref.norm()).item() < REL_ERR
+
+
+@pytest.mark.skipif(not ON_GPU, reason="torch._scaled_mm: fp8 tensor cores")
+def test_fp8_prefill_on_tensor_cores_matches_the_w8a8_reference():
+    from wattserve.kernels.triton_quant_linear import quant_linear_triton
+
+    w = quantize_fp8(rand(96, 256, seed=14)).to(DEVICE)
+    x = rand(33, 256, seed=15).to(DEVICE, torch.bfloat16)
+    out, ref = quant_linear_triton(x, w).double(), quant_linear_ref(x.float(), w).double()
+    # Both multiply the same fp8 codes of x and w; bf16 output rounding is the difference.
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
