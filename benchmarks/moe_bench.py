@@ -197,11 +197,12 @@ def bench_offline(llm: LLM, config: dict, limits: dict, num_requests: int, input
             "bound_output_tok_s": round(bound, 1), "fraction_of_bound": round(produced / seconds / bound, 3)}
 
 
-def build_llm(config: dict, device: torch.device, max_num_seqs: int, max_model_len: int) -> LLM:
+def build_llm(config: dict, device: torch.device, max_num_seqs: int, max_model_len: int,
+              tokenizer: str | None) -> LLM:
     directory = Path(tempfile.mkdtemp())
     (directory / "config.json").write_text(json.dumps(config))
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return LLM(str(directory), load_format="dummy", dtype=dtype, device=device.type,
+    return LLM(str(directory), load_format="dummy", dtype=dtype, device=device.type, tokenizer=tokenizer,
                max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                kv_cache_memory=None if device.type == "cuda" else 64 << 20)
 
@@ -212,6 +213,7 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=64, help="offline: requests")
     ap.add_argument("--input-len", type=int, default=256, help="offline and decode: prompt tokens")
     ap.add_argument("--output-len", type=int, default=128, help="offline and decode: output tokens")
+    ap.add_argument("--tokenizer", help="tokenizer dir (default: the default model's)")
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/moe_<device>.json)")
     args = ap.parse_args()
 
@@ -234,7 +236,7 @@ def main() -> None:
 
     config = TINY_QWEN3_MOE if args.tiny else QWEN3_30B_A3B
     llm = build_llm(config, device, max_num_seqs=args.num_requests,
-                    max_model_len=args.input_len + args.output_len + 1)
+                    max_model_len=args.input_len + args.output_len + 1, tokenizer=args.tokenizer)
     results["model"] = "tiny Qwen3-MoE" if args.tiny else "Qwen3-30B-A3B shapes"
     results["decode_batch_1"] = d = bench_decode(llm, config, limits, args.input_len, args.output_len)
     print(f"batch-1 decode, {results['model']}: {d['decode_tok_s']} tok/s, roofline {d['roofline_tok_s']} "

@@ -146,6 +146,10 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu with --tiny, else cuda)")
     parser.add_argument("--tokens", type=int, default=None, help="perplexity: tokens scored (default 20480)")
     parser.add_argument("--window", type=int, default=None, help="perplexity: tokens per window (default 2048)")
+    parser.add_argument("--tokenizer", help="tokenizer dir of the random-weight speed model "
+                                            "(default: the default model's)")
+    parser.add_argument("--skip-perplexity", action="store_true",
+                        help="speed only: the perplexity runs the default model, which must be installed")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/weight_quant_<device>.json)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
@@ -157,16 +161,19 @@ def main() -> None:
     if args.tiny:
         import json
         (checkpoint / "config.json").write_text(json.dumps(TINY_LLAMA))
-    llm = LLM(str(checkpoint), load_format="dummy", device=str(device), max_num_seqs=1,
+    llm = LLM(str(checkpoint), load_format="dummy", device=str(device), tokenizer=args.tokenizer, max_num_seqs=1,
               max_num_batched_tokens=prompt_len, max_model_len=prompt_len + 16,
               kv_cache_memory=(4 << 30) if device.type == "cuda" else (64 << 20), warm_up=False,
               enable_prefix_caching=False)  # every run prefills its prompt, in the format of the moment
     speeds = speed(llm, FormatSwitch(llm.core), limits, prompt_len, new_tokens)
     del llm
-    quality_engine = LLM(device=str(device), quantization="none", enforce_eager=True, max_num_seqs=tokens // window,
-                         max_model_len=window, kv_cache_memory=(2 << 30) if device.type == "cuda" else (256 << 20),
-                         warm_up=False).core
-    quality = perplexities(quality_engine, FormatSwitch(quality_engine), tokens, window)
+    quality = None
+    if not args.skip_perplexity:
+        quality_engine = LLM(device=str(device), quantization="none", enforce_eager=True,
+                             max_num_seqs=tokens // window, max_model_len=window,
+                             kv_cache_memory=(2 << 30) if device.type == "cuda" else (256 << 20),
+                             warm_up=False).core
+        quality = perplexities(quality_engine, FormatSwitch(quality_engine), tokens, window)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n{name}: copy {limits['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
@@ -179,9 +186,10 @@ def main() -> None:
         print(f"{fmt:7} {r['weight_bytes_per_decode_step'] / 1e9:10.3f} {r['decode_tok_s']:13.1f} "
               f"{r['decode_vs_bf16']:7.2f} {DECODE_GOALS.get(fmt, ''):>5} {r['roofline_tok_s']:9.1f} "
               f"{r['decode_vs_roofline']:7.2f} {r['prefill_flop_per_s'] / 1e12:16.2f} {vs_matmul:>9}")
-    print(f"\nperplexity, {quality_engine.model_name}, {tokens} tokens of pydoc_data.topics in windows of {window}")
-    for fmt, r in quality.items():
-        print(f"{fmt:7} {r['perplexity']:9.4f} {r['perplexity_increase_pct']:+7.2f}%  KL {r['mean_kl_nats']:.2e}")
+    if quality is not None:
+        print(f"\nperplexity, {quality_engine.model_name}, {tokens} tokens of pydoc_data.topics in windows of {window}")
+        for fmt, r in quality.items():
+            print(f"{fmt:7} {r['perplexity']:9.4f} {r['perplexity_increase_pct']:+7.2f}%  KL {r['mean_kl_nats']:.2e}")
     write_results({"device": name, "tiny": args.tiny, "ceilings": limits, "decode_and_prefill": speeds,
                    "decode_goals_x_bf16": DECODE_GOALS, "perplexity": quality, "perplexity_tokens": tokens,
                    "perplexity_window": window}, "weight_quant", name, args.out)

@@ -87,7 +87,7 @@ class LLM:
                         del running[out.request_id]
                 if on_step is not None and on_step(outputs):
                     self._abort(running)
-                    pending = iter(())
+                    pending, on_step = iter(()), None  # a step launched ahead may still run: not watched
                 self._admit(pending, results, running, max_in_flight)
         except BaseException:
             self._abort(running)  # leave the engine empty for the next call
