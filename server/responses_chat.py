@@ -57,9 +57,8 @@ def chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletion
                   "messages": ([{"role": "system", "content": body.instructions}]
                                if body.instructions else []) + messages}
     if body.tools:
-        # Their calls would need function_call output items, which this route does not build yet.
-        raise InvalidRequestError("tools are not supported on /v1/responses yet: send them to "
-                                  "/v1/chat/completions", "tools")
+        chat["tools"] = [{"type": "function", "function": tool.model_dump(
+            exclude={"type"}, exclude_none=True)} for tool in body.tools]
     choice = body.tool_choice
     if isinstance(choice, dict) and choice.get("type") == "function":
         choice = {"type": "function", "function": {"name": choice.get("name")}}

@@ -63,7 +63,8 @@ class ServerState:
         info = engine.info
         self.model_names = config.served_model_names or [info.model_name]
         self.slo = config.default_slo()
-        template = engine.tokenizer.chat_template
+        # A client whose engine never started has no tokenizer, so no template to read.
+        template = None if engine.tokenizer is None else engine.tokenizer.chat_template
         self.tool_parser: ToolParser | None = parser_for(
             config.tool_call_parser, template.source if template is not None else None)
         self.metrics = Metrics(engine.snapshot, info, self.model_names[0],

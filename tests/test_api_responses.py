@@ -88,8 +88,8 @@ TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "objec
 
 
 @pytest.mark.parametrize("extra, param", [
-    # Until this route builds function_call output items, refused, not ignored.
-    ({"tools": [TOOL]}, "tools"),
+    # tool_choice "auto" (the default) reads calls from free text: that needs --tool-call-parser.
+    ({"tools": [TOOL]}, "tool_choice"),
     ({"temperature": 3}, "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"input": []}, "input"),
@@ -112,3 +112,40 @@ def test_text_format_json_schema_constrains_the_output_text(live_server):
     assert body["status"] == "completed" and body["text"]["format"]["type"] == "json_schema"
     answer = json.loads(body["output"][0]["content"][0]["text"])
     assert set(answer) == {"city"} and isinstance(answer["city"], str)
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"], "additionalProperties": False}}
+FORCED_CALL = {"input": "What is the weather in Paris?", "tools": [WEATHER],
+               "tool_choice": "required", "temperature": 0, "max_output_tokens": 60}
+
+
+def test_function_tool_round_trip_through_function_call_output(live_server, openai_client,
+                                                              served_model):
+    first = openai_client.responses.create(model=served_model, **FORCED_CALL)
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert first.status == "completed" and calls and calls[0].name == "get_weather"
+    assert set(json.loads(calls[0].arguments)) == {"city"}
+    second = openai_client.responses.create(
+        model=served_model, previous_response_id=first.id, tools=[WEATHER], tool_choice="none",
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                "output": "sunny, 24 C"}], temperature=0, max_output_tokens=20)
+    assert [item.type for item in second.output] == ["message"] and second.output_text
+    # The second prompt is the first turn, its call and the call's output, as chat messages.
+    call = {"id": calls[0].call_id, "type": "function",
+            "function": {"name": calls[0].name, "arguments": calls[0].arguments}}
+    assert second.usage.input_tokens == token_count(live_server, [
+        {"role": "user", "content": FORCED_CALL["input"]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 24 C"}])
+
+
+def test_streamed_function_call_equals_the_whole_one(openai_client, served_model):
+    whole = openai_client.responses.create(model=served_model, **FORCED_CALL)
+    with openai_client.responses.stream(model=served_model, **FORCED_CALL) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+    assert [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in final.output] == \
+        [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in whole.output]
