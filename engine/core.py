@@ -38,11 +38,12 @@ class _Launched:
     """A step running on the device, its tokens not yet read by the host."""
 
     batch: ScheduledBatch
-    sampled: SampledTokens
+    logits: torch.Tensor  # of the sequences that draw a token, until drawn
     gpu_span: GpuSpan | None
     prompt_logprobs: list[list[TokenLogprob]]  # see engine/prompt_logprobs.py
     begin: float  # time.monotonic() before a power cap's pause
     start: float  # ... after it
+    sampled: SampledTokens | None = None  # once drawn (_draw)
 
 
 @dataclass
@@ -178,23 +179,28 @@ class EngineCore:
         before this one's tokens are read, its inputs taken from this step's tokens on the
         device, so the GPU does not wait while the host checks stops and hands out outputs. A
         sequence that stops on this step's token has run one step more for nothing; that
-        step's token is dropped."""
+        step's token is dropped. A step with a sequence whose draw reads its own last token (a
+        grammar's mask, penalties) runs its forward pass ahead all the same and draws once that
+        token is read: the host reads and fills masks while the GPU runs the forward pass."""
         if self._in_flight is None:
-            self._in_flight = self._launch()
-            if self._in_flight is None:
+            launched = self._launch()
+            if launched is None:
                 if self.grammars.has_waiting():
                     self.grammars.wait(0.01)  # nothing to run but compiling grammars: don't spin
                 return []
-        ahead = self._launch() if self._can_launch_ahead(self._in_flight) else None
+            self._draw(launched)
+            self._in_flight = launched
+        ahead = self._launch() if self.launch_ahead else None
+        if ahead is not None and not any(reads_own_tokens(s) for s in ahead.batch.samplers):
+            self._draw(ahead)
         outputs = self._resolve(self._in_flight)
+        if ahead is not None and ahead.sampled is None:
+            self._draw(ahead)
         self._in_flight = ahead
         return outputs
 
-    def _can_launch_ahead(self, launched: _Launched) -> bool:
-        return self.launch_ahead and not any(reads_own_tokens(s) for s in launched.batch.samplers)
-
     def _launch(self) -> _Launched | None:
-        """Schedule, run the model and draw the tokens, without waiting for them."""
+        """Schedule and run the model, without waiting for it."""
         begin = time.monotonic()
         if self.step_pause_s:
             time.sleep(self.step_pause_s)  # a power cap's pacing; see engine/power_cap.py
@@ -206,12 +212,16 @@ class EngineCore:
             return None
         ahead_tokens = None if self._in_flight is None else self._in_flight.sampled.tokens
         out = self.runner.execute(batch.inputs, ahead_tokens)
-        logits = out.logits
+        return _Launched(batch, out.logits, out.gpu_span, out.prompt_logprobs, begin, start)
+
+    def _draw(self, launched: _Launched) -> None:
+        """Draw the step's tokens on the device, without waiting for them."""
+        batch, logits = launched.batch, launched.logits
         if len(batch.rows) > len(set(batch.rows)):  # forks: their parent's row again (indexing by a list would sync)
             logits = logits[device_tensor(batch.rows, torch.long, logits.device)]
-        sampled = self.sampler.sample(logits, batch.samplers)
+        launched.sampled = self.sampler.sample(logits, batch.samplers)
+        launched.logits = None
         self.scheduler.expect_tokens(batch)
-        return _Launched(batch, sampled, out.gpu_span, out.prompt_logprobs, begin, start)
 
     def _resolve(self, launched: _Launched) -> list[RequestOutput]:
         """Read a launched step's tokens, hand them to the scheduler and return the requests'

@@ -99,8 +99,8 @@ class Sampler:
 
 def reads_own_tokens(seq: Sequence) -> bool:
     """Penalties read the sequence's earlier tokens, and a grammar's next mask needs the last
-    one accepted, so its next draw needs the last token on the host first: the engine does not
-    launch ahead of such a sequence."""
+    one accepted, so its next draw needs the last token on the host first: the engine launches
+    the forward pass ahead and draws after reading that token (engine/core.py)."""
     p = seq.params
     return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
                 or p.structured is not None)

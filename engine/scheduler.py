@@ -199,6 +199,8 @@ class Scheduler:
         whatever the token is: it is scheduled no more, and finishes when the token is read."""
         for row, seq in enumerate(batch.samplers):
             batch.positions.append(seq.num_tokens)
+            if seq.finish_reason is not None:
+                continue  # ended by the token read while this step ran (engine/core.py): dropped
             seq.token_ids.append(PLACEHOLDER)
             seq.ahead_row = row
             if self._at_length_limit(seq, seq.num_tokens):

@@ -2,6 +2,8 @@
 the same tokens, texts, finish reasons and logprobs as stepping one at a time, every block
 freed, and the step statistics still add up. Run on CPU with launch_ahead="on" (its default
 there is off), where the device tokens are CPU tensors but the bookkeeping is the same."""
+import re
+
 import pytest
 
 from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -9,6 +11,7 @@ from wattserve.engine.core import EngineCore
 from wattserve.engine.output_processor import OutputProcessor
 from wattserve.engine.request import SamplingParams
 from wattserve.engine.sequence import PLACEHOLDER
+from wattserve.engine.structured.spec import OutputConstraint
 from wattserve.engine.stats import StatsObserver
 from test_engine_batching import QUESTIONS, assert_all_blocks_free, prompt
 
@@ -61,6 +64,11 @@ def mixed_requests(engine):
         "penalties": (ask[6], SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.3,
                                              presence_penalty=0.5, ignore_eos=True)),
         "min-tokens": (ask[7], SamplingParams(temperature=0, max_tokens=10, min_tokens=10)),
+        # A grammar's mask needs the last token read: drawn after it, the forward pass ahead.
+        "regex": (ask[0], SamplingParams(temperature=0, max_tokens=20,
+                                         structured=OutputConstraint("regex", "[0-9]{3}-[a-z]{2,5}"))),
+        "json-seeded": (ask[1], SamplingParams(temperature=1.0, seed=3, max_tokens=24, structured=OutputConstraint(
+            "json_schema", '{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}'))),
     }
 
 
@@ -70,6 +78,7 @@ def test_mixed_batch_same_outputs_as_one_step_at_a_time(engines):
     assert on == off
     assert off["greedy-len"]["reasons"] == ["length"] and off["one-token"]["tokens"][0].__len__() == 1
     assert off["stop-string"]["reasons"] == ["stop"] and len(off["seeded-n3"]["tokens"]) == 3
+    assert re.fullmatch("[0-9]{3}-[a-z]{2,5}", off["regex"]["text"][0]) and off["regex"]["reasons"] == ["stop"]
     for engine in engines.values():
         assert_all_blocks_free(engine)
 

@@ -16,7 +16,9 @@ from wattserve.engine.sequence import Sequence
 def mask_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logits: [len(seqs), vocab] -> the same values, -inf wherever a constrained sequence's
     grammar forbids the token (a new tensor when any row is constrained)."""
-    rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+    # A sequence that ended on the token read before this draw has a finished matcher; its
+    # token is dropped, so its row is left as it is.
+    rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None and seq.finish_reason is None]
     if not rows:
         return logits
     vocab = logits.shape[-1]
