@@ -19,7 +19,8 @@ from pathlib import Path
 from _results import RESULTS
 
 README = Path(__file__).parent.parent / "README.md"
-BEGIN = "<!-- results:begin: rendered by benchmarks/readme_results.py from benchmarks/results/*.json; rerun it, do not edit -->"
+BEGIN = ("<!-- results:begin: rendered by benchmarks/readme_results.py from benchmarks/results/*.json; "
+         "rerun it, do not edit -->")
 END = "<!-- results:end -->"
 H100, H200 = "NVIDIA_H100_80GB_HBM3", "NVIDIA_H200"
 HEADER = "| what | result | limit or peer in the same run | measured by -> read from |\n|---|---|---|---|"
