@@ -11,9 +11,9 @@
 Every kernel is first checked against its reference on the GPU (||out - ref|| / ||ref||).
 Memory-bound kernels: a CUDA graph of calls back to back, each on its own buffers (several
 times the L2 in all, as a model's layers are), median of replays per call. Timed as lone
-calls (do_bench), batch 1 x 32k decode read 0.11-0.14 ms against 0.053 ms here: the host's
-launch time and the write-back of the L2 flush's dirty lines fall inside a ~50 us kernel's
-timed region. The copy, prefill (compute-bound) and its peers: do_bench medians.
+calls (do_bench), batch 1 x 32k decode took 0.11-0.14 ms, two to three times the graph's
+figure in results/kernels_*.json: the host's launch time and the write-back of the L2 flush's
+dirty lines fall inside a short kernel's timed region. The copy, prefill (compute-bound) and its peers: do_bench medians.
 
 Usage: python benchmarks/kernel_bench.py [--sweep]   (--sweep: a bounded grid of decode and
 prefill tunables, about a minute more). Writes benchmarks/results/kernels_<gpu>.json.

@@ -27,10 +27,11 @@ no residual copy). The rows to read, in position order, are the plan's `residual
 
 int2 also keeps each block's first token at int8 ("sink"). Only a sequence's position 0 is read
 from it, the attention sink every later token attends to strongly; it is stored with each block
-because block 0 is shared by prefix caching like any other. On the default model, int2's
-perplexity increase with rotation alone is +31%, with the 2-block ring +20%, with 4 sink
-positions in full precision +16%, with the ring and the int8 sink +6.8% (CPU, float32,
-benchmarks/kv_quant_what_if.py); as built, +8.9% on an H100 in bf16 (kv_quality_bench.py).
+because block 0 is shared by prefix caching like any other. On the default model, the ring
+and the sink each cut int2's perplexity increase, and together most: compare `int2_rotated_only`,
+`int2_residual_*`, `int2_sink_*` and `int2` (as built) in
+benchmarks/results/kv_quant_what_if_cpu.json (CPU, float32); as built on an H100 in bf16,
+benchmarks/results/kv_quality_decode_NVIDIA_H100_80GB_HBM3.json.
 
 fp8_e4m3 and int2 store each head's K and V rotated by an orthogonal matrix, which shrinks
 their error (kernels/kv_rotation.py); the kernels read and write them like the others.
@@ -45,7 +46,8 @@ from wattserve.kernels.kv_rotation import rotation
 
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "int8", "int4", "int2")
 # KIVI keys share one range per channel per block: 64 tokens keep that range's metadata small
-# (int4 3.6x, int2 6.6x bf16's tokens at head_dim 64) and match KIVI's residual length order.
+# (tokens held against bf16: `capacity` in benchmarks/results/kv_quality_decode_*.json) and
+# match KIVI's residual length order.
 KIVI_DEFAULT_BLOCK_SIZE = 64
 
 

@@ -9,11 +9,10 @@ nothing of R. What R changes is what the quantizer sees:
   the channels where q and k are both large: keys and queries share outlier channels. R
   spreads every channel over all of them, and no single product leads.
 - int2's per-channel key ranges (KIVI) cover fewer, milder extremes after R.
-On the default model in bf16 on an H100 (benchmarks/kv_quality_bench.py, 20k tokens), R took
-fp8's perplexity increase from +0.89% to +0.55% (before its scale search, kv_quant.FP8_TOPS)
-and int2's from +53% to +32%. int4's went the other way (+0.83% -> +1.30%,
-benchmarks/kv_quant_what_if.py: its 16 levels already fit per-channel ranges well), so int4
-and int8 are stored as they are.
+On the default model, R lowers fp8's and int2's perplexity increase and raises int4's (its 16
+levels already fit per-channel ranges well), so int4 and int8 are stored as they are: compare
+`fp8_e4m3` with `fp8_e4m3_unrotated`, `int2` with `int2_unrotated` and `int4` with
+`int4_rotated` in benchmarks/results/kv_quant_what_if_cpu.json.
 
 R is the normalized Sylvester-Hadamard matrix where head_dim is a power of two (its entries
 are +-1/sqrt(d), so R costs one small matmul per tensor and is exact to the dtype's rounding),

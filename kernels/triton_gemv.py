@@ -3,8 +3,8 @@ Reference: `torch.nn.functional.linear` (the CPU path's op).
 
 A decode step multiplies 1 to a few token rows by every weight matrix, so it is a pure
 weight stream: bytes, not FLOPs. cuBLAS picks, for Llama-3.1-8B's o_proj at one row, a
-kernel that reaches 55% of copy bandwidth, and split-K for qkv and down_proj with a separate
-reduce kernel (measured in benchmarks/results/decode_profile_*.json). Here each program owns
+kernel well short of copy bandwidth, and split-K for qkv and down_proj with a separate reduce
+kernel (`decode_matmuls`' `cublas_x_copy` in benchmarks/results/decode_profile_*.json). Here each program owns
 BLOCK_N output columns and streams their weight rows over all of K, software-pipelined, with
 the few x rows padded to the 16 rows of a tensor-core dot (the padding costs no memory
 traffic). No split-K, so no second kernel and no atomics: one launch, one pass.
