@@ -6,8 +6,12 @@ in their stored format (4 or 8 bits a weight plus a scale per group), dequantizi
 registers before a tensor-core dot in x's dtype; the weight is never written out dense. With
 BLOCK_M = 16 (decode batches) it is a weight stream like kernels/triton_gemv.py, so its speed
 bound is the stored bytes, a quarter of bf16's for 4-bit codes. Larger batches take
-BLOCK_M = 64 tiles (prefill); fp8 there goes to the fp8 tensor cores instead
-(torch._scaled_mm, activations quantized per token) where the GPU has them.
+BLOCK_M = 64 tiles; fp8 there goes to the fp8 tensor cores instead (torch._scaled_mm,
+activations quantized per token) where the GPU has them. From DENSE_MIN_ROWS rows (prefill
+chunks) the other formats are dequantized to x's dtype in one pass (`dequantize_triton`) and
+multiplied by cuBLAS: for M rows the pass writes 2 bytes a weight once, where the matmul does
+2M FLOPs a weight, so it costs a few percent of a prefill chunk, and the dense matmul runs near
+the tensor cores' peak where the dequantize-in-the-loop tiles do not.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import triton.language as tl
 from wattserve.kernels.weight_format import QuantizedWeight, quantize_per_token_fp8
 
 GEMV_MAX_ROWS = 16
+DENSE_MIN_ROWS = 512
+DEQUANT_BLOCK = (64, 128)  # (BLOCK_N, BLOCK_K) of dequantize_triton
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 GEMV_CONFIG = (16, 32, 256, 4, 4)
 GEMM_CONFIG = (64, 64, 64, 4, 3)
@@ -127,12 +133,66 @@ def quant_matmul_triton(x: torch.Tensor, w: QuantizedWeight,
     return out
 
 
+@triton.jit
+def _dequant_kernel(
+    c_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_cn, stride_sn, stride_on,
+    PACKED: tl.constexpr, FP8: tl.constexpr, HAS_OFFSET: tl.constexpr, GROUP: tl.constexpr,
+    ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows, as in _scale
+    k0 = tl.program_id(1) * BLOCK_K
+    out_rows = out_ptr + cols[:, None].to(tl.int64) * stride_on
+    if PACKED:  # byte j: columns 2j (low nibble) and 2j+1 (high)
+        HALF: tl.constexpr = BLOCK_K // 2
+        kb = k0 // 2 + tl.arange(0, HALF)
+        mask = (cols[:, None] < N) & (kb[None, :] < K // 2)
+        packed = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + kb[None, :], mask=mask, other=0)
+        w_lo = _scale((packed & 15).to(tl.float32), s_ptr, o_ptr, cols, k0, N, K, stride_sn,
+                      HAS_OFFSET, GROUP, ONE_GROUP, BLOCK_N, BLOCK_K, HALF)
+        w_hi = _scale((packed >> 4).to(tl.float32), s_ptr, o_ptr, cols, k0, N, K, stride_sn,
+                      HAS_OFFSET, GROUP, ONE_GROUP, BLOCK_N, BLOCK_K, HALF)
+        tl.store(out_rows + 2 * kb[None, :], w_lo.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_rows + 2 * kb[None, :] + 1, w_hi.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = (cols[:, None] < N) & (ks[None, :] < K)
+        codes = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + ks[None, :], mask=mask, other=0)
+        if FP8:
+            codes = codes.to(tl.float8e4nv, bitcast=True)
+        w = _scale(codes.to(tl.float32), s_ptr, o_ptr, cols, k0, N, K, stride_sn,
+                   HAS_OFFSET, GROUP, ONE_GROUP, BLOCK_N, BLOCK_K, BLOCK_K)
+        tl.store(out_rows + ks[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_triton(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [N, K] weight in `dtype`, its columns in the stored order (GPTQ act-order:
+    perm's, so the layer multiplies x[:, perm] by it); reference: weight_format.dequantize."""
+    n, k = w.out_features, w.in_features
+    block_n, block_k = DEQUANT_BLOCK
+    one_group = w.group >= block_k or w.group == k
+    assert (w.group % block_k == 0 or w.group == k) if one_group else block_k % w.group == 0, (w.group, block_k)
+    out = torch.empty(n, k, device=w.codes.device, dtype=dtype)
+    offsets = w.offsets if w.offsets is not None else w.scales
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _dequant_kernel[grid](
+        w.codes.view(torch.uint8) if w.kind == "fp8" else w.codes, w.scales, offsets, out, n, k,
+        w.codes.stride(0), w.scales.stride(0), out.stride(0),
+        PACKED=w.kind == "u4", FP8=w.kind == "fp8", HAS_OFFSET=w.offsets is not None,
+        GROUP=w.group, ONE_GROUP=one_group, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
+
+
 def quant_linear_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    """The CUDA path: fp8 beyond decode sizes runs W8A8 on the fp8 tensor cores, everything
-    else the dequantize-in-the-loop kernel. The choice uses x's shape only, so it is fixed
-    inside a captured graph."""
+    """The CUDA path: fp8 beyond decode sizes runs W8A8 on the fp8 tensor cores, other formats
+    from DENSE_MIN_ROWS rows dequantize once and run cuBLAS, everything else the
+    dequantize-in-the-loop kernel. The choice uses x's shape only, so it is fixed inside a
+    captured graph."""
     if w.kind == "fp8" and x.shape[0] > GEMV_MAX_ROWS and _scaled_mm_fits(x, w):
         return fp8_scaled_mm(x, w)
+    if x.shape[0] >= DENSE_MIN_ROWS:
+        stored_order = x if w.perm is None else x[:, w.perm]
+        return torch.nn.functional.linear(stored_order, dequantize_triton(w, x.dtype))
     return quant_matmul_triton(x, w)
 
 

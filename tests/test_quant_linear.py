@@ -17,7 +17,14 @@ from gguf import GGMLQuantizationType as Q
 
 from wattserve.engine.loader.gguf_blocks import blocks_to_weight
 from wattserve.kernels.quant_linear import for_any_weight, linear_ref, quant_linear_ref
-from wattserve.kernels.triton_quant_linear import GEMM_CONFIG, GEMV_CONFIG, quant_matmul_triton
+from wattserve.kernels.triton_quant_linear import (
+    DENSE_MIN_ROWS,
+    GEMM_CONFIG,
+    GEMV_CONFIG,
+    dequantize_triton,
+    quant_linear_triton,
+    quant_matmul_triton,
+)
 from wattserve.kernels.weight_format import (
     QuantizedParts,
     QuantizedWeight,
@@ -119,6 +126,27 @@ def test_triton_quant_matmul_against_dequantize_then_matmul(name, m):
         assert err < REL_ERR, f"{config}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("name", WEIGHTS)
+def test_triton_dequantize_equals_the_reference_in_stored_column_order(name):
+    w = WEIGHTS[name].to(DEVICE)
+    ref = dequantize(w)
+    if w.perm is not None:
+        ref = ref[:, w.perm]
+    # The same float32 multiply and add per weight; a GPU may fuse them into one rounding.
+    torch.testing.assert_close(dequantize_triton(w, torch.float32), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", WEIGHTS)
+def test_prefill_sized_batches_multiply_the_dequantized_weight(name):
+    w = WEIGHTS[name].to(DEVICE)
+    if ON_GPU and w.kind == "fp8":
+        pytest.skip("fp8 prefill runs W8A8 on the tensor cores (the test below)")
+    x = rand(DENSE_MIN_ROWS, w.in_features, seed=16).to(DEVICE, DTYPE)
+    ref = x.double() @ dequantize(w).double().T
+    out = quant_linear_triton(x, w).double()
+    assert ((out - ref).norm() / ref.norm()).item() < REL_ERR
+
+
 def test_stacked_parts_and_bias_through_linear():
     q, k = quantize_int4(rand(16, 128, seed=5), 64), quantize_fp8(rand(8, 128, seed=6))
     parts = stack([q, k])
@@ -168,8 +196,6 @@ def test_dispatch_runs_every_weight_kind_through_one_op():
 
 @pytest.mark.skipif(not ON_GPU, reason="torch._scaled_mm: fp8 tensor cores")
 def test_fp8_prefill_on_tensor_cores_matches_the_w8a8_reference():
-    from wattserve.kernels.triton_quant_linear import quant_linear_triton
-
     w = quantize_fp8(rand(96, 256, seed=14)).to(DEVICE)
     x = rand(33, 256, seed=15).to(DEVICE, torch.bfloat16)
     out, ref = quant_linear_triton(x, w).double(), quant_linear_ref(x.float(), w).double()
