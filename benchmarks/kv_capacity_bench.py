@@ -1,7 +1,7 @@
 """End to end, per KV cache dtype: the largest batch of 4k-token sequences that fits in the same
 KV memory, and the output tokens/s it decodes at. Llama-3.1-8B shapes, random weights, bf16.
 
-Every dtype gets the same --kv-memory (residual slots of int4/int2 included), so the batch
+Every dtype gets the same --kv-memory (ring of int4/int2 included), so the batch
 grows with the tokens each format holds per GiB. The batch is the KV capacity divided by the
 sequence length (prompt + output): no preemption, checked. Output tokens/s is measured over
 the decode phase (after every sequence has its first token) and over the whole run.
@@ -26,7 +26,7 @@ from wattserve.engine.request import SamplingParams
 from wattserve.kernels.kv_format import (
     KV_CACHE_DTYPES,
     bytes_per_block,
-    bytes_per_residual_slot,
+    bytes_per_ring,
     default_block_size,
     kv_format,
 )
@@ -36,12 +36,12 @@ RESULTS = Path(__file__).parent / "results"
 
 def largest_batch(dtype: str, args) -> int:
     """Sequences of prompt + output tokens that the KV budget holds: each takes its blocks and,
-    for int4/int2, one residual slot (the engine sizes the slots by the batch bound)."""
+    for int4/int2, one ring (the engine sizes the slots by the batch bound)."""
     fmt, bs = kv_format(dtype), default_block_size(dtype)
     layers, heads, dim = LLAMA31_8B["num_hidden_layers"], LLAMA31_8B["num_key_value_heads"], LLAMA31_8B["head_dim"]
     blocks = -(-(args.prompt_len + args.output_len) // bs)
     per_seq = layers * (blocks * bytes_per_block(fmt, bs, heads, dim, torch.bfloat16)
-                        + bytes_per_residual_slot(fmt, bs, heads, dim, torch.bfloat16))
+                        + bytes_per_ring(fmt, bs, heads, dim, torch.bfloat16))
     return int(args.kv_memory_gib * 2**30) // per_seq
 
 

@@ -6,12 +6,12 @@ distribution against the unquantized cache, for every --kv-cache-dtype. The text
 windows, all scored together as one batch, in one of two ways:
 - decode (default): token by token (teacher forcing), as a served request's decode steps
   see the cache: every earlier token read back from the quantized cache, and for the KIVI
-  formats the positions in the sequence's full-precision residual ring (kernels/kv_format.py);
+  formats the positions in the sequence's full-precision ring (kernels/kv_format.py);
 - prefill: in chunks, each chunk written to the cache before attention reads it back, so
   whole blocks are quantized before their own tokens attend to them (the harsher case).
 
 Capacity: tokens held per GiB of KV memory, scales and zero points included, for the default
-model and for Llama-3.1-8B shapes; also with the int4/int2 per-sequence residual rings
+model and for Llama-3.1-8B shapes; also with the int4/int2 per-sequence rings
 counted, as a share of 4k-token sequences.
 
 Usage: python benchmarks/kv_quality_bench.py [--tokens 20480] [--window 2048] [--chunk 256]
@@ -34,7 +34,7 @@ from wattserve.engine.step_input import StepInput
 from wattserve.kernels.kv_format import (
     KV_CACHE_DTYPES,
     bytes_per_block,
-    bytes_per_residual_slot,
+    bytes_per_ring,
     default_block_size,
     kv_format,
 )
@@ -42,7 +42,7 @@ from wattserve.kernels.kv_format import (
 RESULTS = Path(__file__).parent / "results"
 GOALS = {"fp8_e4m3": 0.5, "int8": 0.5, "int4": 3.0, "int2": 10.0}  # max perplexity increase, %
 CAPACITY_GOALS = {"fp8_e4m3": 1.9, "int8": 1.9, "int4": 3.5, "int2": 6.0}  # x bf16 tokens per GiB
-SEQUENCE_TOKENS = 4096  # the sequence length the residual rings' share of capacity is shown at
+SEQUENCE_TOKENS = 4096  # the sequence length the rings' share of capacity is shown at
 SHAPES = {  # layers, kv heads, head dim
     "SmolLM2-135M": (30, 3, 64),
     "Llama-3.1-8B": (32, 8, 128),
@@ -93,10 +93,10 @@ def capacity_table() -> dict:
         for name in KV_CACHE_DTYPES:
             fmt, bs = kv_format(name), default_block_size(name)
             per_token = layers * bytes_per_block(fmt, bs, heads, dim, torch.bfloat16) / bs
-            residual = layers * bytes_per_residual_slot(fmt, bs, heads, dim, torch.bfloat16)
+            residual = layers * bytes_per_ring(fmt, bs, heads, dim, torch.bfloat16)
             gib = 2**30
             tokens = gib / per_token
-            # int4/int2: each sequence also holds a residual ring; spread over a 4k-token sequence.
+            # int4/int2: each sequence also holds a ring; spread over a 4k-token sequence.
             with_residual = gib / (per_token + residual / SEQUENCE_TOKENS)
             rows[name] = {
                 "block_size": bs, "bytes_per_token": per_token, "tokens_per_gib": int(tokens),

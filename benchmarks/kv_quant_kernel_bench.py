@@ -2,7 +2,7 @@
 
 (a) decode attention, Llama-3.1-8B shapes (32 q heads, 8 kv heads, head_dim 128, bf16 q),
     batch 32 x 8k context (sequence i holds 8192 - (37 i mod 64) tokens, so an int4
-    sequence's residual holds 0..63 of them, an int2 one's 64..127), each dtype at its default block size (16; 64
+    sequence's ring holds 0..63 of them, an int2 one's 64..127), each dtype at its default block size (16; 64
     for int4/int2), blocks scattered: time, bytes read (codes, scales/zeros, residual,
     block tables), effective bandwidth against the device-to-device copy, speedup vs bf16.
     Decode is memory-bound, so the speedup should approach bf16's bytes / the dtype's bytes;
@@ -46,7 +46,7 @@ from kernel_bench import (
     warm_up_gpu,
 )
 
-from wattserve.engine.kivi_plan import kivi_plan, residual_start
+from wattserve.engine.kivi_plan import kivi_plan, ring_start
 from wattserve.kernels.attention import AttentionMetadata, KiviPlan, paged_attention_ref
 from wattserve.kernels.kv_format import (
     KV_CACHE_DTYPES,
@@ -70,7 +70,7 @@ CHECK_SEQS = 4  # sequences the float32 reference attends over (it materializes 
 def random_cache(name: str, context_lens: list[int], gen: torch.Generator):
     """(cache, block_tables, KIVI plan or None): random codes and plausible scales (the kernels'
     speed does not depend on the values), each sequence's blocks scattered over the pool,
-    sequence i in residual slot i."""
+    sequence i in ring i."""
     fmt, bs = kv_format(name), default_block_size(name)
     blocks = [-(-c // bs) for c in context_lens]
     num_blocks = sum(blocks) + 1
@@ -90,7 +90,7 @@ def random_cache(name: str, context_lens: list[int], gen: torch.Generator):
             zero.copy_(torch.randint(0, qmax + 1, zero.shape, device=DEV, generator=gen, dtype=torch.uint8))
         elif zero is not None:  # a KIVI key minimum
             zero.copy_(-torch.rand(zero.shape, device=DEV, generator=gen))
-    for t in (cache.k_residual, cache.v_residual):
+    for t in (cache.k_ring, cache.v_ring):
         if t is not None:
             t.normal_(generator=gen)
     if fmt.sink:
@@ -112,7 +112,7 @@ def decode_plan(fmt, tables: torch.Tensor, context_lens: list[int]) -> KiviPlan 
         return None
     n = len(context_lens)
     return kivi_plan(context_lens, [0] * n, tables.tolist(), [(i, 0) for i in range(n)],
-                     default_block_size(fmt.name), fmt.residual_blocks, torch.device(DEV))
+                     default_block_size(fmt.name), fmt.ring_blocks, torch.device(DEV))
 
 
 def decode_bytes(name: str, context_lens: list[int]) -> dict:
@@ -124,8 +124,8 @@ def decode_bytes(name: str, context_lens: list[int]) -> dict:
     if not fmt.quantized:
         return {"codes": 2 * tokens * h * d * DTYPE.itemsize, "meta": 0, "residual": 0, "tables": tables}
     if fmt.kivi:
-        coded = sum(residual_start(0, c, bs, fmt.residual_blocks) for c in context_lens)
-        sinks = sum(residual_start(0, c, bs, fmt.residual_blocks) > 0 for c in context_lens) if fmt.sink else 0
+        coded = sum(ring_start(0, c, bs, fmt.ring_blocks) for c in context_lens)
+        sinks = sum(ring_start(0, c, bs, fmt.ring_blocks) > 0 for c in context_lens) if fmt.sink else 0
         return {"codes": 2 * coded * h * fmt.codes_dim(d),
                 # V scale + zero; K scale + min per block; int8 K and V + scale + zero per sink
                 "meta": coded * h * 3 + coded // bs * h * d * 2 * 2 + sinks * 2 * h * (d + 3),
@@ -208,12 +208,12 @@ def sweep_decode(name: str, run, table_width: int) -> list[dict]:
 # ---- (b) KV write of a prefill ---------------------------------------------------------------
 def prefill_write_meta(name: str, num_tokens: int) -> tuple[AttentionMetadata, int]:
     """One sequence's prompt into blocks 0.. in order (the write's speed does not depend on
-    which), residual slot 0; and the number of blocks."""
+    which), ring 0; and the number of blocks."""
     fmt, bs = kv_format(name), default_block_size(name)
     nb = -(-num_tokens // bs)
     meta = AttentionMetadata(torch.arange(num_tokens, device=DEV), None, None, None, [num_tokens], [num_tokens])
     if fmt.kivi:
-        meta.kivi = kivi_plan([0], [num_tokens], [list(range(nb))], [(0, 0)], bs, fmt.residual_blocks,
+        meta.kivi = kivi_plan([0], [num_tokens], [list(range(nb))], [(0, 0)], bs, fmt.ring_blocks,
                               torch.device(DEV))
     return meta, nb
 
@@ -230,7 +230,7 @@ def write_bytes(name: str, num_tokens: int) -> int:
     if fmt.fp8:
         written += 2 * full * h * 2
     elif fmt.kivi:
-        ring = num_tokens - residual_start(0, num_tokens, bs, fmt.residual_blocks)
+        ring = num_tokens - ring_start(0, num_tokens, bs, fmt.ring_blocks)
         written += full * h * 3 + full // bs * h * d * 4 + 2 * ring * h * d * DTYPE.itemsize
         if fmt.sink:
             written += full // bs * 2 * h * (d + 3)

@@ -85,7 +85,7 @@ class EngineCore:
             self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, max_len)
         self.kv = KVCacheManager(num_blocks, cache.block_size, num_rings,
                                  enable_prefix_caching=cache.enable_prefix_caching, kv_cache_dtype=fmt.name,
-                                 ring_blocks=max(1, fmt.residual_blocks))
+                                 ring_blocks=max(1, fmt.ring_blocks))
         self.scheduler = Scheduler(config.scheduler, self.kv, max_len, self.tokenizer.eos_token_ids)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer.hf, mc.vocab_size, self.tokenizer.eos_token_ids)

@@ -48,11 +48,11 @@ class DecodeGraphs:
             # KIVI formats: a decode step fills at most one block per sequence (flush rows padded -1).
             fmt = kv_caches[0].fmt
             self.kivi = None if not fmt.kivi else KiviPlan(
-                residual_tables=torch.zeros(n, fmt.residual_blocks, dtype=torch.int32),
-                residual_starts=torch.zeros(n, dtype=torch.int32),
-                residual_mapping=torch.full((n,), -1, dtype=torch.long),
+                ring_tables=torch.zeros(n, fmt.ring_blocks, dtype=torch.int32),
+                ring_starts=torch.zeros(n, dtype=torch.int32),
+                ring_mapping=torch.full((n,), -1, dtype=torch.long),
                 flush_blocks=torch.full((n,), -1, dtype=torch.long),
-                flush_residual=torch.zeros(n, dtype=torch.long),
+                flush_ring=torch.zeros(n, dtype=torch.long),
                 flush_prior=torch.zeros(n, dtype=torch.long),
                 flush_start=torch.zeros(n, dtype=torch.long),
             )
@@ -106,11 +106,11 @@ class DecodeGraphs:
 
     def _copy_kivi(self, plan: KiviPlan, n: int, bs: int) -> None:
         static, flushes = self.kivi, plan.flush_blocks.shape[0]
-        for name in ("residual_tables", "residual_starts", "residual_mapping"):
+        for name in ("ring_tables", "ring_starts", "ring_mapping"):
             getattr(static, name)[:n].copy_(getattr(plan, name), non_blocking=True)
-        for name in ("flush_blocks", "flush_residual", "flush_prior", "flush_start"):
+        for name in ("flush_blocks", "flush_ring", "flush_prior", "flush_start"):
             getattr(static, name)[:flushes].copy_(getattr(plan, name), non_blocking=True)
         static.flush_blocks[flushes:bs].fill_(-1)
-        static.residual_mapping[n:bs].fill_(-1)
-        static.residual_tables[n:bs].fill_(0)
-        static.residual_starts[n:bs].fill_(0)
+        static.ring_mapping[n:bs].fill_(-1)
+        static.ring_tables[n:bs].fill_(0)
+        static.ring_starts[n:bs].fill_(0)

@@ -18,7 +18,7 @@ from wattserve.kernels.kv_format import (
     LayerKVCache,
     allocate_layer,
     bytes_per_block,
-    bytes_per_residual_slot,
+    bytes_per_ring,
 )
 
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
@@ -53,7 +53,7 @@ class ModelRunner:
 
     def bytes_per_ring(self, block_size: int) -> int:
         c = self.model_config
-        return c.num_layers * bytes_per_residual_slot(self.kv_format, block_size, c.num_kv_heads, c.head_dim,
+        return c.num_layers * bytes_per_ring(self.kv_format, block_size, c.num_kv_heads, c.head_dim,
                                                       self.dtype)
 
     def num_blocks_for(self, cache: CacheConfig, num_rings: int = 0) -> int:
@@ -93,7 +93,7 @@ class ModelRunner:
 
     def copy_ring(self, src: int, dst: int) -> None:
         for cache in self.kv_caches:
-            cache.copy_residual(src, dst)
+            cache.copy_ring(src, dst)
 
     # ---- a step ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -145,7 +145,7 @@ class ModelRunner:
         )
         if self.kv_format.kivi:
             meta.kivi = kivi_plan(inputs.starts, inputs.num_new, inputs.tables, inputs.rings, bs,
-                                  self.kv_format.residual_blocks, self.device)
+                                  self.kv_format.ring_blocks, self.device)
         input_ids = t(inputs.token_ids)
         if inputs.ahead:
             at, rows = zip(*inputs.ahead)

@@ -24,25 +24,25 @@ from wattserve.kernels.kv_quant import (
 @dataclass
 class KiviPlan:
     """Where this step's K/V go in a KIVI (int4, int2) cache, and where attention finds the
-    full-precision residual; see kernels/kv_format.py (engine/kivi_plan.py builds it).
+    full-precision ring; see kernels/kv_format.py (engine/kivi_plan.py builds it).
 
-    residual_tables: [num_seqs, R] int32, each sequence's residual ring rows in position
-        order: row j holds positions residual_starts + j * block_size onward
-    residual_starts: [num_seqs] int32, the first position read from the residual (a
+    ring_tables: [num_seqs, R] int32, each sequence's ring rows in position
+        order: row j holds positions ring_starts + j * block_size onward
+    ring_starts: [num_seqs] int32, the first position read from the ring (a
         multiple of block_size); earlier positions are read from the quantized blocks
-    residual_mapping: [num_tokens] residual row (ring row * block_size + offset) of each new
-        token from its sequence's residual start on, else -1
+    ring_mapping: [num_tokens] ring row (ring row * block_size + offset) of each new
+        token from its sequence's ring start on, else -1
     flush_blocks: [F] blocks that fill up this step (-1: padding, skipped)
-    flush_residual / flush_prior / flush_start: [F] the block's ring row, how many of its
+    flush_ring / flush_prior / flush_start: [F] the block's ring row, how many of its
         tokens were written in earlier steps (they are in that row), and the flat-batch index
         of its first token written this step
     """
 
-    residual_tables: torch.Tensor
-    residual_starts: torch.Tensor
-    residual_mapping: torch.Tensor
+    ring_tables: torch.Tensor
+    ring_starts: torch.Tensor
+    ring_mapping: torch.Tensor
     flush_blocks: torch.Tensor
-    flush_residual: torch.Tensor
+    flush_ring: torch.Tensor
     flush_prior: torch.Tensor
     flush_start: torch.Tensor
 
@@ -149,7 +149,7 @@ def _gather(cache: LayerKVCache, meta: AttentionMetadata, rows: list[int], num_t
     shape = (len(rows), nb * bs, *k.shape[2:])
     k, v = k.reshape(shape), v.reshape(shape)
     if cache.fmt.kivi:
-        k, v = _overlay_residual(cache, meta, rows, k, v)
+        k, v = _overlay_ring(cache, meta, rows, k, v)
     return k[:, :num_tokens], v[:, :num_tokens]
 
 
@@ -170,19 +170,19 @@ def _dequantize_blocks(cache: LayerKVCache, blocks: torch.Tensor, dtype):
     return k.to(dtype), v.to(dtype)
 
 
-def _overlay_residual(cache: LayerKVCache, meta: AttentionMetadata, rows: list[int], k, v):
-    """Positions from each sequence's residual start on come from its residual ring; with a
+def _overlay_ring(cache: LayerKVCache, meta: AttentionMetadata, rows: list[int], k, v):
+    """Positions from each sequence's ring start on come from its ring; with a
     `sink` format, position 0 before it from block 0's int8 copy."""
     bs = cache.block_size
     idx = torch.tensor(rows, device=k.device)
-    begin = meta.kivi.residual_starts[idx].long()  # [B]
+    begin = meta.kivi.ring_starts[idx].long()  # [B]
     pos = torch.arange(k.shape[1], device=k.device)
     rel = (pos[None, :] - begin[:, None]).clamp(min=0)  # [B, T]
-    ring = meta.kivi.residual_tables[idx].long()  # [B, R]
+    ring = meta.kivi.ring_tables[idx].long()  # [B, R]
     in_res = (pos[None, :] >= begin[:, None]) & (rel < ring.shape[1] * bs)
     row = ring.gather(1, (rel // bs).clamp(max=ring.shape[1] - 1))  # [B, T]
-    res_k = cache.k_residual[row, rel % bs].to(k.dtype)  # [B, T, KVH, D]
-    res_v = cache.v_residual[row, rel % bs].to(v.dtype)
+    res_k = cache.k_ring[row, rel % bs].to(k.dtype)  # [B, T, KVH, D]
+    res_v = cache.v_ring[row, rel % bs].to(v.dtype)
     sel = in_res[:, :, None, None]
     k, v = torch.where(sel, res_k, k), torch.where(sel, res_v, v)
     if cache.fmt.sink:

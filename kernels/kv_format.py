@@ -11,7 +11,7 @@ are defined in kernels/kv_quant.py.
 | int8     | uint8 [nb, bs, h, d]         | scale fp16 + zero uint8 [nb, bs, h], K and V      |
 | int4     | uint8 [nb, bs, h, d/2]       | K: scale + min fp16 [nb, h, d] (per channel);     |
 | int2     | uint8 [nb, bs, h, d/4]       | V: scale fp16 + zero uint8 [nb, bs, h];           |
-|          |                              | residual K, V in model dtype [slots*R, bs, h, d]; |
+|          |                              | ring K, V in model dtype [slots*R, bs, h, d]; |
 |          |                              | int2: sink uint8 [nb, 2, h, d] (K, V), scale fp16 |
 |          |                              | + zero uint8 [nb, 2, h]                           |
 
@@ -19,11 +19,11 @@ int4 and int2 follow KIVI: a block's keys are quantized per channel over the blo
 (keys have outlier channels: one range per token and head costs int4 +17% perplexity on the
 default model, one per channel +2%, benchmarks/kv_quality_bench.py), so a block can only be
 quantized once it is full. Until then its tokens live in full precision in the sequence's
-residual slot (one per sequence, not per block): a ring of R = `residual_blocks` blocks, block
+ring (one per sequence, not per block): a ring of R = `ring_blocks` blocks, block
 b of the sequence in ring row slot * R + b % R. Attention reads a sequence's positions from its
-residual start on from there: the start of its last R - 1 full blocks and its partial one, but
+ring start on from there: the start of its last R - 1 full blocks and its partial one, but
 never before the first block it wrote itself (after a prefix-cache hit, the hit's blocks have
-no residual copy). The rows to read, in position order, are the plan's `residual_tables`.
+no ring copy). The rows to read, in position order, are the plan's `ring_tables`.
 
 int2 also keeps each block's first token at int8 ("sink"). Only a sequence's position 0 is read
 from it, the attention sink every later token attends to strongly; it is stored with each block
@@ -56,9 +56,9 @@ class KVFormat:
     name: str
     bits: int = 0  # 0: stored in the model dtype
     fp8: bool = False
-    kivi: bool = False  # int4/int2: per-channel keys, full-precision residual of the last blocks
+    kivi: bool = False  # int4/int2: per-channel keys, full-precision ring of the last blocks
     rotated: bool = False  # K and V stored rotated (kernels/kv_rotation.py)
-    residual_blocks: int = 0  # KIVI: R, the blocks of the residual ring
+    ring_blocks: int = 0  # KIVI: R, the blocks of the ring
     sink: bool = False  # position 0 read from its block's int8 copy
 
     @property
@@ -73,8 +73,8 @@ FORMATS = {
     "auto": KVFormat("auto"),
     "fp8_e4m3": KVFormat("fp8_e4m3", 8, fp8=True, rotated=True),
     "int8": KVFormat("int8", 8),
-    "int4": KVFormat("int4", 4, kivi=True, residual_blocks=1),
-    "int2": KVFormat("int2", 2, kivi=True, rotated=True, residual_blocks=2, sink=True),
+    "int4": KVFormat("int4", 4, kivi=True, ring_blocks=1),
+    "int2": KVFormat("int2", 2, kivi=True, rotated=True, ring_blocks=2, sink=True),
 }
 
 
@@ -99,8 +99,8 @@ class LayerKVCache:
     k_zero: torch.Tensor | None = None  # KIVI: the per-channel minimum (fp16)
     v_scale: torch.Tensor | None = None
     v_zero: torch.Tensor | None = None
-    k_residual: torch.Tensor | None = None  # KIVI: ring rows [slots * R, bs, h, d]
-    v_residual: torch.Tensor | None = None
+    k_ring: torch.Tensor | None = None  # KIVI: ring rows [slots * R, bs, h, d]
+    v_ring: torch.Tensor | None = None
     sink: torch.Tensor | None = None  # `sink` formats: each block's first K and V, int8 [nb, 2, h, d]
     sink_scale: torch.Tensor | None = None  # [nb, 2, h] fp16
     sink_zero: torch.Tensor | None = None  # [nb, 2, h] uint8
@@ -119,15 +119,15 @@ class LayerKVCache:
         for t in self.block_tensors():
             t[dst] = t[src]
 
-    def copy_residual(self, src: int, dst: int) -> None:
+    def copy_ring(self, src: int, dst: int) -> None:
         """Residual slot src's ring to slot dst's."""
-        r = self.fmt.residual_blocks
-        self.k_residual[dst * r : (dst + 1) * r] = self.k_residual[src * r : (src + 1) * r]
-        self.v_residual[dst * r : (dst + 1) * r] = self.v_residual[src * r : (src + 1) * r]
+        r = self.fmt.ring_blocks
+        self.k_ring[dst * r : (dst + 1) * r] = self.k_ring[src * r : (src + 1) * r]
+        self.v_ring[dst * r : (dst + 1) * r] = self.v_ring[src * r : (src + 1) * r]
 
 
 def allocate_layer(fmt: KVFormat, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                   dtype: torch.dtype, device: torch.device, num_residual_slots: int = 0) -> LayerKVCache:
+                   dtype: torch.dtype, device: torch.device, num_rings: int = 0) -> LayerKVCache:
     def zeros(*shape, dt=dtype):
         return torch.zeros(*shape, dtype=dt, device=device)
 
@@ -142,8 +142,8 @@ def allocate_layer(fmt: KVFormat, num_blocks: int, block_size: int, num_kv_heads
     if fmt.kivi:
         cache.k_scale = zeros(num_blocks, num_kv_heads, head_dim, dt=torch.float16)
         cache.k_zero = zeros(num_blocks, num_kv_heads, head_dim, dt=torch.float16)
-        ring = (num_residual_slots * fmt.residual_blocks, block_size, num_kv_heads, head_dim)
-        cache.k_residual, cache.v_residual = zeros(*ring), zeros(*ring)
+        ring = (num_rings * fmt.ring_blocks, block_size, num_kv_heads, head_dim)
+        cache.k_ring, cache.v_ring = zeros(*ring), zeros(*ring)
     else:
         cache.k_scale = zeros(*paged, dt=torch.float16)
     if not fmt.fp8:
@@ -167,10 +167,10 @@ def bytes_per_block(fmt: KVFormat, block_size: int, num_kv_heads: int, head_dim:
     return _nbytes(one.block_tensors())
 
 
-def bytes_per_residual_slot(fmt: KVFormat, block_size: int, num_kv_heads: int, head_dim: int,
+def bytes_per_ring(fmt: KVFormat, block_size: int, num_kv_heads: int, head_dim: int,
                             dtype: torch.dtype) -> int:
-    """One layer's bytes for one sequence's full-precision residual ring (KIVI formats only)."""
+    """One layer's bytes for one sequence's full-precision ring (KIVI formats only)."""
     if not fmt.kivi:
         return 0
     one = allocate_layer(fmt, 0, block_size, num_kv_heads, head_dim, dtype, torch.device("meta"), 1)
-    return _nbytes((one.k_residual, one.v_residual))
+    return _nbytes((one.k_ring, one.v_ring))

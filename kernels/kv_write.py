@@ -44,25 +44,25 @@ def _scatter(paged: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> No
 
 def _write_kivi(k, v, cache: LayerKVCache, meta: AttentionMetadata) -> None:
     """Blocks that fill up this step are quantized whole (their earlier tokens come from the
-    residual, the rest from this step's k and v); tokens from the sequence's residual start on
-    go to the residual ring. Flushing first matters: the ring rows it reads may be overwritten
+    residual, the rest from this step's k and v); tokens from the sequence's ring start on
+    go to the ring. Flushing first matters: the ring rows it reads may be overwritten
     by a later block's tokens in the same step."""
     plan = meta.kivi
     bs = cache.block_size
-    for block, slot, prior, start in zip(*(t.tolist() for t in (plan.flush_blocks, plan.flush_residual,
+    for block, slot, prior, start in zip(*(t.tolist() for t in (plan.flush_blocks, plan.flush_ring,
                                                                 plan.flush_prior, plan.flush_start))):
         if block < 0:
             continue
         new = bs - prior
-        kb = torch.cat([cache.k_residual[slot, :prior], k[start : start + new].to(cache.k_residual.dtype)])
-        vb = torch.cat([cache.v_residual[slot, :prior], v[start : start + new].to(cache.v_residual.dtype)])
+        kb = torch.cat([cache.k_ring[slot, :prior], k[start : start + new].to(cache.k_ring.dtype)])
+        vb = torch.cat([cache.v_ring[slot, :prior], v[start : start + new].to(cache.v_ring.dtype)])
         bits = cache.fmt.bits
         cache.k[block], cache.k_scale[block], cache.k_zero[block] = quantize_per_channel(kb, bits)
         cache.v[block], cache.v_scale[block], cache.v_zero[block] = quantize_per_token(vb, bits)
         if cache.fmt.sink:  # the block's first token, K and V, at int8
             cache.sink[block], cache.sink_scale[block], cache.sink_zero[block] = quantize_per_token(
                 torch.stack([kb[0], vb[0]]), 8)
-    keep = plan.residual_mapping >= 0
-    rows = plan.residual_mapping[keep]
-    _scatter(cache.k_residual, rows, k[keep])
-    _scatter(cache.v_residual, rows, v[keep])
+    keep = plan.ring_mapping >= 0
+    rows = plan.ring_mapping[keep]
+    _scatter(cache.k_ring, rows, k[keep])
+    _scatter(cache.v_ring, rows, v[keep])

@@ -15,7 +15,7 @@ written for memory bandwidth:
   (max, sum, acc), all float32.
 - Quantized caches: the tiles are codes, dequantized in registers (triton_paged_tile.py), so
   the bytes read shrink with the codes; with int4/int2 (KIVI) keys each sequence's positions
-  from its residual start on come from its full-precision residual ring, and int2's
+  from its ring start on come from its full-precision ring, and int2's
   position 0 from its int8 sink copy. Their cost is then
   per-tile work, not bytes: the rows that only padded the group to 16 become lanes, each
   with its own tile of a step (lane j takes tiles t + j), and the lanes' partial softmaxes
@@ -109,7 +109,7 @@ def _decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
-    if KIVI:  # positions from here on are in the residual ring; loaded beside ctx, not after it
+    if KIVI:  # positions from here on are in the ring; loaded beside ctx, not after it
         res_start = tl.load(res_starts_ptr + seq)
     num_tiles = tl.cdiv(ctx, TILE_N)
     first_tile = 0
@@ -185,7 +185,7 @@ def _decode_kernel(
                 acc, m, l = attend_sink(acc, m, l, q, rows, table, sink_ptr, sink_scale_ptr, sink_zero_ptr,
                                         kv_head, num_kv_heads, scale_log2, softcap, HEAD_DIM, SOFTCAP)
         if KIVI:
-            # The ring rows as a block table of positions from the residual start on; lane 0's
+            # The ring rows as a block table of positions from the ring start on; lane 0's
             # rows alone attend them (the others' positions precede them).
             # A few tiles (the ring's blocks): unpipelined, their bf16 buffers (32 KB a stage)
             # would set the kernel's shared memory and cap the programs per SM.
@@ -271,7 +271,7 @@ def paged_decode_attention_cache(
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
     (kernels/kv_format.py); block_tables: [num_seqs, max_blocks] int32; context_lens:
-    [num_seqs] int32 (device; never read on the host); kivi: the step's plan, for its residual
+    [num_seqs] int32 (device; never read on the host); kivi: the step's plan, for its ring
     tables and starts (int4/int2 caches only); sliding_window, softcap: as
     attention.paged_attention_ref. Returns [num_seqs, num_heads, head_dim].
 

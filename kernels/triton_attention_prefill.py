@@ -15,8 +15,8 @@ finds its sequence by binary search over query_start_loc, so the grid comes from
 alone and nothing is read back from the device.
 
 A quantized cache is read as codes and dequantized per tile in registers
-(triton_paged_tile.py); with int4/int2 (KIVI) keys, positions from a sequence's residual
-start on come from its full-precision residual ring, and int2's position 0 from its int8
+(triton_paged_tile.py); with int4/int2 (KIVI) keys, positions from a sequence's ring
+start on come from its full-precision ring, and int2's position 0 from its int8
 sink copy.
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _prefill_kernel(
     else:
         q_sum = tl.sum(q.to(tl.float32), axis=1)
         coded_end = kv_end
-        if KIVI:  # positions from the residual start on are in the residual ring
+        if KIVI:  # positions from the ring start on are in the ring
             res_start = tl.load(res_starts_ptr + seq)
             coded_end = tl.minimum(kv_end, res_start)
         qs = split_planes(q, PLANES)
@@ -182,7 +182,7 @@ def _prefill_kernel(
                 acc, m, l = attend_sink(acc, m, l, q, rows, table, sink_ptr, sink_scale_ptr, sink_zero_ptr,
                                         kv_head, num_kv_heads, scale_log2, softcap, HEAD_DIM, SOFTCAP)
         if KIVI:
-            # The ring rows as a block table of positions from the residual start on.
+            # The ring rows as a block table of positions from the ring start on.
             res_table = res_tables_ptr + seq * stride_res_table
             for start in range(tl.maximum(lo, tl.minimum(unmasked_end, coded_end)), unmasked_end, BLOCK_N):
                 acc, m, l = attend_tile(
@@ -221,7 +221,7 @@ def paged_prefill_attention_cache(
     """q: [num_tokens, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
     (kernels/kv_format.py); sliding_window, softcap: as attention.paged_attention_ref.
     Returns [num_tokens, num_heads, head_dim]. Reads
-    meta.query_start_loc, context_lens, block_tables (and meta.kivi's residual tables) on the
+    meta.query_start_loc, context_lens, block_tables (and meta.kivi's ring tables) on the
     device; meta.max_query_len (host) only picks the tile shape.
 
     Defaults measured on an H100 (benchmarks/kernel_bench.py --sweep, 4096-token prompt,

@@ -7,10 +7,10 @@ Reference: kv_write.write_kv_ref (the encodings: kernels/kv_quant.py).
   [heads, bytes, codes per byte], so packing sub-byte codes is a shift and a sum over the
   last axis.
 - int4, int2 (KIVI): a block is quantized only when it fills up, one program per (flushed
-  block, kv head), from the residual (its earlier tokens) and this step's K/V (the rest);
+  block, kv head), from the ring (its earlier tokens) and this step's K/V (the rest);
   int2 also stores the block's first token at int8 (its sink copy). Then the tokens from
-  each sequence's residual start on go to its residual ring with the unquantized kernel.
-  Flush first: the ring rows it reads may be overwritten by the same step's residual writes.
+  each sequence's ring start on go to its ring with the unquantized kernel.
+  Flush first: the ring rows it reads may be overwritten by the same step's ring writes.
 
 Codes match the reference bit for bit: division is IEEE (div_rn, not the approximate '/'),
 rounding half to even as torch.round, and the fp16-rounded scale is the one encoded with.
@@ -195,7 +195,7 @@ def _write_kv_quant_kernel(
 @triton.jit
 def _kivi_flush_kernel(
     k_ptr, v_ptr, k_res_ptr, v_res_ptr, k_codes_ptr, v_codes_ptr, k_scale_ptr, k_min_ptr, v_scale_ptr, v_zero_ptr,
-    flush_blocks_ptr, flush_residual_ptr, flush_prior_ptr, flush_start_ptr, sink_ptr, sink_scale_ptr, sink_zero_ptr,
+    flush_blocks_ptr, flush_ring_ptr, flush_prior_ptr, flush_start_ptr, sink_ptr, sink_scale_ptr, sink_zero_ptr,
     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_r_slot, stride_r_tok, stride_r_head,
     stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok, stride_kc_block, stride_kc_head,
@@ -208,7 +208,7 @@ def _kivi_flush_kernel(
     block = tl.load(flush_blocks_ptr + row).to(tl.int64)
     if block < 0:  # padding row of a CUDA-graph batch
         return
-    slot = tl.load(flush_residual_ptr + row).to(tl.int64)
+    slot = tl.load(flush_ring_ptr + row).to(tl.int64)
     prior = tl.load(flush_prior_ptr + row)
     start = tl.load(flush_start_ptr + row).to(tl.int64)
     PER: tl.constexpr = 8 // BITS
@@ -217,7 +217,7 @@ def _kivi_flush_kernel(
     c = byte[None, :, None] * PER + tl.arange(0, PER)[None, None, :]  # [1, NB, PER]
     t3 = t[:, None, None]
     cmask = c < HEAD_DIM
-    old = (t3 < prior) & cmask  # the block's first `prior` tokens: in the residual
+    old = (t3 < prior) & cmask  # the block's first `prior` tokens: in the ring
     new = (t3 >= prior) & cmask  # the rest: this step's tokens from flat index `start`
     res = slot * stride_r_slot + t3 * stride_r_tok + h * stride_r_head + c
     src = start + t3 - prior
@@ -268,8 +268,8 @@ def write_kv_triton(k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, meta:
         write_kv_unquantized(k, v, cache.k, cache.v, meta.slot_mapping)
     elif fmt.kivi:
         plan = meta.kivi
-        _kivi_flush(k, v, cache, plan.flush_blocks, plan.flush_residual, plan.flush_prior, plan.flush_start)
-        write_kv_unquantized(k, v, cache.k_residual, cache.v_residual, plan.residual_mapping)
+        _kivi_flush(k, v, cache, plan.flush_blocks, plan.flush_ring, plan.flush_prior, plan.flush_start)
+        write_kv_unquantized(k, v, cache.k_ring, cache.v_ring, plan.ring_mapping)
     else:
         _write_kv_per_token(k, v, cache, meta.slot_mapping)
 
@@ -304,13 +304,13 @@ def _kivi_flush(k, v, cache: LayerKVCache, blocks, residual, prior, start) -> No
     """Quantize blocks `blocks` (< 0: skipped) whole; see KiviPlan for the other arguments."""
     num_kv_heads, head_dim = k.shape[1:]
     _check_layout(k, v, cache)
-    assert cache.k_residual.stride() == cache.v_residual.stride() and cache.k_scale.is_contiguous()
+    assert cache.k_ring.stride() == cache.v_ring.stride() and cache.k_scale.is_contiguous()
     if blocks.shape[0] == 0:
         return
-    res = cache.k_residual
+    res = cache.k_ring
     sink = (cache.sink, cache.sink_scale, cache.sink_zero) if cache.fmt.sink else (cache.k,) * 3  # stand-ins
     _kivi_flush_kernel[(blocks.shape[0], num_kv_heads)](
-        k, v, cache.k_residual, cache.v_residual, cache.k, cache.v, cache.k_scale, cache.k_zero,
+        k, v, cache.k_ring, cache.v_ring, cache.k, cache.v, cache.k_scale, cache.k_zero,
         cache.v_scale, cache.v_zero, blocks, residual, prior, start, *sink,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         res.stride(0), res.stride(1), res.stride(2),

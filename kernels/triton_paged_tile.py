@@ -366,7 +366,7 @@ def attend_tile_quantized(
     `tile_scales` of the lanes' tiles. Positions from kv_end on are masked with CAUSAL or
     lanes (one lane's tiles run out first); otherwise every position is visible to every
     row. KIVI: each tile lies in one block (BLOCK_N divides BLOCK_SIZE) before the sequence's
-    residual start. SINK: position 0 is skipped (`attend_sink` reads it)."""
+    ring start. SINK: position 0 is skipped (`attend_sink` reads it)."""
     PLANES: tl.constexpr = len(qs)
     LANES: tl.constexpr = len(starts)
     MASK: tl.constexpr = CAUSAL or LANES > 1 or SINK or WINDOW
@@ -484,21 +484,21 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, kivi: KiviPlan | 
     zeros = (cache.k, cache.k) if fmt.fp8 else (cache.k_zero, cache.v_zero)
     stand_in = cache.k
     if fmt.kivi:
-        res = cache.k_residual
-        assert res.stride() == cache.v_residual.stride() and res.dtype == dtype and kivi is not None
-        assert kivi.residual_tables.is_contiguous()
-        residual = [cache.k_residual, cache.v_residual, kivi.residual_tables, kivi.residual_starts]
-        residual_strides = [cache.k_scale.stride(0), res.stride(0), res.stride(1), res.stride(2),
-                            kivi.residual_tables.stride(0)]
+        res = cache.k_ring
+        assert res.stride() == cache.v_ring.stride() and res.dtype == dtype and kivi is not None
+        assert kivi.ring_tables.is_contiguous()
+        residual = [cache.k_ring, cache.v_ring, kivi.ring_tables, kivi.ring_starts]
+        ring_strides = [cache.k_scale.stride(0), res.stride(0), res.stride(1), res.stride(2),
+                            kivi.ring_tables.stride(0)]
     else:
-        residual, residual_strides = [stand_in] * 4, [0] * 5
+        residual, ring_strides = [stand_in] * 4, [0] * 5
     if fmt.sink:
         assert cache.sink.is_contiguous() and cache.sink_scale.is_contiguous() and cache.sink_zero.is_contiguous()
         sink = [cache.sink, cache.sink_scale, cache.sink_zero]
     else:
         sink = [stand_in] * 3
     tensors = [cache.k_scale, zeros[0], cache.v_scale, zeros[1], *residual, *sink,
-               cache.v_scale.stride(0), cache.v_scale.stride(1), *residual_strides, cache.k.shape[2]]
+               cache.v_scale.stride(0), cache.v_scale.stride(1), *ring_strides, cache.k.shape[2]]
     words = word_bits(fmt, cache.k.shape[-1] * 8 // fmt.bits)
     planes = 1 if fmt.fp8 else words // fmt.bits
     # The interpreter runs no PTX; fp32 queries take codes by conversion (no magic).

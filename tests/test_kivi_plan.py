@@ -3,18 +3,18 @@ ring row of the residual, and where attention starts reading the ring; and the K
 record of where each sequence's ring starts (a prefix-cache hit's end, a fork's parent's)."""
 import torch
 
-from wattserve.engine.kivi_plan import kivi_plan, residual_start
+from wattserve.engine.kivi_plan import kivi_plan, ring_start
 from wattserve.engine.kv_cache import KVCacheManager
 
 CPU = torch.device("cpu")
 
 
-def test_the_residual_starts_at_the_last_full_blocks_and_never_before_the_sequences_own():
-    assert residual_start(0, 100, 64, 2) == 0  # one full block: it is still in the ring
-    assert residual_start(0, 128, 64, 2) == 64
-    assert residual_start(0, 130, 64, 2) == 64
-    assert residual_start(0, 130, 64, 1) == 128  # int4: the partial block only
-    assert residual_start(128, 130, 64, 2) == 128  # after a hit of 2 blocks: block 1 was never in this ring
+def test_the_ring_starts_at_the_last_full_blocks_and_never_before_the_sequences_own():
+    assert ring_start(0, 100, 64, 2) == 0  # one full block: it is still in the ring
+    assert ring_start(0, 128, 64, 2) == 64
+    assert ring_start(0, 130, 64, 2) == 64
+    assert ring_start(0, 130, 64, 1) == 128  # int4: the partial block only
+    assert ring_start(128, 130, 64, 2) == 128  # after a hit of 2 blocks: block 1 was never in this ring
 
 
 def test_a_prefill_step_fills_two_blocks_and_keeps_the_last_full_one_in_the_ring():
@@ -23,12 +23,12 @@ def test_a_prefill_step_fills_two_blocks_and_keeps_the_last_full_one_in_the_ring
     # 5 tokens computed earlier (in ring row 6); this step writes 126 more, up to position 130.
     plan = kivi_plan([5], [126], [table], [(slot, 0)], bs, 2, CPU)
     assert plan.flush_blocks.tolist() == [11, 12]
-    assert plan.flush_residual.tolist() == [6, 7]  # block b in row slot * 2 + b % 2
+    assert plan.flush_ring.tolist() == [6, 7]  # block b in row slot * 2 + b % 2
     assert plan.flush_prior.tolist() == [5, 0]
     assert plan.flush_start.tolist() == [0, 59]  # flat index of each block's first new token
-    assert plan.residual_starts.tolist() == [64]
-    assert plan.residual_tables.tolist() == [[7, 6]]  # positions 64.. then 128..
-    mapping = plan.residual_mapping.tolist()
+    assert plan.ring_starts.tolist() == [64]
+    assert plan.ring_tables.tolist() == [[7, 6]]  # positions 64.. then 128..
+    mapping = plan.ring_mapping.tolist()
     assert mapping[: 64 - 5] == [-1] * 59  # block 0: quantized, out of the ring
     assert mapping[59] == 7 * bs and mapping[59 + 63] == 7 * bs + 63  # positions 64, 127
     assert mapping[-3:] == [6 * bs, 6 * bs + 1, 6 * bs + 2]  # positions 128..130: block 0's old row
@@ -47,8 +47,8 @@ def test_a_prefix_hit_starts_the_ring_at_the_hits_end_and_a_fork_keeps_its_paren
     assert since == 8
     # Its first step computes tokens 8 and 9: the ring starts at 8, not at block 1 (4).
     plan = kivi_plan([8], [2], [kv.tables[2]], [(slot, since)], 4, 2, CPU)
-    assert plan.residual_starts.tolist() == [8]
-    assert plan.residual_mapping.tolist() == [(slot * 2) * 4, (slot * 2) * 4 + 1]
+    assert plan.ring_starts.tolist() == [8]
+    assert plan.ring_mapping.tolist() == [(slot * 2) * 4, (slot * 2) * 4 + 1]
     kv.fork(2, 3, 10)
     assert kv.ring(3)[1] == 8
 

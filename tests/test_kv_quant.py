@@ -9,7 +9,7 @@ import torch
 from wattserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from wattserve.engine.core import EngineCore
 from wattserve.engine.request import SamplingParams
-from wattserve.engine.kivi_plan import kivi_plan, residual_start
+from wattserve.engine.kivi_plan import kivi_plan, ring_start
 from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
 from wattserve.kernels.kv_format import (
     FORMATS,
@@ -109,7 +109,7 @@ def dense(q, k, v, scale):
 
 def expected_cache_contents(name, k, v, block_size):
     """What a sequence's K and V [ctx, KVH, D] read back as: each full block (every block, for
-    per-token formats) quantized, a KIVI format's positions from its residual start on exact,
+    per-token formats) quantized, a KIVI format's positions from its ring start on exact,
     and a sink format's position 0 at int8 before that."""
     fmt = kv_format(name)
     if fmt.fp8:
@@ -118,7 +118,7 @@ def expected_cache_contents(name, k, v, block_size):
         return (dequantize_per_token(*quantize_per_token(k, fmt.bits), fmt.bits),
                 dequantize_per_token(*quantize_per_token(v, fmt.bits), fmt.bits))
     kk, vv = k.clone(), v.clone()
-    begin = residual_start(0, k.shape[0], block_size, fmt.residual_blocks)
+    begin = ring_start(0, k.shape[0], block_size, fmt.ring_blocks)
     for b in range(begin // block_size):
         rows = slice(b * block_size, (b + 1) * block_size)
         kk[rows] = dequantize_per_channel(*quantize_per_channel(k[rows], fmt.bits), fmt.bits)
@@ -128,7 +128,7 @@ def expected_cache_contents(name, k, v, block_size):
     return kk, vv
 
 
-def write_in_steps(cache, table, residual_slot, k, v, steps):
+def write_in_steps(cache, table, ring, k, v, steps):
     """Write one sequence's K/V in steps of the given sizes, as the engine would; returns the
     last step's KIVI plan (None for other formats)."""
     bs, start, plan = cache.block_size, 0, None
@@ -137,8 +137,8 @@ def write_in_steps(cache, table, residual_slot, k, v, steps):
         slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(start, end)])
         meta = SimpleNamespace(slot_mapping=slots, kivi=None)
         if cache.fmt.kivi:
-            plan = meta.kivi = kivi_plan([start], [n], [table], [(residual_slot, 0)], bs,
-                                         cache.fmt.residual_blocks, torch.device("cpu"))
+            plan = meta.kivi = kivi_plan([start], [n], [table], [(ring, 0)], bs,
+                                         cache.fmt.ring_blocks, torch.device("cpu"))
         write_kv_ref(k[start:end], v[start:end], cache, meta)
         start = end
     return plan
@@ -177,7 +177,7 @@ def test_attention_over_a_quantized_cache_equals_dense_attention_on_its_contents
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_preemption_and_forks_with_quantized_blocks(name):
     """Eight requests through 6 KIVI blocks of 64 (or 24 of 16) tokens: preemption happens and
-    every request completes; n = 3 greedy forks equal n = 1; every block and residual slot is
+    every request completes; n = 3 greedy forks equal n = 1; every block and ring is
     freed. Recomputing a preempted sequence runs its generated tokens through prefill instead
     of decode, whose float rounding differs by ~1e-6; a value that close to a quantization
     boundary gets the other code, so later tokens may differ (batching alone changes the
@@ -213,7 +213,7 @@ def test_preemption_and_forks_with_quantized_blocks(name):
 
 
 @pytest.mark.parametrize("ends_on_a_block", [False, True])
-def test_int2_forks_copy_the_residual_ring(ends_on_a_block):
+def test_int2_forks_copy_the_ring(ends_on_a_block):
     """n = 3 equals n = 1: the ring holds the partial block and the last full one, so the
     children need its copy even when the prompt ends on a block boundary (no block copied)."""
     engine = EngineCore(EngineConfig(cache=CacheConfig(kv_cache_dtype="int2", kv_cache_memory=64 << 20),

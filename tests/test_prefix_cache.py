@@ -12,7 +12,7 @@ from wattserve.engine.core import EngineCore
 from wattserve.engine.kv_cache import KVCacheManager
 from wattserve.engine.request import SamplingParams
 from wattserve.engine.stats import StatsObserver, StepStats
-from wattserve.kernels.kv_format import bytes_per_block, bytes_per_residual_slot, default_block_size, kv_format
+from wattserve.kernels.kv_format import bytes_per_block, bytes_per_ring, default_block_size, kv_format
 from test_engine_batching import QUESTIONS, assert_all_blocks_free, run
 
 
@@ -117,13 +117,13 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
 def make_engine(prefix_caching: bool, kv_cache_dtype: str = "auto", num_blocks: int = 64) -> EngineCore:
-    """The default model with a KV cache of `num_blocks` blocks (and, for KIVI, a residual slot
+    """The default model with a KV cache of `num_blocks` blocks (and, for KIVI, a ring
     for each of its 8 sequences)."""
     fmt, bs = kv_format(kv_cache_dtype), default_block_size(kv_cache_dtype)
     layers, heads, dim = 30, 3, 64  # SmolLM2-135M
     memory = layers * num_blocks * bytes_per_block(fmt, bs, heads, dim, torch.float32)
     if fmt.kivi:
-        memory += layers * 8 * bytes_per_residual_slot(fmt, bs, heads, dim, torch.float32)
+        memory += layers * 8 * bytes_per_ring(fmt, bs, heads, dim, torch.float32)
     engine = EngineCore(EngineConfig(
         cache=CacheConfig(kv_cache_dtype=kv_cache_dtype, kv_cache_memory=memory,
                           enable_prefix_caching=prefix_caching),
@@ -295,7 +295,7 @@ def quantized_engines(kv_cache_dtype: str) -> tuple[EngineCore, EngineCore]:
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int4", "int2"])
 def test_a_kivi_cache_gives_the_tokens_computed_without_the_cache(kv_cache_dtype):
-    """int4 and int2 are KIVI: blocks of 64, the last ones in a residual ring (int4: the partial
+    """int4 and int2 are KIVI: blocks of 64, the last ones in a ring (int4: the partial
     block; int2: the last full one too). Hits end on a block boundary, and int2 computes a
     hit's last block again, so a sequence starts from cached quantized blocks and an empty
     ring and reads every block as it would have without the cache. One prompt at a time: a

@@ -3,7 +3,7 @@
 Write: codes and metadata equal write_kv_ref's. Attention: decode (split-K) and prefill over
 a cache the reference wrote, against paged_attention_ref in float32 on the same cache, so
 the kernels' own rounding is the only error measured. Caches are poisoned (random code
-bytes, NaN scales and residuals) wherever nothing was written: a read of such a slot shows.
+bytes, NaN scales and rings) wherever nothing was written: a read of such a slot shows.
 
 Runs under Triton's interpreter on CPU tensors by default (small shapes: it is slow); with
 TRITON_INTERPRET=0 and a GPU, on CUDA, bfloat16 included.
@@ -38,11 +38,11 @@ QUANTIZED = ["fp8_e4m3", "int8", "int4", "int2"]
 
 # ---- building caches ---------------------------------------------------------------------------
 def poisoned_layer(name, num_blocks, block_size, num_kv_heads, head_dim, dtype, num_slots, gen):
-    """A cache whose every byte reads as garbage: random codes, NaN scales and residuals."""
+    """A cache whose every byte reads as garbage: random codes, NaN scales and rings."""
     cache = allocate_layer(FORMATS[name], num_blocks, block_size, num_kv_heads, head_dim, dtype,
                            torch.device(DEVICE), num_slots)
     for t in (cache.k, cache.v, cache.k_zero, cache.v_zero, cache.k_scale, cache.v_scale,
-              cache.k_residual, cache.v_residual, cache.sink, cache.sink_scale, cache.sink_zero):
+              cache.k_ring, cache.v_ring, cache.sink, cache.sink_scale, cache.sink_zero):
         if t is None:
             continue
         if t.dtype in (torch.uint8, torch.float8_e4m3fn):
@@ -52,11 +52,11 @@ def poisoned_layer(name, num_blocks, block_size, num_kv_heads, head_dim, dtype, 
     return cache
 
 
-def step_meta(computed, new, tables, residual_slots, block_size, fmt, flush_padding=0, residual_from=None):
+def step_meta(computed, new, tables, rings, block_size, fmt, flush_padding=0, ring_from=None):
     """AttentionMetadata for a step writing new[i] tokens after computed[i] of sequence i (the
     engine's layout, engine/model_runner.py), with `flush_padding` extra flush rows of -1 as
-    a CUDA-graph batch has; a KIVI plan for a KIVI `fmt`. residual_from[i]: the first position sequence i wrote to its
-    residual ring (default 0; a prefix-cache hit's end)."""
+    a CUDA-graph batch has; a KIVI plan for a KIVI `fmt`. ring_from[i]: the first position sequence i wrote to its
+    ring (default 0; a prefix-cache hit's end)."""
     bs = block_size
     slots, starts = [], [0]
     for start, n, table in zip(computed, new, tables):
@@ -69,11 +69,11 @@ def step_meta(computed, new, tables, residual_slots, block_size, fmt, flush_padd
 
     plan = None
     if fmt.kivi:
-        since = residual_from or [0] * len(computed)
-        plan = kivi_plan(computed, new, tables, list(zip(residual_slots, since)), bs, fmt.residual_blocks,
+        since = ring_from or [0] * len(computed)
+        plan = kivi_plan(computed, new, tables, list(zip(rings, since)), bs, fmt.ring_blocks,
                          torch.device(DEVICE))
         plan.flush_blocks = torch.cat([plan.flush_blocks, t([-1] * flush_padding)])
-        for name in ("flush_residual", "flush_prior", "flush_start"):
+        for name in ("flush_ring", "flush_prior", "flush_start"):
             setattr(plan, name, torch.cat([getattr(plan, name), t([0] * flush_padding)]))
     ctx = [c + n for c, n in zip(computed, new)]
     return AttentionMetadata(
@@ -83,9 +83,9 @@ def step_meta(computed, new, tables, residual_slots, block_size, fmt, flush_padd
     )
 
 
-def residual_slots_of(meta, fmt) -> list[int]:
-    """Each sequence's residual slot, from its plan's ring rows."""
-    return (meta.kivi.residual_tables[:, 0] // fmt.residual_blocks).tolist() if fmt.kivi else [0] * len(
+def rings_of(meta, fmt) -> list[int]:
+    """Each sequence's ring, from its plan's ring rows."""
+    return (meta.kivi.ring_tables[:, 0] // fmt.ring_blocks).tolist() if fmt.kivi else [0] * len(
         meta.query_lens)
 
 
@@ -93,7 +93,7 @@ def quantized_batch(name, query_lens, context_lens, num_heads, num_kv_heads, hea
                     seed=0):
     """(q, cache, meta): each sequence's cached prefix, then its query tokens, written by
     write_kv_ref as two engine steps; blocks scattered over the pool (block 0, which padded
-    table entries point at, never used); residual slots shuffled."""
+    table entries point at, never used); ring shuffled."""
     gen = torch.Generator().manual_seed(seed)
     fmt = FORMATS[name]
     n = len(context_lens)
@@ -102,12 +102,12 @@ def quantized_batch(name, query_lens, context_lens, num_heads, num_kv_heads, hea
     cache = poisoned_layer(name, num_blocks, block_size, num_kv_heads, head_dim, dtype, n + 2, gen)
     free = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
     tables = [[free.pop() for _ in range(nb)] for nb in blocks_needed]
-    residual_slots = torch.randperm(n + 2, generator=gen)[:n].tolist()
+    rings = torch.randperm(n + 2, generator=gen)[:n].tolist()
     prefix = [c - q for c, q in zip(context_lens, query_lens)]
     # Odd sequences read their prefix's full blocks as a prefix-cache hit would: quantized.
     hits = [p // block_size * block_size if i % 2 else 0 for i, p in enumerate(prefix)]
     for computed, new, since in (([0] * n, prefix, None), (prefix, list(query_lens), hits)):
-        meta = step_meta(computed, new, tables, residual_slots, block_size, fmt, residual_from=since)
+        meta = step_meta(computed, new, tables, rings, block_size, fmt, ring_from=since)
         total = sum(new)
         k, v = rand(total, num_kv_heads, head_dim, dtype=dtype, gen=gen), rand(total, num_kv_heads, head_dim, dtype=dtype, gen=gen)
         k[..., 3] += 4.0  # an outlier channel, as real keys have
@@ -132,11 +132,11 @@ def clone_cache(cache: LayerKVCache) -> LayerKVCache:
 # ---- KV write ----------------------------------------------------------------------------------
 def assert_same_cache(got: LayerKVCache, want: LayerKVCache):
     """Codes: at least 99.9% equal, all within 1 (a rounding tie may land either way); scales
-    and zeros equal; written residual rows equal. Compared byte-wise: NaN poison included."""
+    and zeros equal; written ring rows equal. Compared byte-wise: NaN poison included."""
     fmt = got.fmt
     pairs = list(zip(got.block_tensors(), want.block_tensors()))
     if fmt.kivi:
-        pairs += [(got.k_residual, want.k_residual), (got.v_residual, want.v_residual)]
+        pairs += [(got.k_ring, want.k_ring), (got.v_ring, want.v_ring)]
     for i, (a, b) in enumerate(pairs):
         if i < 2 and not fmt.fp8:  # packed integer codes: compare the codes
             ca, cb = unpack(a, fmt.bits), unpack(b, fmt.bits)
@@ -167,24 +167,24 @@ def test_write_per_token_formats_match_ref_and_skip_negative_slots(name, dtype):
 
 @pytest.mark.parametrize("name,block_size,dtype", [("int4", 16, torch.float32), ("int2", 64, torch.bfloat16),
                                                    ("int4", 64, torch.float16)])
-def test_write_kivi_flushes_full_blocks_and_fills_residuals(name, block_size, dtype):
+def test_write_kivi_flushes_full_blocks_and_fills_rings(name, block_size, dtype):
     gen = torch.Generator().manual_seed(1)
     bs, num_kv_heads, head_dim = block_size, 2, 64
     # Sequence 0: `prior` tokens already in its residual, this step fills that block and the
-    # next and leaves 3 in the residual; 1: a decode that fills a block; 2: a decode that does
+    # next and leaves 3 in the ring; 1: a decode that fills a block; 2: a decode that does
     # not; plus a padding flush row (-1).
     computed = [5, bs - 1, 2 * bs + 2]
     new = [2 * bs - 5 + 3, 1, 1]
     tables = [[1, 7, 3], [5], [4, 8, 6]]
-    residual_slots = [3, 1, 4]
+    rings = [3, 1, 4]
     cache = poisoned_layer(name, 9, bs, num_kv_heads, head_dim, dtype, 5, gen)
-    # Earlier steps' tokens in the residual slots (a flushed block reads them).
-    ring = cache.fmt.residual_blocks
+    # Earlier steps' tokens in the ring (a flushed block reads them).
+    ring = cache.fmt.ring_blocks
     for seq, c in enumerate(computed):
-        row, keep = residual_slots[seq] * ring + c // bs % ring, c % bs
-        cache.k_residual[row, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
-        cache.v_residual[row, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
-    meta = step_meta(computed, new, tables, residual_slots, bs, cache.fmt, flush_padding=1)
+        row, keep = rings[seq] * ring + c // bs % ring, c % bs
+        cache.k_ring[row, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+        cache.v_ring[row, :keep] = rand(keep, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    meta = step_meta(computed, new, tables, rings, bs, cache.fmt, flush_padding=1)
     assert meta.kivi.flush_prior.tolist() == [5, 0, bs - 1, 0]
     fused = rand(sum(new), 2, num_kv_heads, head_dim, dtype=dtype, gen=gen) * 2
     fused[..., 0, :, 3] += 6.0
@@ -226,7 +226,7 @@ MIXED_QUERY_LENS = [1, 17, 5, 16, 1, 40]
 MIXED_CONTEXTS = [33, 17, 40, 80, 1, 150]  # decodes, whole prompts, chunks over a cached prefix
 
 
-# block_n 16 < block_size 64: residual tiles before a query tile's first position (no mask).
+# block_n 16 < block_size 64: ring tiles before a query tile's first position (no mask).
 @pytest.mark.parametrize("name,num_heads,num_kv_heads,head_dim,block_size,dtype,block_n", [
     ("fp8_e4m3", 9, 3, 128, 16, torch.float32, None),
     ("int8", 8, 2, 64, 16, torch.float16, None),
@@ -271,7 +271,7 @@ def test_decode_entry_point_and_write_kernel_together(name):
     q, cache, meta = quantized_batch(name, [1, 1, 1], [bs - 1, 40, 2 * bs - 1], 8, 2, 64, torch.float16, bs, seed=4)
     # No context is a multiple of bs: each new token lands in its sequence's last block.
     tables = [row[: -(-c // bs)] for row, c in zip(meta.block_tables.tolist(), meta.context_lens_host)]
-    step = step_meta(meta.context_lens_host, [1, 1, 1], tables, residual_slots_of(meta, cache.fmt), bs,
+    step = step_meta(meta.context_lens_host, [1, 1, 1], tables, rings_of(meta, cache.fmt), bs,
                      cache.fmt)
     k, v = rand(3, 2, 64, dtype=torch.float16, gen=gen), rand(3, 2, 64, dtype=torch.float16, gen=gen)
     want = clone_cache(cache)
@@ -343,7 +343,7 @@ def test_write_and_decode_in_a_cuda_graph(name):
     gen = torch.Generator().manual_seed(6)
     tables = [row[: -(-c // bs)] for row, c in zip(meta.block_tables.tolist(), meta.context_lens_host)]
     # Rewrites each sequence's last token: sequence 1's fills its block (int4/int2: a flush).
-    step = step_meta([199, 63], [1, 1], tables, residual_slots_of(meta, cache.fmt), bs, cache.fmt,
+    step = step_meta([199, 63], [1, 1], tables, rings_of(meta, cache.fmt), bs, cache.fmt,
                      flush_padding=2)
     k, v = rand(2, 2, 128, dtype=torch.bfloat16, gen=gen), rand(2, 2, 128, dtype=torch.bfloat16, gen=gen)
     want = clone_cache(cache)
