@@ -79,16 +79,10 @@ def compare(engine, hf_model, encode, rel_bound: float = 1e-4, greedy: bool = Tr
                 f"greedy tokens differ for {text!r}"
 
 
-def write_gguf(model, path, arch: str, extra_tensors=(), metadata=(), norm_offset: float = 0.0) -> str:
-    """The model's weights as float32 GGUF tensors under llama.cpp's names, as gguf-py maps
-    them, with the metadata keys llama.cpp's converter writes; no tokenizer (tests pass the
-    checkpoint directory as --tokenizer). `extra_tensors`: (gguf name, array) written as
-    they are; `metadata`: callables on the writer; `norm_offset` added to every norm weight
-    (llama.cpp's Gemma converter stores 1 + weight)."""
+def gguf_writer(path, arch: str, cfg):
+    """A GGUFWriter with the shape metadata every family shares, from an HF config."""
     import gguf
 
-    cfg = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -100,9 +94,23 @@ def write_gguf(model, path, arch: str, extra_tensors=(), metadata=(), norm_offse
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
-    rope = cfg.rope_parameters
+    rope = cfg.rope_parameters  # Gemma 3: one per layer type; the global layers' here
     w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    return w
+
+
+def write_gguf(model, path, arch: str, extra_tensors=(), metadata=(), norm_offset: float = 0.0) -> str:
+    """The model's weights as float32 GGUF tensors under llama.cpp's names, as gguf-py maps
+    them, with the metadata keys llama.cpp's converter writes; no tokenizer (tests pass the
+    checkpoint directory as --tokenizer). `extra_tensors`: (gguf name, array) written as
+    they are; `metadata`: callables on the writer; `norm_offset` added to every norm weight
+    (llama.cpp's Gemma converter stores 1 + weight)."""
+    import gguf
+
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    w = gguf_writer(path, arch, cfg)
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
     for add in metadata:

@@ -2,12 +2,11 @@
 from safetensors and from a GGUF written from the same weights in llama.cpp's layout."""
 import functools
 
-import gguf
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from hf_oracle import PROMPTS
+from hf_oracle import PROMPTS, gguf_writer
 from test_loader_gguf import llama_cpp_permute
 
 from wattserve.engine.llm import LLM, prompt_logits
@@ -115,18 +114,7 @@ def write_moe_gguf(path, family, hf_model, stacked=True):
     layer, or (stacked=False) one tensor per expert as converters before 2024 wrote Mixtral."""
     cfg = hf_model.config
     arch = GGUF_ARCH[family]
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w = gguf_writer(path, arch, cfg)
     w.add_expert_count(cfg.num_local_experts if family == "mixtral" else cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     if family == "qwen3_moe":
