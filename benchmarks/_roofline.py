@@ -25,6 +25,19 @@ def cuda_time(fn, warmup: int = 10, iters: int = 30) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_time(fn, reps: int = 20) -> float:
+    """Seconds per call of fn(i) for i in range(reps), captured in one CUDA graph: the GPU's
+    time alone, as a decode step's graph replays it, without the host's launch cost."""
+    for i in range(reps):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(i)
+    return cuda_time(graph.replay, warmup=3, iters=20) / reps
+
+
 def copy_bandwidth() -> float:
     """Bytes/s of a 2 GiB device-to-device copy, counting bytes read and written."""
     src = torch.randn(2**29, device="cuda")  # 2 GiB of float32
