@@ -8,9 +8,10 @@ memory into the dot's operand layout, which left int4 decode at 0.16 of its byte
 Here each weight costs a few scalar instructions, counted because at 4 bits a weight the
 instruction budget is about the bytes' budget (an H200 SM issues 128 lane-instructions a
 clock; 4.2 TB/s over 132 SMs is ~16 bytes, i.e. 32 int4 weights, a clock):
-  - a 4-bit code becomes a float without an int-to-float conversion (quarter rate): OR-ing it
-    into the mantissa of 2^23 gives the float 2^23 + code exactly, and one subtraction leaves
-    the code (shift + mask/or + subtract per code, 8 codes per loaded 32-bit word);
+  - a 4-bit code becomes a float without an int-to-float conversion (quarter rate): shifted
+    into the top mantissa bits of 1.0 it is the float 1 + code / 16, exactly, and
+    sum (1 + c/16) x = sum x + sum c x / 16 gives the code's product per word, so a code
+    costs a shift, an and-or and its FMA (8 codes per loaded 32-bit word);
   - the scale is applied per group, not per weight: sum_k (c_k s + o) x_k =
     s * sum_k c_k x_k + o * sum_k x_k, so a weight costs one FMA and a group one more;
   - fp8 codes go through the hardware's packed e4m3 -> f16 conversion; a per-row scale
@@ -34,9 +35,14 @@ CONFIGS = {"u4": (8, 2048, 4), "i8": (8, 2048, 4), "fp8": (8, 1024, 4)}
 
 
 @triton.jit
-def _code(words, i: tl.constexpr):
-    """4-bit code i of each 32-bit word as a float: 2^23 + code, exact, minus 2^23."""
-    return (((words >> (4 * i)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+def _one_plus_code(words, i: tl.constexpr):
+    """4-bit code i of each 32-bit word as the float 1 + code / 16: the code moved to the top
+    four mantissa bits under 1.0's exponent (a shift and one and-or, no conversion)."""
+    if 4 * i >= 19:
+        bits = words >> (4 * i - 19)
+    else:
+        bits = words << (19 - 4 * i)
+    return ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -81,14 +87,16 @@ def _quant_gemv_kernel(
             x2, x6 = tl.split(x_2_6)
             x1, x5 = tl.split(x_1_5)
             x3, x7 = tl.split(x_3_7)
-            part = _code(codes, 0) * x0[None, :, :]
-            part += _code(codes, 1) * x1[None, :, :]
-            part += _code(codes, 2) * x2[None, :, :]
-            part += _code(codes, 3) * x3[None, :, :]
-            part += _code(codes, 4) * x4[None, :, :]
-            part += _code(codes, 5) * x5[None, :, :]
-            part += _code(codes, 6) * x6[None, :, :]
-            part += _code(codes, 7) * x7[None, :, :]
+            part = _one_plus_code(codes, 0) * x0[None, :, :]
+            part += _one_plus_code(codes, 1) * x1[None, :, :]
+            part += _one_plus_code(codes, 2) * x2[None, :, :]
+            part += _one_plus_code(codes, 3) * x3[None, :, :]
+            part += _one_plus_code(codes, 4) * x4[None, :, :]
+            part += _one_plus_code(codes, 5) * x5[None, :, :]
+            part += _one_plus_code(codes, 6) * x6[None, :, :]
+            part += _one_plus_code(codes, 7) * x7[None, :, :]
+            # sum (1 + c/16) x = sum x + sum c x / 16, both terms of x's size: no cancellation.
+            part = (part - x_sum[None, :, :]) * 16.0
         else:
             if FP8:  # passed as bytes: a masked load's `other` cannot be an fp8 constant
                 codes = codes.to(tl.float8e4nv, bitcast=True)
