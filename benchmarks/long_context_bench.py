@@ -9,16 +9,18 @@ the dtype's format), 128 output tokens, one engine per KV dtype (auto is bf16, t
      _roofline.weight_bytes_per_step counts them) plus the sequence's KV at its prompt length
      (its blocks and, int4/int2, its ring, as the engine sizes them).
   3. (CUDA) kv_quant_kernel_bench's decode attention at 32 x 8k and its KV write of a
-     4096-token prefill, per dtype against bf16 (each checked against its reference first).
+     4096-token prefill, and kv_prefill_bench's prefill attention of the 130k prompt's last
+     chunk (8,192 queries over the context, one layer; in registers and through the bf16
+     scratch), per dtype against bf16 (each checked against its reference first).
 
 Runs and warm-up: each engine first runs a prompt of 1.5 chunks (untimed: it compiles the
 prefill kernel without and with a cached prefix, at the chunk's tile, and the decode path);
 contexts up to 32k then run `--repeat` times (default 2) and report the last; longer ones run
 once, since with the kernels compiled a run is warm and a quantized 130k prefill took 47 s
-before issue 23's work. Every run's TTFT stays in the JSON. Budget on an H200: about 6.5
-minutes at the pre-issue-23 speeds (4 quantized dtypes x ~80 s: 130k prefill ~47 s,
-engine ~15 s; bf16 ~35 s; kernels ~40 s); `--dtypes` and `--contexts` split it into shorter
-runs (their JSON files: --out).
+before issue 23's work. Every run's TTFT stays in the JSON. Budget on an H200: about 4.5
+minutes with quantized prefills near bf16's (per quantized dtype ~45 s: engine ~15 s, 130k
+prompt ~16 s; bf16 ~35 s; kernels ~70 s), about 7.5 at the pre-issue-23 speeds (a 130k
+prefill ~47 s); `--dtypes` and `--contexts` split it into shorter runs (their JSON files: --out).
 
 --tiny runs it all on CPU (a 2-layer toy Llama, contexts 128 / 320 / 700 in chunks of 128, 8
 output tokens); the kernel microbenchmarks need CUDA graphs and are left out there.
@@ -92,22 +94,27 @@ def run_dtype(kv_dtype: str, checkpoint, shapes: dict, device, args, copy: float
     return rows
 
 
-def kernel_section(dtypes: list[str]) -> dict:
-    """kv_quant_kernel_bench's decode attention (32 x 8k) and prefill KV write per dtype."""
+def kernel_section(dtypes: list[str], chunk: int, context: int) -> dict:
+    """kv_quant_kernel_bench's decode attention (32 x 8k) and prefill KV write, and
+    kv_prefill_bench's chunk over the long context, per dtype."""
     from kernel_bench import warm_up_gpu
+    from kv_prefill_bench import dtype_case
     from kv_quant_kernel_bench import decode_case, write_case
 
     warm_up_gpu()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    out = {"decode": [], "write": []}
+    out = {"decode": [], "write": [], "prefill_chunk": [], "chunk": chunk, "context": context}
     for name in dtypes:
         out["decode"].append(decode_case(name, gen, {}, sweep=False))
         out["write"].append(write_case(name, gen))
+        out["prefill_chunk"].append(dtype_case(name, chunk, context, gen))
         torch.cuda.empty_cache()
     base_d, base_w = out["decode"][0]["default"]["ms"], out["write"][0]["ms"]
-    for d, w in zip(out["decode"], out["write"]):
+    base_p = out["prefill_chunk"][0]["registers"]["ms"]
+    for d, w, p in zip(out["decode"], out["write"], out["prefill_chunk"]):
         d["speedup_vs_bf16"] = base_d / d["default"]["ms"]
         w["time_x_bf16"] = w["ms"] / base_w
+        p["time_x_bf16"] = min(p["registers"]["ms"], p.get("scratch", p["registers"])["ms"]) / base_p
     return out
 
 
@@ -122,10 +129,13 @@ def print_tables(results: dict) -> None:
               f"{r['roofline_tok_s']:9.1f} {r['decode_x_roofline']:7.2f}")
     kernels = results.get("kernels")
     if kernels:
-        print(f"\n{'kv dtype':9} {'decode 32x8k ms':>16} {'speedup':>8} | {'write 4096 ms':>14} {'x bf16':>7}")
-        for d, w in zip(kernels["decode"], kernels["write"]):
+        print(f"\n{'kv dtype':9} {'decode 32x8k ms':>16} {'speedup':>8} | {'write 4096 ms':>14} {'x bf16':>7} | "
+              f"{'chunk registers ms':>18} {'scratch ms':>11} {'best x bf16':>12}")
+        for d, w, p in zip(kernels["decode"], kernels["write"], kernels["prefill_chunk"]):
+            scratch = f"{p['scratch']['ms']:11.2f}" if "scratch" in p else " " * 11
             print(f"{d['dtype']:9} {d['default']['ms']:16.4f} {d['speedup_vs_bf16']:7.2f}x | {w['ms']:14.4f} "
-                  f"{w['time_x_bf16']:6.2f}x")
+                  f"{w['time_x_bf16']:6.2f}x | {p['registers']['ms']:18.2f} {scratch} {p['time_x_bf16']:11.2f}x")
+        print(f"chunk: {kernels['chunk']} queries at the end of a {kernels['context']}-token context, one layer")
 
 
 def main() -> None:
@@ -161,7 +171,8 @@ def main() -> None:
         r["decode_x_bf16"] = r["decode_tok_s"] / bf16[r["context"]]["decode_tok_s"]
     # The engine results are written before the kernels run, so that they survive a failure there.
     write_results(results, "long_context", name, args.out)
-    results["kernels"] = kernel_section(dtypes) if device.type == "cuda" else None
+    results["kernels"] = (kernel_section(dtypes, shapes["chunk"], max(shapes["contexts"]))
+                          if device.type == "cuda" else None)
     print_tables(results)
     write_results(results, "long_context", name, args.out)
 
