@@ -163,9 +163,12 @@ class KVCacheManager:
     def can_admit(self, seq_id: int, prefix: list[int], num_tokens: int) -> bool:
         """Room for a sequence without blocks to hold `num_tokens` tokens, starting from the cached
         `prefix` blocks: new blocks for the rest, plus the prefix blocks that sit free (reusing
-        them takes them off the free list)."""
+        them takes them off the free list), and a free ring with KIVI. Rings are as many as
+        the running sequences may be, but a sequence that took its last token in a step launched
+        ahead has left the running ones and holds its ring until that token is read."""
         revived = sum(self.pool.ref_counts[b] == 0 for b in prefix)
-        return self.can_allocate(self.blocks_needed(seq_id, num_tokens) - len(prefix) + revived)
+        return self.can_allocate(self.blocks_needed(seq_id, num_tokens) - len(prefix) + revived) \
+            and (not self.uses_rings or bool(self._free_rings))
 
     def allocate(self, seq_id: int, num_tokens: int, prefix: list[int] | None = None) -> None:
         """Grow the sequence's table so it holds `num_tokens` tokens (raises MemoryError); a

@@ -147,6 +147,23 @@ class HitCounter(StatsObserver):
         self.tokens += step.prefix_cache_hits
 
 
+def test_a_full_batch_ending_together_waits_for_kivi_rings():
+    """int4 holds one ring per running sequence. A batch that reaches its length limit in one
+    step leaves the running ones at once but frees its rings only when that step's tokens are
+    read, after the next step (launched ahead) was scheduled: that step admits no one rather
+    than take a ring that is not free (it ran out: MemoryError, on the H200 at 512 sequences)."""
+    engine = EngineCore(EngineConfig(launch_ahead="on", cache=CacheConfig(kv_cache_memory=48 << 20,
+                                                                          kv_cache_dtype="int4"),
+                                     scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=2)))
+    ask = prompt(engine, QUESTIONS[0])
+    requests = {f"r{i}": (ask, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)) for i in range(4)}
+    out = collect(engine, requests)
+    assert all(len(r["tokens"][0]) == 3 and r["reasons"] == ["length"] for r in out.values())
+    assert len({tuple(r["tokens"][0]) for r in out.values()}) == 1  # same prompt, same greedy tokens
+    assert_all_blocks_free(engine)
+    assert engine.kv.num_rings_held == 0
+
+
 def test_an_id_reused_after_an_abort_with_a_step_in_flight():
     """The aborted request's token, still in flight, is dropped: it must not land in the new
     request that took its id (it once appended to freed blocks and crashed)."""
