@@ -96,7 +96,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     label = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    bw = copy_bandwidth() if device.type == "cuda" else float("nan")
+    bw = copy_bandwidth(device)
     print(f"{label}: copy {bw / 1e12:.3f} TB/s")
     rows = []
     print(f"{'matrix':<14}{'format':<11}{'rows':>5}{'GEMV us':>9}{'x copy':>8}{'TC us':>9}{'x copy':>8}"

@@ -196,6 +196,27 @@ def h200_weight_quant() -> list[str]:
     return rows
 
 
+# NVIDIA's published TensorRT-LLM throughput, Llama-3.1-8B FP8 on one H200, output tok/s by
+# (input, output) length (issue 20 quotes them as the peer for these shapes).
+TENSORRT_LLM_H200 = {(2048, 128): 3538, (1000, 1000): 17744}
+
+
+def h200_trtllm_shapes() -> list[str]:
+    rows = []
+    for shape in TENSORRT_LLM_H200:
+        name = f"offline_trtllm_{shape[0]}_{shape[1]}_{H200}.json"
+        d, peer = load(name), TENSORRT_LLM_H200[shape]
+        ours = d["wattserve"]
+        kv = "bf16" if d["kv_cache_dtype"] == "auto" else d["kv_cache_dtype"]
+        rows.append(row(f"offline, fp8 weights, {kv} KV, {d['num_requests']} x "
+                        f"({d['input_len']} in, {d['output_len']} out)",
+                        f"{tok_s(ours['output_tok_s'])} output in {ours['seconds']:.0f} s, "
+                        f"{ours['preemptions']} preemptions",
+                        f"{ratio(ours['output_tok_s'] / peer)}x TensorRT-LLM's published {tok_s(peer)}",
+                        d["command"], name))
+    return rows
+
+
 def h200_quant_gemv() -> list[str]:
     name = f"quant_gemv_{H200}.json"
     d = load(name)
@@ -225,7 +246,7 @@ def render() -> str:
         table("On one H200 with the engine core in its own process, Llama-3.1-8B shapes, random bf16 weights "
               "unless the row names other shapes; online and offline rows run 512 in / 128 out, 2,048-token steps:",
               h200_served_path(), offline(f"offline_{H200}.json"), h200_power(), h200_structured(), h200_moe(),
-              h200_weight_quant(), h200_quant_gemv()),
+              h200_weight_quant(), h200_quant_gemv(), h200_trtllm_shapes()),
         END,
     ])
 

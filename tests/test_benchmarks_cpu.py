@@ -106,6 +106,16 @@ def test_moe_bench_tiny(tmp_path):
     assert result["offline"]["output_tok_s"] > 0 and result["offline"]["fraction_of_bound"] > 0
 
 
+def test_quant_gemv_bench_tiny(tmp_path):
+    out = tmp_path / "quant_gemv.json"
+    bench("quant_gemv_bench.py", "--tiny", "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["matrix"], r["format"]) for r in rows] == \
+        [(m, f) for m in ("square", "wide") for f in ("fp8", "int4_g128", "q4_0_g32", "q8_0")]
+    assert result["copy_bytes_s"] > 0 and all(r["gemv_us"] > 0 and r["tensor_core_us"] > 0 for r in rows)
+
+
 def test_weight_quant_bench_tiny(tmp_path):
     out = tmp_path / "weight_quant.json"
     bench("weight_quant_bench.py", "--tiny", "--tokens", "256", "--window", "128", "--out", str(out))
