@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 from _results import write_results  # noqa: E402
-from _roofline import copy_bandwidth, cuda_time, graph_time, matmul_flops  # noqa: E402
+from _roofline import copy_bandwidth, cuda_time, graph_time, host_time, matmul_flops  # noqa: E402
 from decode_profile import kernel_table  # noqa: E402
 
 from wattserve.engine.llm import LLM  # noqa: E402
@@ -74,26 +73,18 @@ def time_fn(fn, device: torch.device, iters: int) -> float:
     """Median seconds of fn()."""
     if device.type == "cuda":
         return cuda_time(fn, warmup=3, iters=iters)
-    fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return host_time(fn, warmup=1, iters=iters)
 
 
 def measure_limits(device: torch.device) -> dict:
     """Copy bytes/s and matmul FLOP/s: bf16 on CUDA (_roofline), fp32 on CPU."""
+    copy = copy_bandwidth(device)
     if device.type == "cuda":
-        copy, matmul = copy_bandwidth(), matmul_flops()
+        matmul = matmul_flops()
         torch.cuda.empty_cache()
     else:
-        src = torch.randn(1 << 24)  # 64 MiB
-        dst = torch.empty_like(src)
-        copy = 2 * src.numel() * 4 / time_fn(lambda: dst.copy_(src), device, 5)
         a = torch.randn(1024, 1024)
-        matmul = 2 * 1024**3 / time_fn(lambda: a @ a, device, 5)
+        matmul = 2 * 1024**3 / host_time(lambda: a @ a, iters=5)
     return {"copy_bytes_s": copy, "matmul_flop_s": matmul}
 
 
