@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from wattserve.kernels.triton_quant_gemv import gemv_fits, quant_gemv_triton
-from wattserve.kernels.weight_format import QuantizedWeight, quantize_per_token_fp8
+from wattserve.kernels.triton_token_quant import quantize_per_token_fp8_triton
+from wattserve.kernels.weight_format import QuantizedWeight
 
 GEMV_MAX_ROWS = 16
 DENSE_MIN_ROWS = 512
@@ -203,7 +204,7 @@ def quant_linear_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
 def fp8_scaled_mm(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """W8A8: x quantized per token, the product scaled by x's and w's scales in the epilogue.
     x: [M, K] -> [M, N] in x's dtype."""
-    codes, x_scales = quantize_per_token_fp8(x)
+    codes, x_scales = quantize_per_token_fp8_triton(x)
     # _scaled_mm wants the second operand column-major: the [N, K] row-major codes transposed.
     # Row-wise scales: a [M, 1] and a [1, N] float32 (a view of the contiguous [N, 1]).
     return torch._scaled_mm(codes, w.codes.t(), scale_a=x_scales, scale_b=w.scales.view(1, -1),

@@ -27,12 +27,14 @@ from wattserve.kernels.triton_quant_linear import (
 )
 from wattserve.kernels.triton_quant_gemv import CONFIGS as GEMV_KERNEL_CONFIGS
 from wattserve.kernels.triton_quant_gemv import gemv_fits, quant_gemv_triton
+from wattserve.kernels.triton_token_quant import quantize_per_token_fp8_triton
 from wattserve.kernels.weight_format import (
     QuantizedParts,
     QuantizedWeight,
     dequantize,
     quantize_fp8,
     quantize_int4,
+    quantize_per_token_fp8,
     stack,
 )
 
@@ -211,6 +213,16 @@ def test_dispatch_runs_every_weight_kind_through_one_op():
         b = bias if w.shape[0] == 37 else None
         out, ref = linear(x, w, b).double(), REFERENCE_OPS.linear(x, w, b).double()
         assert ((out - ref).norm() / ref.norm()).item() < REL_ERR
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_per_token_fp8_gives_the_references_codes_and_scales(dtype):
+    x = rand(7, 2500, seed=17).to(DEVICE, dtype)  # K over two kernel blocks, not a multiple
+    x[3] = 0  # a zero row: the scale's floor
+    codes, scales = quantize_per_token_fp8_triton(x)
+    want_codes, want_scales = quantize_per_token_fp8(x)
+    assert torch.equal(scales, want_scales)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="torch._scaled_mm: fp8 tensor cores")

@@ -1,0 +1,54 @@
+"""Triton per-token fp8 quantization of activations, the W8A8 prefill's input.
+Reference: kernels/weight_format.py `quantize_per_token_fp8` (the same codes and scales).
+
+In PyTorch it is six elementwise passes over x (float, abs, amax, divide, clamp, convert),
+about 30 bytes of memory traffic per activation, the work W8A8 adds to a prefill; fp8 weights
+prefilled slower than bf16 ones on the H200 (benchmarks/results/weight_quant_NVIDIA_H200.json).
+Here one program per row reads x twice (the second time from L2: a row is at most tens of
+kilobytes) and writes one byte per activation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from wattserve.kernels.triton_kv_write import _fp8_codes, native_fp8
+from wattserve.kernels.weight_format import FP8_MAX
+
+BLOCK = 1024
+
+
+@triton.jit
+def _per_token_fp8_kernel(x_ptr, codes_ptr, scales_ptr, K, stride_xm, stride_cm,
+                          FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    x_row = x_ptr + row * stride_xm
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, 1e-12)
+    tl.store(scales_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + cols < K
+        x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+        # IEEE division and clamp, as the reference computes them, so the codes are its own
+        # (rounded by the KV write's fp8 conversion: the GPU's, or bits where it has none).
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+        codes, _ = _fp8_codes(q, NATIVE_FP8)
+        tl.store(codes_ptr + row * stride_cm + k0 + cols, codes, mask=mask)
+
+
+def quantize_per_token_fp8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] (columns contiguous) -> (float8_e4m3fn [M, K], float32 scales [M, 1])."""
+    m, k = x.shape
+    assert x.stride(-1) == 1
+    codes = torch.empty(m, k, device=x.device, dtype=torch.uint8)  # fp8 bit patterns
+    scales = torch.empty(m, 1, device=x.device, dtype=torch.float32)
+    if m:
+        _per_token_fp8_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), FP8_MAX=FP8_MAX,
+                                    BLOCK=min(BLOCK, triton.next_power_of_2(k)),
+                                    NATIVE_FP8=native_fp8(x.device), num_warps=4)
+    return codes.view(torch.float8_e4m3fn), scales
