@@ -36,7 +36,7 @@ class ModelLoadError(RuntimeError):
 class Checkpoint:
     name: str  # the served model name: file stem, directory name or Hub id
     model_config: ModelConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None when not asked for (tensor parallelism's other ranks)
     # HF parameter names and float tensors (float32 from GGUF, the saved dtype from
     # safetensors) or, for quantized linears, QuantizedWeight (engine/weight_loading.py puts
     # them in), produced lazily; None for load_format="dummy".
@@ -64,8 +64,9 @@ def default_model_path() -> str:
 
 
 def load_checkpoint(model: str | None, load_format: str = "auto",
-                    tokenizer: str | None = None) -> Checkpoint:
-    """Open `model` (None: the default model); `tokenizer` overrides where the tokenizer comes from.
+                    tokenizer: str | None = None, with_tokenizer: bool = True) -> Checkpoint:
+    """Open `model` (None: the default model); `tokenizer` overrides where the tokenizer comes
+    from; with_tokenizer False skips it (from a GGUF file it takes seconds).
 
     Raises ModelLoadError for what cannot be found or read, UnsupportedModelError for
     architectures wattserve does not run.
@@ -99,8 +100,10 @@ def load_checkpoint(model: str | None, load_format: str = "auto",
             # A bare config.json is enough to benchmark shapes; borrow a real tokenizer.
             tokenizer_source = default_model_path()
 
-    tok = load_tokenizer_only(tokenizer or tokenizer_source, model_config.eos_token_ids)
-    model_config = dataclasses.replace(model_config, eos_token_ids=tok.eos_token_ids)
+    tok = None
+    if with_tokenizer:
+        tok = load_tokenizer_only(tokenizer or tokenizer_source, model_config.eos_token_ids)
+        model_config = dataclasses.replace(model_config, eos_token_ids=tok.eos_token_ids)
     return Checkpoint(name, model_config, tok, None if dummy else weights)
 
 
