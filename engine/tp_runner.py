@@ -31,7 +31,7 @@ from wattserve.engine.config import EngineConfig, ModelConfig
 from wattserve.engine.loader import load_checkpoint
 from wattserve.engine.model_runner import ModelRunner
 from wattserve.engine.step_input import StepInput, StepOutput
-from wattserve.engine.tensor_parallel import Shard
+from wattserve.engine.tensor_parallel import Shard, check_splits
 from wattserve.kernels.kv_format import KVFormat, kv_format
 
 log = logging.getLogger("wattserve.engine")
@@ -51,6 +51,7 @@ def make_runner(config: EngineConfig, model_config: ModelConfig, dtype: torch.dt
         raise ValueError(f"tensor_parallel_size must be at least 1, not {config.tensor_parallel_size}")
     if config.tensor_parallel_size == 1:
         return ModelRunner(model_config, dtype, device, max_positions, fmt)
+    check_splits(model_config, config.tensor_parallel_size)  # before any process starts
     return ShardedRunner(config, model_config, dtype, device, max_positions, fmt)
 
 
