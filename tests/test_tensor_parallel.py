@@ -14,13 +14,13 @@ import pytest
 import torch
 from hf_oracle import PROMPTS, TINY, save_tiny
 from test_moe_models import build_tiny_moe
-from test_prefix_cache import HitCounter, overlapping_prompts, run_in_waves
+from test_prefix_cache import SYSTEM, HitCounter, overlapping_prompts, run_in_waves
 
 from wattserve.engine.llm import LLM, prompt_logits
 from wattserve.engine.loader.hf import read_config
 from wattserve.engine.request import SamplingParams
 from wattserve.engine.tp_runner import TensorParallelError
-from wattserve.kernels.kv_format import bytes_per_block, kv_format
+from wattserve.kernels.kv_format import KV_CACHE_DTYPES, bytes_per_block, kv_format
 
 REL_BOUND = 1e-4
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -110,16 +110,17 @@ def test_three_ranks_split_the_default_models_nine_heads_and_three_kv_heads(tmp_
         assert tokens(three, prompts, params) == want
 
 
-def test_int4_kv_cache_with_prefix_caching_splits_by_kv_head(llama_dir):
-    """KIVI int4: quantized per KV head (per token for V, per channel for K) and full-precision
-    rings, so each rank's half of the heads holds exactly one rank's codes for them; prompts
-    sharing prefixes hit the cache on both."""
+@pytest.mark.parametrize("kv_cache_dtype", [d for d in KV_CACHE_DTYPES if d != "auto"])
+def test_quantized_kv_caches_with_prefix_caching_split_by_kv_head(llama_dir, kv_cache_dtype):
+    """Every format quantizes per KV head (per token, or per channel over a block for KIVI's
+    keys, whose rings stay full precision), so each rank's half of the heads holds the codes
+    one rank holds for them; prompts sharing prefixes hit the cache alike."""
     runs = {}
     for tp in (1, 2):
-        llm = engine(llama_dir, tp, kv_cache_dtype="int4", kv_cache_memory=4 << 20)
+        llm = engine(llama_dir, tp, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=16 << 20, max_num_seqs=8)
         counter = HitCounter()
         llm.core.observers.append(counter)
-        prompts = overlapping_prompts(llm.core)
+        prompts = overlapping_prompts(llm.core, SYSTEM + " " + SYSTEM)  # long enough for int2's rings
         runs[tp] = run_in_waves(llm.core, prompts, 3), counter.hits
         llm.close()
     assert runs[2][0] == runs[1][0]
