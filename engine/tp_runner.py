@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from datetime import timedelta
 
@@ -66,6 +67,7 @@ class ShardedRunner(ModelRunner):
         store = os.path.join(self._store_dir, "store")
         self.workers: list[_Worker] = []
         self._closed = False
+        self._threads = torch.get_num_threads()  # join_group shares the cores out on CPU; restored at close
         try:
             self.workers = [_Worker(rank, (rank, size, store, config, model_config, dtype, device, max_positions))
                             for rank in range(1, size)]
@@ -122,6 +124,7 @@ class ShardedRunner(ModelRunner):
             worker.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
+        torch.set_num_threads(self._threads)
         shutil.rmtree(self._store_dir, ignore_errors=True)
 
     def _send(self, *command) -> None:
@@ -139,7 +142,7 @@ class ShardedRunner(ModelRunner):
                 raise
             w = dead[0]
             raise TensorParallelError(f"tensor-parallel rank {w.rank} (pid {w.process.pid}) exited with code "
-                                      f"{w.process.exitcode}; the engine cannot run without it") from exc
+                                      f"{w.process.exitcode}{w.last_words()}; the engine cannot run without it") from exc
 
 
 class _Worker:
@@ -153,14 +156,13 @@ class _Worker:
         # multiprocessing refuses children to daemons lest they be orphaned; these die with
         # it: they are daemons themselves, and exit at their pipe's end of file if it is killed.
         current = multiprocessing.current_process()
-        daemon = current.daemon
-        current._config["daemon"] = False
+        daemon, current.daemon = current.daemon, False
         try:
             self.process = ctx.Process(target=run_worker, args=(*args, child_end, logging.getLogger().level),
                                        name=f"wattserve-tp{rank}", daemon=True)
             self.process.start()
         finally:
-            current._config["daemon"] = daemon
+            current.daemon = daemon
         child_end.close()
 
     def wait_for(self, message: str, doing: str) -> None:
@@ -172,6 +174,15 @@ class _Worker:
         if kind == "failed":
             raise TensorParallelError(f"tensor-parallel rank {self.rank} failed {doing}: {body[0]}")
         assert kind == message, (kind, message)
+
+    def last_words(self) -> str:
+        """The error a worker sent before it exited, if any."""
+        with contextlib.suppress(OSError, EOFError):
+            if self.conn.poll():
+                kind, *body = self.conn.recv()
+                if kind == "failed":
+                    return f" ({body[0]})"
+        return ""
 
     def exited(self, wait_s: float) -> bool:
         self.process.join(wait_s)
@@ -239,6 +250,10 @@ def run_worker(rank: int, size: int, store: str, config: EngineConfig, model_con
     conn.send(("ready",))
     try:
         _serve(runner, control, conn)
+    except Exception as exc:  # rank 0's collective fails too: it reports this, then stops
+        log.exception("step failed")
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        sys.exit(1)
     finally:
         dist.destroy_process_group()
 

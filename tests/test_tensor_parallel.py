@@ -128,6 +128,8 @@ def test_quantized_kv_caches_with_prefix_caching_split_by_kv_head(llama_dir, kv_
 
 
 def test_a_killed_rank_ends_the_step_with_an_error_that_names_it(llama_dir):
+    """Then closing stops the other ranks and gives this process its threads back."""
+    threads = torch.get_num_threads()
     with engine(llama_dir, 2) as two:
         prompts = prompt_ids(two)
         assert len(tokens(two, prompts[:1])[0]) == GREEDY.max_tokens
@@ -137,6 +139,7 @@ def test_a_killed_rank_ends_the_step_with_an_error_that_names_it(llama_dir):
         with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) exited with code -9"):
             tokens(two, prompts)
         assert time.monotonic() - start < 20  # gloo sees the closed connection: no timeout wait
+    assert torch.get_num_threads() == threads and not torch.distributed.is_initialized()
 
 
 def test_model_shapes_that_do_not_split_are_refused_before_any_process_starts(llama_dir):
