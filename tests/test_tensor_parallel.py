@@ -19,7 +19,6 @@ from test_prefix_cache import SYSTEM, HitCounter, overlapping_prompts, run_in_wa
 from wattserve.engine.llm import LLM, prompt_logits
 from wattserve.engine.loader.hf import read_config
 from wattserve.engine.request import SamplingParams
-from wattserve.engine.tp_runner import TensorParallelError
 from wattserve.kernels.kv_format import KV_CACHE_DTYPES, bytes_per_block, kv_format
 
 REL_BOUND = 1e-4
@@ -85,6 +84,7 @@ def test_two_ranks_give_one_ranks_logits_and_greedy_tokens_through_preemption(fa
     that the same sequences are preempted at the same steps; the two ranks also launch each
     step ahead, their inputs read from the last step's tokens broadcast from rank 0."""
     FAMILIES[family](tmp_path, tokenizer)
+    threads = torch.get_num_threads()
     one = engine(str(tmp_path), 1, NUM_BLOCKS)
     prompts = prompt_ids(one)
     want = tokens(one, prompts)
@@ -93,6 +93,8 @@ def test_two_ranks_give_one_ranks_logits_and_greedy_tokens_through_preemption(fa
         assert_same_logits(one, two, prompts)
         assert tokens(two, prompts) == want
         assert two.core.scheduler.num_preemptions > 0
+    # Closed: the ranks stopped, and this process has its CPU threads back from the ranks' share.
+    assert torch.get_num_threads() == threads and not torch.distributed.is_initialized()
 
 
 def test_three_ranks_split_the_default_models_nine_heads_and_three_kv_heads(tmp_path, tokenizer):
@@ -127,21 +129,6 @@ def test_quantized_kv_caches_with_prefix_caching_split_by_kv_head(llama_dir, kv_
     assert runs[2][1] == runs[1][1] > 0
 
 
-def test_a_killed_rank_ends_the_step_with_an_error_that_names_it(llama_dir):
-    """Then closing stops the other ranks and gives this process its threads back."""
-    threads = torch.get_num_threads()
-    with engine(llama_dir, 2) as two:
-        prompts = prompt_ids(two)
-        assert len(tokens(two, prompts[:1])[0]) == GREEDY.max_tokens
-        worker = two.core.runner.workers[0]
-        os.kill(worker.process.pid, signal.SIGKILL)
-        start = time.monotonic()
-        with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) exited with code -9"):
-            tokens(two, prompts)
-        assert time.monotonic() - start < 20  # gloo sees the closed connection: no timeout wait
-    assert torch.get_num_threads() == threads and not torch.distributed.is_initialized()
-
-
 def test_model_shapes_that_do_not_split_are_refused_before_any_process_starts(llama_dir):
     from wattserve.engine.config import UnsupportedModelError
 
@@ -171,3 +158,33 @@ def test_the_sharded_weights_are_slices_of_the_full_ones(llama_dir):
     assert torch.equal(half[layer + "mlp.down_proj.weight"], full[layer + "mlp.down_proj.weight"][:, inter:])
     assert torch.equal(half[layer + "input_layernorm.weight"], full[layer + "input_layernorm.weight"])
     assert torch.equal(half["model.embed_tokens.weight"], full["model.embed_tokens.weight"][cfg.vocab_size // 2:])
+
+
+def test_served_at_two_ranks_then_a_killed_rank_is_an_openai_error_and_the_server_stops(llama_dir, tmp_path):
+    """Through `wattserve serve`, where rank 0 is the engine core's own process: the killed
+    rank's error reaches the client at once (gloo sees the connection close; no timeout)."""
+    import re
+
+    import openai
+    from conftest import LiveServer
+
+    with LLM(llama_dir, device="cpu", warm_up=False) as one:
+        want = one.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    server = LiveServer((llama_dir, "--device", "cpu", "--tensor-parallel-size", "2", "--no-warm-up"),
+                        tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        got = client.completions.create(model=os.path.basename(llama_dir), prompt=PROMPTS[0], max_tokens=8,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        assert got.choices[0].text == want.choices[0].text
+        worker = int(re.search(r"worker pids \[(\d+)\]", server.log()).group(1))
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(openai.APIStatusError, match="rank 1") as error:
+            client.completions.create(model=os.path.basename(llama_dir), prompt=PROMPTS[0], max_tokens=8)
+        assert error.value.status_code == 503 and time.monotonic() - start < 20
+        client.close()  # uvicorn's shutdown waits for kept-alive connections
+        assert server.proc.wait(30) != 0
+    finally:
+        server.stop()
