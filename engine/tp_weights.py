@@ -82,8 +82,8 @@ def _columns(w: Weight, start: int, length: int, name: str) -> Weight:
         return w.narrow(-1, start, length).contiguous()
     one_group = w.group == w.in_features  # fp8's per-row scale: every column shares it
     if w.perm is not None or (not one_group and (start % w.group or length % w.group)):
-        log.warning("%s (%s): its columns cannot be split along its scale groups; dequantized",
-                    name, w.source)
+        log.warning("%s (%s): dequantized to split its columns, which %s", name, w.source,
+                    "are permuted (act-order)" if w.perm is not None else "a split would cut a scale group of")
         return dequantize(w).narrow(-1, start, length).contiguous()
     per_byte = 2 if w.kind == "u4" else 1
     codes = w.codes[:, start // per_byte : (start + length) // per_byte].contiguous()

@@ -188,3 +188,32 @@ def test_served_at_two_ranks_then_a_killed_rank_is_an_openai_error_and_the_serve
         assert server.proc.wait(30) != 0
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("quantize", ["int4", "fp8", "int4 cut through a group"])
+def test_quantized_weights_split_into_the_slices_of_their_dense_weight(quantize):
+    """Rows through every plane, columns along whole groups (fp8: one scale per row, kept);
+    a cut through a group dequantizes."""
+    from wattserve.engine.config import ModelConfig
+    from wattserve.engine.tensor_parallel import Shard
+    from wattserve.engine.tp_weights import shard_weights
+    from wattserve.kernels.weight_format import QuantizedWeight, dequantize, quantize_fp8, quantize_int4
+
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=256, intermediate_size=320 if "cut" in quantize
+                      else 512, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64)
+    gen = torch.Generator().manual_seed(0)
+
+    def make(n, k):
+        w = torch.randn(n, k, generator=gen)
+        return quantize_fp8(w) if quantize == "fp8" else quantize_int4(w, 64)
+
+    full = {"model.layers.0.self_attn.k_proj.weight": make(128, 256),
+            "model.layers.0.mlp.down_proj.weight": make(256, cfg.intermediate_size)}
+    rank1 = dict(shard_weights(full.items(), cfg, Shard(1, 2, cfg.vocab_size)))
+    k, down = rank1["model.layers.0.self_attn.k_proj.weight"], rank1["model.layers.0.mlp.down_proj.weight"]
+    assert isinstance(k, QuantizedWeight)
+    assert torch.equal(dequantize(k), dequantize(full["model.layers.0.self_attn.k_proj.weight"])[64:])
+    half = cfg.intermediate_size // 2  # 160: 2.5 groups of 64, or 256: 4 whole groups
+    want = dequantize(full["model.layers.0.mlp.down_proj.weight"])[:, half:]
+    assert torch.equal(down if "cut" in quantize else dequantize(down), want)
+    assert isinstance(down, QuantizedWeight) != ("cut" in quantize)
