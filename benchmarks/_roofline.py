@@ -4,6 +4,8 @@ ceiling of reading the weights in decode); and the work a Llama-family model doe
 counted from its parameters."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from wattserve.engine.config import ModelConfig
@@ -25,11 +27,37 @@ def cuda_time(fn, warmup: int = 10, iters: int = 30) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def copy_bandwidth() -> float:
-    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read and written."""
-    src = torch.randn(2**29, device="cuda")  # 2 GiB of float32
+def graph_time(fn, reps: int = 20) -> float:
+    """Seconds per call of fn(i) for i in range(reps), captured in one CUDA graph: the GPU's
+    time alone, as a decode step's graph replays it, without the host's launch cost."""
+    for i in range(reps):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(i)
+    return cuda_time(graph.replay, warmup=3, iters=20) / reps
+
+
+def host_time(fn, warmup: int = 2, iters: int = 5) -> float:
+    """Median seconds of fn() by the host's clock (CPU work)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device: str | torch.device = "cuda") -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (on CPU, 64 MiB), counting bytes read and written."""
+    cuda = torch.device(device).type == "cuda"
+    src = torch.randn(2**29 if cuda else 2**24, device=device)  # float32
     dst = torch.empty_like(src)
-    t = cuda_time(lambda: dst.copy_(src))
+    t = (cuda_time if cuda else host_time)(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / t
 
 

@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from _roofline import copy_bandwidth, cuda_time, weight_bytes_per_step
+from _roofline import copy_bandwidth, cuda_time, graph_time, weight_bytes_per_step
 from llama8b_config import write_checkpoint_dir
 
 from wattserve.engine.core import EngineCore
@@ -80,18 +80,6 @@ def kernel_table(step, steps: int = 20) -> list[dict]:
     rows = [{"kernel": n[:90], "us_per_step": round(t, 2), "launches_per_step": round(c, 2),
              "gemm": any(m in n.lower() for m in _GEMM_MARKERS)} for n, (t, c) in per_name.items()]
     return sorted(rows, key=lambda r: -r["us_per_step"])
-
-
-def graph_time(fn, reps: int = 20) -> float:
-    """Seconds per call of fn(i) for i in range(reps), captured in one CUDA graph."""
-    for i in range(reps):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(reps):
-            fn(i)
-    return cuda_time(graph.replay, warmup=3, iters=20) / reps
 
 
 def gemv_table(engine: EngineCore, bw: float, sweep: bool) -> list[dict]:

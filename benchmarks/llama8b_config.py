@@ -20,13 +20,17 @@ LLAMA31_8B = {
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
 }
+# The same family at toy shapes, for the benchmarks' --tiny runs on CPU.
+TINY_LLAMA = {**LLAMA31_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 49152,
+              "torch_dtype": "float32"}
 
 
-def write_checkpoint_dir(directory: str | Path | None = None) -> Path:
-    """`directory` (a new temporary one if None) with LLAMA31_8B as its config.json."""
+def write_checkpoint_dir(directory: str | Path | None = None, config: dict = LLAMA31_8B) -> Path:
+    """`directory` (a new temporary one if None) with `config` as its config.json."""
     path = Path(directory or tempfile.mkdtemp())
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(LLAMA31_8B, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
 
 

@@ -38,13 +38,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
+import triton  # noqa: E402
 from _results import write_results  # noqa: E402
-from _roofline import copy_bandwidth, cuda_time, matmul_flops  # noqa: E402
+from _roofline import copy_bandwidth, cuda_time, graph_time, matmul_flops  # noqa: E402
+from decode_profile import kernel_table  # noqa: E402
 
 from wattserve.engine.llm import LLM  # noqa: E402
 from wattserve.engine.request import SamplingParams  # noqa: E402
 from wattserve.kernels.moe import fused_moe_ref, select_experts  # noqa: E402
-from wattserve.kernels.triton_moe import fused_moe_triton  # noqa: E402
+from wattserve.kernels.triton_moe import _launch_config, _tiling, fused_moe_triton  # noqa: E402
 from wattserve.kernels.triton_moe_routing import select_experts_triton  # noqa: E402
 
 # (name, experts, top_k, hidden, intermediate)
@@ -96,38 +98,88 @@ def measure_limits(device: torch.device) -> dict:
 
 
 # ---- 1. the layer ---------------------------------------------------------------------------
-def bench_layer(shape, token_counts, device, dtype, limits, iters) -> list[dict]:
+REPS = 20  # routings per timing: each call routes afresh, so no expert stays in L2 across calls
+
+
+def layer_inputs(shape, tokens, device, dtype):
     name, experts, top_k, hidden, inter = shape
     gen = torch.Generator(device=device).manual_seed(0)
     w_gate_up = (torch.randn(experts, 2 * inter, hidden, device=device, generator=gen) * hidden**-0.5).to(dtype)
     w_down = (torch.randn(experts, hidden, inter, device=device, generator=gen) * inter**-0.5).to(dtype)
-    router = torch.randn(experts, hidden, device=device, generator=gen).to(dtype)
-    expert_bytes = 3 * hidden * inter * w_down.element_size()
+    x = torch.randn(tokens, hidden, device=device, generator=gen).to(dtype)
+    logits = torch.randn(REPS, tokens, experts, device=device, generator=gen).to(dtype)
+    return w_gate_up, w_down, x, logits
+
+
+def fused_time(fused_layer, device, iters) -> float:
+    """The fused layer as a decode graph replays it (CUDA; no host launch cost), or eager."""
+    if device.type == "cuda":
+        return graph_time(fused_layer, REPS)
+    return time_fn(lambda: fused_layer(0), device, iters)
+
+
+def bench_layer(shape, token_counts, device, dtype, limits, iters) -> list[dict]:
+    name, experts, top_k, hidden, inter = shape
+    expert_bytes = 3 * hidden * inter * (2 if dtype == torch.bfloat16 else 4)
     rows = []
     for tokens in token_counts:
-        x = torch.randn(tokens, hidden, device=device, generator=gen).to(dtype)
-        logits = x @ router.T
+        w_gate_up, w_down, x, logits = layer_inputs(shape, tokens, device, dtype)
 
-        def fused_layer():
-            return fused_moe_triton(x, w_gate_up, w_down, *select_experts_triton(logits, top_k, True))
+        def fused_layer(i):
+            return fused_moe_triton(x, w_gate_up, w_down, *select_experts_triton(logits[i], top_k, True))
 
         def reference_layer():
-            return fused_moe_ref(x, w_gate_up, w_down, *select_experts(logits, top_k, True))
+            return fused_moe_ref(x, w_gate_up, w_down, *select_experts(logits[0], top_k, True))
 
-        fused, ref = time_fn(fused_layer, device, iters), time_fn(reference_layer, device, iters)
-        _, ids = select_experts(logits, top_k, renormalize=True)
-        hit = int(torch.unique(ids).numel())
+        fused, ref = fused_time(fused_layer, device, iters), time_fn(reference_layer, device, iters)
+        hit = sum(int(torch.unique(select_experts(lg, top_k, True)[1]).numel()) for lg in logits) / REPS
         moved = hit * expert_bytes + 2 * x.numel() * x.element_size()
         flops = 2 * tokens * top_k * 3 * hidden * inter
         roof = max(moved / limits["copy_bytes_s"], flops / limits["matmul_flop_s"])
-        rows.append({"shape": name, "tokens": tokens, "experts_hit": hit,
+        rows.append({"shape": name, "tokens": tokens, "experts_hit": round(hit, 2),
                      "fused_us": round(fused * 1e6, 1), "reference_us": round(ref * 1e6, 1),
                      "roofline_us": round(roof * 1e6, 2), "fused_vs_reference": round(ref / fused, 2),
                      "fused_fraction_of_roofline": round(roof / fused, 3),
                      "fused_TBps": round(moved / fused / 1e12, 3), "fused_TFLOPs": round(flops / fused / 1e12, 2)})
-        print(f"{name:<16}{tokens:>6}{hit:>5}{rows[-1]['fused_us']:>12}{rows[-1]['reference_us']:>12}"
+        print(f"{name:<16}{tokens:>6}{hit:>7.1f}{rows[-1]['fused_us']:>12}{rows[-1]['reference_us']:>12}"
               f"{rows[-1]['roofline_us']:>11}{rows[-1]['fused_fraction_of_roofline']:>9.1%}"
               f"{rows[-1]['fused_vs_reference']:>8}x")
+    return rows
+
+
+def sweep_decode_tiles(shape, token_counts, device, dtype) -> list[dict]:
+    """--sweep: the fused layer's time over its two kernels' tile configs at decode token
+    counts (gate_up swept with down at its default, then down with the best gate_up)."""
+    name, experts, top_k, hidden, inter = shape
+    grid = [(bn, bk, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (2, 4)]
+    rows = []
+    for tokens in token_counts:
+        w_gate_up, w_down, x, logits = layer_inputs(shape, tokens, device, dtype)
+        block_m = _tiling(tokens * top_k, experts)[1]
+        best = [_launch_config(block_m, hidden, inter), _launch_config(block_m, inter, hidden)]
+
+        def time_with(configs):
+            return fused_time(lambda i: fused_moe_triton(x, w_gate_up, w_down, *select_experts_triton(
+                logits[i], top_k, True), configs=configs), device, 1)
+
+        default_us = time_with(tuple(best)) * 1e6
+        for which, (k_dim, n_dim) in enumerate(((hidden, inter), (inter, hidden))):
+            best_us = float("inf")
+            for bn, bk, st in grid:
+                config = dict(BLOCK_M=block_m, BLOCK_N=min(bn, triton.next_power_of_2(n_dim)),
+                              BLOCK_K=min(bk, triton.next_power_of_2(k_dim)), num_warps=4, num_stages=st)
+                trial = list(best)
+                trial[which] = config
+                try:
+                    us = time_with(tuple(trial)) * 1e6
+                except triton.runtime.errors.OutOfResources:  # a tile past the shared memory
+                    continue
+                if us < best_us:
+                    best_us, chosen = us, config
+            best[which] = chosen
+        rows.append({"shape": name, "tokens": tokens, "default_us": round(default_us, 1),
+                     "best_us": round(best_us, 1), "gate_up_config": best[0], "down_config": best[1]})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -197,6 +249,22 @@ def bench_offline(llm: LLM, config: dict, limits: dict, num_requests: int, input
             "bound_output_tok_s": round(bound, 1), "fraction_of_bound": round(produced / seconds / bound, 3)}
 
 
+def decode_kernels(llm: LLM) -> list[dict]:
+    """GPU time per batch-1 decode step by kernel (the captured graph plus the lm_head), the
+    largest first: where the step's time goes beside the weights' stream."""
+    graphs, model = llm.core.runner.graphs, llm.core.runner.model
+
+    def gpu_step():
+        graphs.graphs[1].replay()
+        model.compute_logits(graphs.hidden[:1])
+
+    rows = kernel_table(gpu_step)
+    print(f"decode step on the GPU: {sum(r['us_per_step'] for r in rows):.1f} us in {len(rows)} kernels; largest:")
+    for r in rows[:12]:
+        print(f"  {r['us_per_step']:>9.1f} us {r['launches_per_step']:>6.0f}x  {r['kernel'][:80]}")
+    return rows
+
+
 def build_llm(config: dict, device: torch.device, max_num_seqs: int, max_model_len: int,
               tokenizer: str | None) -> LLM:
     directory = Path(tempfile.mkdtemp())
@@ -214,6 +282,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=256, help="offline and decode: prompt tokens")
     ap.add_argument("--output-len", type=int, default=128, help="offline and decode: output tokens")
     ap.add_argument("--tokenizer", help="tokenizer dir (default: the default model's)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the layer's tile configs at decode sizes")
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/moe_<device>.json)")
     args = ap.parse_args()
 
@@ -231,6 +300,10 @@ def main() -> None:
     results["layer"] = [row for shape in (TINY_LAYER_SHAPES if args.tiny else LAYER_SHAPES)
                         for row in bench_layer(shape, TINY_TOKEN_COUNTS if args.tiny else TOKEN_COUNTS,
                                                device, dtype, limits, iters=1 if args.tiny else 20)]
+    if args.sweep:
+        results["decode_tile_sweep"] = [row for shape in (TINY_LAYER_SHAPES if args.tiny else LAYER_SHAPES)
+                                        for row in sweep_decode_tiles(shape, (1, 4) if args.tiny else (1, 2, 4, 8),
+                                                                      device, dtype)]
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -241,6 +314,8 @@ def main() -> None:
     results["decode_batch_1"] = d = bench_decode(llm, config, limits, args.input_len, args.output_len)
     print(f"batch-1 decode, {results['model']}: {d['decode_tok_s']} tok/s, roofline {d['roofline_tok_s']} "
           f"({d['active_weight_bytes'] / 1e9:.2f} GB active weights) -> {d['fraction_of_roofline']:.0%}")
+    if device.type == "cuda":
+        results["decode_kernels"] = decode_kernels(llm)
     results["offline"] = o = bench_offline(llm, config, limits, args.num_requests, args.input_len, args.output_len)
     print(f"offline {o['num_requests']} x {o['input_len']} -> {o['output_len']}: {o['output_tok_s']} output tok/s, "
           f"bound {o['bound_output_tok_s']} -> {o['fraction_of_bound']:.0%}")

@@ -55,9 +55,11 @@ class StepTotals(StatsObserver):
     steps: int = 0
     seconds: float = 0.0
     gpu_busy_s: float | None = None
+    preemptions: int = 0
 
     def on_step(self, step: StepStats) -> None:
         self.steps += 1
+        self.preemptions += step.num_preemptions
         self.seconds += step.end - step.start
         if step.gpu_busy_s is not None:
             self.gpu_busy_s = (self.gpu_busy_s or 0.0) + step.gpu_busy_s
@@ -77,7 +79,7 @@ def run_engine(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
         "seconds": round(seconds, 3), "output_tokens": produced,
         "output_tok_s": round(produced / seconds, 1),
         "total_tok_s": round((produced + sum(map(len, prompts))) / seconds, 1),
-        "steps": totals.steps,
+        "steps": totals.steps, "preemptions": totals.preemptions,
         "gpu_idle_fraction_of_step_time": None if busy is None else round(1 - busy / totals.seconds, 4),
     }
 
@@ -139,7 +141,7 @@ def build(args, device: torch.device):
     """The LLM and, with --hf-peer, HF's model with the same weights (on the same device)."""
     options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                    max_model_len=args.input_len + args.output_len, kv_cache_memory=args.kv_cache_memory,
-                   quantization=args.quantization)
+                   quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     if device.type == "cpu":
         llm = LLM(device="cpu", warm_up=args.warm_up, **options)
         path = default_model_path()
@@ -171,6 +173,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="CUDA: tokenizer dir for the random-weight model (default: the default model's)")
     ap.add_argument("--quantization", default="auto",
                     help="weight format, as `wattserve serve --quantization` (fp8, int4: at load)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="as `wattserve serve --kv-cache-dtype`")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the batch this many times in the process; the last run is compared")
@@ -200,7 +203,8 @@ def main() -> None:
         "dtype": str(engine.dtype).removeprefix("torch."), "command": "python " + " ".join(sys.argv),
         "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-        "quantization": args.quantization,
+        "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+        "kv_cache_tokens": engine.kv.pool.num_blocks * engine.kv.block_size,
     }
     results["repeat"], results["warm_up"] = args.repeat, args.warm_up
     results["wattserve_runs"] = runs = [run_engine(llm, batch, args.output_len) for batch in batches]
@@ -233,6 +237,7 @@ def main() -> None:
         print(f"first run at {results['first_vs_last_output_tok_s']:.1%} of the last run's output tok/s")
     if peer is not None:
         print(f"wattserve / HF: {results['vs_hf']}x")
+    print(f"preemptions: {ours['preemptions']}")
     if ours["gpu_idle_fraction_of_step_time"] is not None:
         print(f"GPU idle share of step time: {ours['gpu_idle_fraction_of_step_time']:.1%} over {ours['steps']} steps")
     write_results(results, "offline", label, args.out)

@@ -196,6 +196,23 @@ def h200_weight_quant() -> list[str]:
     return rows
 
 
+def h200_quant_gemv() -> list[str]:
+    name = f"quant_gemv_{H200}.json"
+    d = load(name)
+    rows = []
+    for fmt in dict.fromkeys(r["format"] for r in d["rows"]):
+        mine = [r for r in d["rows"] if r["format"] == fmt]
+
+        def span(key: str) -> str:
+            values = [r[key] for r in mine]
+            return f"{ratio(min(values))}-{ratio(max(values))}"
+        rows.append(row(f"batch-1 decode GEMV, {fmt} weights, the 4 layer matrices",
+                        f"{span('gemv_x_copy')} of copy bandwidth; {span('gemv_x_bf16')}x the bf16 GEMV",
+                        f"the tensor-core kernel decode took before: {span('tensor_core_x_copy')} of copy",
+                        d["command"], name))
+    return rows
+
+
 def render() -> str:
     def table(intro: str, *groups: list[str]) -> str:
         return "\n".join([intro, "", HEADER, *(line for group in groups for line in group)])
@@ -208,7 +225,7 @@ def render() -> str:
         table("On one H200 with the engine core in its own process, Llama-3.1-8B shapes, random bf16 weights "
               "unless the row names other shapes; online and offline rows run 512 in / 128 out, 2,048-token steps:",
               h200_served_path(), offline(f"offline_{H200}.json"), h200_power(), h200_structured(), h200_moe(),
-              h200_weight_quant()),
+              h200_weight_quant(), h200_quant_gemv()),
         END,
     ])
 

@@ -33,17 +33,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _results import write_results
 from _roofline import copy_bandwidth, weight_bytes_per_step
-from llama8b_config import LLAMA31_8B
+from llama8b_config import LLAMA31_8B, TINY_LLAMA, write_checkpoint_dir
 
 from wattserve.engine.llm import LLM
 from wattserve.engine.request import SamplingParams
 
 LLAMA31_70B = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                "num_attention_heads": 64, "num_key_value_heads": 8}
-# Toy shapes for --tiny: 8 heads on 4 KV heads, which split 2 or 4 ways (and replicate at 8).
-TINY = {**LLAMA31_8B, "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32, "max_position_embeddings": 4096}
-TINY_BIG = {**TINY, "num_hidden_layers": 8}
+TINY_BIG = {**TINY_LLAMA, "num_hidden_layers": 4}  # --tiny's stand-in for 70B
 
 
 # ---- 1. all-reduce ------------------------------------------------------------------------
@@ -96,9 +93,7 @@ def all_reduce_section(size: int, device: str, hidden: int, chunk_tokens: int, d
 
 # ---- 2, 3: the engine ---------------------------------------------------------------------
 def make_llm(config: dict, tp: int, args, **options) -> LLM:
-    directory = Path(tempfile.mkdtemp())
-    (directory / "config.json").write_text(json.dumps(config))
-    return LLM(str(directory), load_format="dummy", dtype=args.dtype, device=args.device,
+    return LLM(str(write_checkpoint_dir(config=config)), load_format="dummy", dtype=args.dtype, device=args.device,
                tokenizer=args.tokenizer, tensor_parallel_size=tp, warm_up=args.device != "cpu",
                enforce_eager=args.enforce_eager, **options)
 
@@ -139,7 +134,7 @@ def offline(llm: LLM, num_requests: int, input_len: int, output_len: int, vocab:
 
 
 def llama8b_section(args, w: dict) -> dict:
-    config = TINY if args.tiny else LLAMA31_8B
+    config = TINY_LLAMA if args.tiny else LLAMA31_8B
     options = dict(max_num_seqs=w["num_requests"], max_num_batched_tokens=w["batched_tokens"],
                    max_model_len=w["input_len"] + w["output_len"] + w["decode_tokens"] + 32,
                    kv_cache_memory=w["kv_cache_memory"], enable_prefix_caching=False)
@@ -187,7 +182,7 @@ def main() -> None:
              kv_cache_memory=None if cuda else 64 << 20)
     if args.tiny:
         w.update(decode_tokens=16, num_requests=8, input_len=64, output_len=16, batched_tokens=512)
-    config = TINY if args.tiny else LLAMA31_8B
+    config = TINY_LLAMA if args.tiny else LLAMA31_8B
     label = torch.cuda.get_device_name() if cuda else "cpu"
     results: dict = {"benchmark": "tp", "device": label, "torch": torch.__version__, "workloads": w,
                      "NCCL_NVLS_ENABLE": "0",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from _results import write_results
 from _roofline import prefill_flops, weight_bytes_per_step
 from kv_quality_bench import corpus_tokens, steps_logprobs
-from llama8b_config import LLAMA31_8B, write_checkpoint_dir
+from llama8b_config import LLAMA31_8B, TINY_LLAMA, write_checkpoint_dir
 from torch import nn
 
 from wattserve.engine.core import EngineCore
@@ -37,9 +37,6 @@ from wattserve.kernels.weight_format import quantize_per_token_fp8
 
 FORMATS = ("none", "fp8", "int4")  # none: the model's dtype (bf16 on CUDA)
 DECODE_GOALS = {"fp8": 1.8, "int4": 2.5}  # x bf16 tok/s, issue 20
-TINY_LLAMA = {**LLAMA31_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 49152,
-              "torch_dtype": "float32"}
 
 
 def timed(fn, device: torch.device, iters: int) -> float:
@@ -157,10 +154,7 @@ def main() -> None:
     prompt_len, new_tokens = (64, 8) if args.tiny else (4096, 128)
 
     limits = ceilings(device, args.tiny)
-    checkpoint = write_checkpoint_dir()
-    if args.tiny:
-        import json
-        (checkpoint / "config.json").write_text(json.dumps(TINY_LLAMA))
+    checkpoint = write_checkpoint_dir(config=TINY_LLAMA if args.tiny else LLAMA31_8B)
     llm = LLM(str(checkpoint), load_format="dummy", device=str(device), tokenizer=args.tokenizer, max_num_seqs=1,
               max_num_batched_tokens=prompt_len, max_model_len=prompt_len + 16,
               kv_cache_memory=(4 << 30) if device.type == "cuda" else (64 << 20), warm_up=False,

@@ -73,6 +73,14 @@ class AttentionMetadata:
         per layer, for the kernels' tile choice."""
         return max(self.query_lens, default=0)
 
+    @cached_property
+    def queries_per_key(self) -> float:
+        """Query tokens per cached key, over the step's keys (sum of query_len * context_len
+        over sum of context_len): about how often attention reads each cached key, for the
+        kernels' choice of path (kernels/triton_kv_dequant.py). Once per step, on the host."""
+        keys = sum(self.context_lens_host)
+        return sum(q * c for q, c in zip(self.query_lens, self.context_lens_host)) / max(keys, 1)
+
 
 def paged_attention_ref(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
                         sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:

@@ -7,9 +7,12 @@ kernel well short of copy bandwidth, and split-K for qkv and down_proj with a se
 kernel (`decode_matmuls`' `cublas_x_copy` in benchmarks/results/decode_profile_*.json). Here each program owns
 BLOCK_N output columns and streams their weight rows over all of K, software-pipelined, with
 the few x rows padded to the 16 rows of a tensor-core dot (the padding costs no memory
-traffic). No split-K, so no second kernel and no atomics: one launch, one pass.
+traffic). A matrix of too few column tiles to fill the SMs is also split along K, in the same
+launch (`split_k`).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -20,25 +23,27 @@ MAX_ROWS = 16  # the dot's padded row count; more rows go to cuBLAS
 # (BLOCK_N, BLOCK_K, num_warps, num_stages), from `benchmarks/decode_profile.py --sweep` on
 # an H100 (benchmarks/results/decode_profile_*.json).
 DEFAULT_CONFIG = (32, 256, 4, 4)
+SPLIT_K_PROGRAMS_PER_SM = 2  # the occupancy a split matrix is cut for
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K,
+    x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, arrived_ptr, M, N, K, K_PER_SPLIT,
     stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]
-    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+    k_start = split * K_PER_SPLIT
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + k_start + ks[None, :]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + k_start + ks[None, :]
     row_mask = rows[:, None] < M
     col_mask = cols[:, None] < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=col_mask, other=0.0)
             x = tl.load(x_ptrs, mask=row_mask, other=0.0)
@@ -49,10 +54,54 @@ def _gemv_kernel(
         acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask & (cols[None, :] < N))
+    out_mask = row_mask & (cols[None, :] < N)
+    if SPLIT_K > 1:
+        # Serial split-K in one launch: each split leaves its float32 partial, and the tile's
+        # last split to arrive adds them all in split order (the same sum whatever the
+        # arrival order) and writes the output; it also zeroes the tile's counter for the
+        # next call. No second kernel, no output atomics.
+        partials = partial_ptr + (rows[:, None] * SPLIT_K) * N + cols[None, :]
+        tl.store(partials + split * N, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(arrived_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(partials + s * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(arrived_ptr + pid, 0)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
+
+
+def split_k(n: int, k: int, block_n: int, block_k: int, sm_count: int) -> int:
+    """Splits of K for a matrix of too few column tiles to fill the SMs (Qwen3-30B-A3B's
+    o_proj: 64 tiles of 32 rows on the H200's 132 SMs; benchmarks/results/moe_*.json,
+    decode_kernels), at least two K blocks each; 1 for matrices that fill them."""
+    tiles = triton.cdiv(n, block_n)
+    if tiles >= sm_count:
+        return 1
+    return max(1, min(triton.cdiv(SPLIT_K_PROGRAMS_PER_SM * sm_count, tiles), k // (2 * block_k)))
+
+
+# Split-K scratch per (device, N, splits, column tiles): float32 partials [MAX_ROWS, splits, N] and one
+# arrival counter per column tile, zero between calls. Allocated on first use (the decode
+# graphs' warm-up runs before their capture), so captured graphs keep reading the same.
+_scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_scratch(device: torch.device, n: int, splits: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (device, n, splits, tiles)
+    if key not in _scratch:
+        _scratch[key] = (torch.empty(MAX_ROWS * splits * n, device=device, dtype=torch.float32),
+                         torch.zeros(tiles, device=device, dtype=torch.int32))
+    return _scratch[key]
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -67,13 +116,25 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return out
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, k,
+    tiles = triton.cdiv(n, block_n)
+    splits = split_k(n, k, block_n, block_k, _sm_count(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)  # rounding to whole blocks may leave one fewer
+    partials, arrived = _split_scratch(x.device, n, splits, tiles) if splits > 1 else (out, out)
+    _gemv_kernel[(tiles, splits)](
+        x, weight, bias if bias is not None else weight, out, partials, arrived, m, n, k, k_per_split,
         x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages,
+        EVEN_K=k % block_k == 0, SPLIT_K=splits, num_warps=warps, num_stages=stages,
     )
     return out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter (tests): split as a 132-SM H200 would
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,8 +14,9 @@ Reference: kv_write.write_kv_ref (the encodings: kernels/kv_quant.py).
 
 Codes match the reference bit for bit: division is IEEE (div_rn, not the approximate '/'),
 rounding half to even as torch.round, and the fp16-rounded scale is the one encoded with.
-fp8 codes are built from the float's bits (round to nearest even, subnormals included)
-rather than by Triton's cast, which the interpreter rounds differently from torch.
+fp8 codes come from the GPU's conversion where compiled for sm_89+, and under the interpreter
+(which rounds Triton's cast differently from torch) from the float's bits (round to nearest
+even, subnormals included); fp8's scale search is screened in float32 (`_quantize_fp8_rows`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _FP8_NUM_TOPS = tl.constexpr(len(FP8_TOPS))
 _FP8_TOP_STEP = tl.constexpr(FP8_TOP_STEP)
+# fp8 scale search: screened errors within this relative distance of the best are a near tie,
+# decided exactly (`_quantize_fp8_rows`); the screening's own error is under 1e-5 relative.
+FP8_NEAR_TIE = 1e-4
+
+
+def native_fp8(device: torch.device) -> bool:
+    """Whether the kernels convert to fp8 with the GPU's instruction (sm_89+, compiled): the
+    interpreter rounds Triton's cast differently from torch."""
+    return (not triton.knobs.runtime.interpret and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
 @triton.jit
@@ -97,24 +108,76 @@ def _fp8_e4m3(y):
 
 
 @triton.jit
-def _quantize_fp8_rows(x):
-    """x [R, D] float32 -> (codes [R, D] uint8, scale fp32 [R]): kv_quant.quantize_fp8, each
-    of FP8_TOPS in turn, the least squared error (float64) kept; ties keep the earlier."""
-    amax = tl.max(tl.abs(x), axis=1)
+def _fp8_codes(y, NATIVE: tl.constexpr):
+    """float32 y -> (float8_e4m3fn bit patterns (uint8), their values as float32): clamped to
+    +-448 (a scale rounded into fp16's subnormals can put |y| past it), rounded to nearest
+    even. NATIVE: the GPU's conversion, which saturates (cvt.rn.satfinite.e4m3x2.f32, sm_89+,
+    seen in Triton 3.6's PTX), else `_fp8_e4m3`'s bit arithmetic."""
+    if NATIVE:
+        f8 = y.to(tl.float8e4nv)
+        return f8.to(tl.uint8, bitcast=True), f8.to(tl.float32)
+    else:
+        return _fp8_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
+
+
+@triton.jit
+def _fp8_scale(amax, i):
+    """The scale that puts `amax` [R] on the i-th of FP8_TOPS, as stored (fp16)."""
+    return _fp16_scale(tl.math.div_rn(amax, _FP8_MAX - _FP8_TOP_STEP * i))
+
+
+@triton.jit
+def _fp8_best_scale_exact(x, amax, NATIVE: tl.constexpr):
+    """kv_quant.quantize_fp8's choice for x [R, D]: each top's codes by IEEE division, their
+    squared error summed in float64; ties keep the earlier top. Scales [R]."""
     best_err = tl.full(amax.shape, float("inf"), tl.float64)
     best_s = tl.zeros_like(amax)
-    best_codes = tl.zeros(x.shape, tl.uint8)
     for i in tl.static_range(_FP8_NUM_TOPS):
-        s = _fp16_scale(tl.math.div_rn(amax, _FP8_MAX - _FP8_TOP_STEP * i))
-        y = tl.math.div_rn(x, s[:, None])
-        codes, values = _fp8_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
+        s = _fp8_scale(amax, i)
+        _, values = _fp8_codes(tl.math.div_rn(x, s[:, None]), NATIVE)
         diff = (values * s[:, None] - x).to(tl.float64)
         err = tl.sum(diff * diff, axis=1)
         better = err < best_err
-        best_codes = tl.where(better[:, None], codes, best_codes)
         best_s = tl.where(better, s, best_s)
         best_err = tl.where(better, err, best_err)
-    return best_codes, best_s
+    return best_s
+
+
+@triton.jit
+def _quantize_fp8_rows(x, NATIVE: tl.constexpr, NEAR_TIE: tl.constexpr):
+    """x [R, D] float32 -> (codes [R, D] uint8, scale fp32 [R]): kv_quant.quantize_fp8.
+
+    The tops are screened in float32, each top's codes made by multiplying with its scale's
+    reciprocal (the GPU's approximate one) instead of dividing by the scale (seven IEEE
+    divisions and float64 sums per value made the write 14.5x bf16's on an H200, issue 23).
+    Screened and exact errors differ by a few float32 roundings per term (a quotient a few
+    ulps off moves a code only at a rounding midpoint, where both codes err alike), far under
+    NEAR_TIE relative; so where
+    no other scale's screened error comes within NEAR_TIE of the best, the best is the exact
+    search's too. A tile with any such near tie is searched exactly (`_fp8_best_scale_exact`).
+    The codes of the chosen scale come from one IEEE division, as the reference's."""
+    amax = tl.max(tl.abs(x), axis=1)
+    errs = ()
+    scales = ()
+    for i in tl.static_range(_FP8_NUM_TOPS):
+        s = _fp8_scale(amax, i)
+        _, values = _fp8_codes(x * (1.0 / s)[:, None], NATIVE)
+        diff = values * s[:, None] - x
+        errs = errs + (tl.sum(diff * diff, axis=1),)
+        scales = scales + (s,)
+    best_err = errs[0]
+    best_s = scales[0]
+    for i in tl.static_range(1, _FP8_NUM_TOPS):
+        better = errs[i] < best_err  # ties keep the earlier top
+        best_s = tl.where(better, scales[i], best_s)
+        best_err = tl.where(better, errs[i], best_err)
+    near = tl.zeros(amax.shape, tl.int32)
+    for i in tl.static_range(_FP8_NUM_TOPS):  # equal scales give equal errors: no tie to resolve
+        near = near | ((scales[i] != best_s) & (errs[i] <= best_err * (1.0 + NEAR_TIE))).to(tl.int32)
+    if tl.max(near, axis=0) > 0:
+        best_s = _fp8_best_scale_exact(x, amax, NATIVE)
+    codes, _ = _fp8_codes(tl.math.div_rn(x, best_s[:, None]), NATIVE)
+    return codes, best_s
 
 
 @triton.jit
@@ -126,12 +189,9 @@ def _pack(q, BITS: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows(x, BITS: tl.constexpr, FP8: tl.constexpr):
+def _quantize_rows(x, BITS: tl.constexpr):
     """x [R, NB, PER] float32 (a row's channels; padding 0) -> (bytes [R, NB], scale fp16 [R],
-    zero uint8 [R]): per row, kv_quant.quantize_per_token or quantize_fp8."""
-    if FP8:
-        codes, s = _quantize_fp8_rows(tl.reshape(x, (x.shape[0], x.shape[1])))  # PER is 1
-        return codes, s.to(tl.float16), tl.zeros_like(s).to(tl.uint8)
+    zero uint8 [R]): per row, kv_quant.quantize_per_token."""
     qmax: tl.constexpr = (1 << BITS) - 1
     lo = tl.minimum(tl.min(tl.min(x, axis=2), axis=1), 0.0)
     hi = tl.maximum(tl.max(tl.max(x, axis=2), axis=1), 0.0)
@@ -162,26 +222,35 @@ def _write_kv_quant_kernel(
     stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
     BLOCK_BYTES: tl.constexpr, BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, FP8_NEAR_TIE: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     PER: tl.constexpr = 1 if FP8 else 8 // BITS
     h = tl.arange(0, BLOCK_HEADS)
     byte = tl.arange(0, BLOCK_BYTES)
-    c = byte[None, :, None] * PER + tl.arange(0, PER)[None, None, :]  # [1, NB, PER] channel
-    h3 = h[:, None, None]
-    mask = (h3 < NUM_KV_HEADS) & (c < HEAD_DIM)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
-    # Padding channels read 0: inside every range (per-token ranges include 0).
-    k = tl.load(k_ptr + tok * stride_k_tok + h3 * stride_k_head + c, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + tok * stride_v_tok + h3 * stride_v_head + c, mask=mask, other=0.0).to(tl.float32)
     block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
     keep = slot >= 0
     codes_dst = block * stride_c_block + offset * stride_c_tok + h[:, None] * stride_c_head + byte[None, :]
     codes_mask = keep & (h[:, None] < NUM_KV_HEADS) & (byte[None, :] < HEAD_DIM // PER)
     meta_dst = block * stride_m_block + offset * stride_m_tok + h
     meta_mask = keep & (h < NUM_KV_HEADS)
-    kq, ks, kz = _quantize_rows(k, BITS, FP8)
-    vq, vs, vz = _quantize_rows(v, BITS, FP8)
+    # Padding channels read 0: inside every range (per-token ranges include 0, fp8's absmax).
+    if FP8:  # [heads, channels]: a row's 16-byte loads and its sums stay inside one warp
+        mask = (h[:, None] < NUM_KV_HEADS) & (byte[None, :] < HEAD_DIM)
+        k = tl.load(k_ptr + tok * stride_k_tok + h[:, None] * stride_k_head + byte[None, :], mask=mask, other=0.0)
+        v = tl.load(v_ptr + tok * stride_v_tok + h[:, None] * stride_v_head + byte[None, :], mask=mask, other=0.0)
+        kq, ks = _quantize_fp8_rows(k.to(tl.float32), NATIVE_FP8, FP8_NEAR_TIE)
+        vq, vs = _quantize_fp8_rows(v.to(tl.float32), NATIVE_FP8, FP8_NEAR_TIE)
+        ks, vs = ks.to(tl.float16), vs.to(tl.float16)
+    else:
+        c = byte[None, :, None] * PER + tl.arange(0, PER)[None, None, :]  # [1, NB, PER] channel
+        h3 = h[:, None, None]
+        mask = (h3 < NUM_KV_HEADS) & (c < HEAD_DIM)
+        k = tl.load(k_ptr + tok * stride_k_tok + h3 * stride_k_head + c, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + tok * stride_v_tok + h3 * stride_v_head + c, mask=mask, other=0.0).to(tl.float32)
+        kq, ks, kz = _quantize_rows(k, BITS)
+        vq, vs, vz = _quantize_rows(v, BITS)
     tl.store(k_codes_ptr + codes_dst, kq, mask=codes_mask)
     tl.store(v_codes_ptr + codes_dst, vq, mask=codes_mask)
     tl.store(k_scale_ptr + meta_dst, ks, mask=meta_mask)
@@ -236,7 +305,7 @@ def _kivi_flush_kernel(
     kc = block * stride_kc_block + h * stride_kc_head + c.reshape(BLOCK_BYTES, PER)
     tl.store(k_scale_ptr + kc, ks, mask=cmask.reshape(BLOCK_BYTES, PER))
     tl.store(k_min_ptr + kc, km, mask=cmask.reshape(BLOCK_BYTES, PER))
-    vq, vs, vz = _quantize_rows(v, BITS, False)
+    vq, vs, vz = _quantize_rows(v, BITS)
     tl.store(v_codes_ptr + codes_dst, vq, mask=codes_mask)
     meta_dst = block * stride_m_block + t * stride_m_tok + h
     tl.store(v_scale_ptr + meta_dst, vs)
@@ -253,7 +322,7 @@ def _store_sink(x, at, sink_ptr, sink_scale_ptr, sink_zero_ptr, HEAD_DIM: tl.con
     C: tl.constexpr = x.shape[1] * x.shape[2]
     t = tl.arange(0, x.shape[0])[:, None, None]
     first = tl.reshape(tl.sum(tl.where(t == 0, x, 0.0), axis=0), (1, C, 1))
-    codes, scale, zero = _quantize_rows(first, 8, False)
+    codes, scale, zero = _quantize_rows(first, 8)
     ch = tl.arange(0, C)
     tl.store(sink_ptr + at * HEAD_DIM + ch, tl.reshape(codes, (C,)), mask=ch < HEAD_DIM)
     tl.store(sink_scale_ptr + at, tl.sum(scale, axis=0))
@@ -296,7 +365,7 @@ def _write_kv_per_token(k, v, cache: LayerKVCache, slot_mapping: torch.Tensor) -
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v_scale.stride(0), cache.v_scale.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_BYTES=triton.next_power_of_2(nbytes), BLOCK_SIZE=cache.block_size, BITS=fmt.bits, FP8=fmt.fp8,
-        num_warps=4,
+        NATIVE_FP8=fmt.fp8 and native_fp8(k.device), FP8_NEAR_TIE=FP8_NEAR_TIE, num_warps=4,
     )
 
 

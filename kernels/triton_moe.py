@@ -182,9 +182,12 @@ def _launch_config(block_m: int, k_dim: int, n_dim: int) -> dict:
 
 
 def fused_moe_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                     topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+                     topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     configs: tuple[dict, dict] | None = None) -> torch.Tensor:
     """x: [num_tokens, hidden]; w_gate_up: [E, 2 * inter, hidden]; w_down: [E, hidden, inter];
-    topk_weights (float32), topk_ids: [num_tokens, top_k] -> [num_tokens, hidden] in x's dtype."""
+    topk_weights (float32), topk_ids: [num_tokens, top_k] -> [num_tokens, hidden] in x's dtype.
+    configs: the two kernels' launch configs (as _launch_config returns; BLOCK_M included),
+    for benchmarks/moe_bench.py's sweep; default by the token count."""
     num_tokens, hidden = x.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     top_k = topk_ids.shape[1]
@@ -203,16 +206,17 @@ def fused_moe_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Ten
     common = dict(DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                   PER_ASSIGNMENT=per_assignment, HIDDEN=hidden, INTER=inter)
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)
-    config = _launch_config(block_m, hidden, inter)
-    _gate_up_silu_kernel[(tile_expert.numel(), triton.cdiv(inter, config["BLOCK_N"]))](
+    gate_up_config, down_config = configs or (_launch_config(block_m, hidden, inter),
+                                              _launch_config(block_m, inter, hidden))
+    assert gate_up_config["BLOCK_M"] == down_config["BLOCK_M"] == block_m
+    _gate_up_silu_kernel[(tile_expert.numel(), triton.cdiv(inter, gate_up_config["BLOCK_N"]))](
         x, w_gate_up, act, sorted_ids, tile_expert, n, top_k,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0), **common, **config,
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0), **common, **gate_up_config,
     )
     partial = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
-    config = _launch_config(block_m, inter, hidden)
-    _down_kernel[(tile_expert.numel(), triton.cdiv(hidden, config["BLOCK_N"]))](
+    _down_kernel[(tile_expert.numel(), triton.cdiv(hidden, down_config["BLOCK_N"]))](
         act, w_down, topk_weights.reshape(-1).float(), partial, sorted_ids, tile_expert,
-        n, act.stride(0), w_down.stride(0), w_down.stride(1), partial.stride(0), **common, **config,
+        n, act.stride(0), w_down.stride(0), w_down.stride(1), partial.stride(0), **common, **down_config,
     )
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     block = min(1024, triton.next_power_of_2(hidden))

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from wattserve.kernels.triton_quant_gemv import gemv_fits, quant_gemv_triton
 from wattserve.kernels.weight_format import QuantizedWeight, quantize_per_token_fp8
 
 GEMV_MAX_ROWS = 16
@@ -184,10 +185,13 @@ def dequantize_triton(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def quant_linear_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    """The CUDA path: fp8 beyond decode sizes runs W8A8 on the fp8 tensor cores, other formats
-    from DENSE_MIN_ROWS rows dequantize once and run cuBLAS, everything else the
-    dequantize-in-the-loop kernel. The choice uses x's shape only, so it is fixed inside a
+    """The CUDA path: one or two rows (batch-1 decode) on the CUDA cores
+    (kernels/triton_quant_gemv.py), fp8 beyond decode sizes W8A8 on the fp8 tensor cores, other
+    formats from DENSE_MIN_ROWS rows dequantized once and multiplied by cuBLAS, everything else
+    the dequantize-in-the-loop kernel. The choice uses x's shape only, so it is fixed inside a
     captured graph."""
+    if gemv_fits(x, w):
+        return quant_gemv_triton(x, w)
     if w.kind == "fp8" and x.shape[0] > GEMV_MAX_ROWS and _scaled_mm_fits(x, w):
         return fp8_scaled_mm(x, w)
     if x.shape[0] >= DENSE_MIN_ROWS:

@@ -17,21 +17,6 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 
-def interpreter_loop_bounds_fix():
-    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array there) into a loop
-    bound with int(array), which numpy >= 2.4 refuses (triton-lang/triton#9171, fixed after
-    3.6): take the element explicitly."""
-    from triton.runtime import interpreter
-
-    patch = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-
-
 def engine_info(**overrides):
     """An EngineInfo for tests of the server's parts without an engine behind them."""
     from wattserve.engine.client import EngineInfo

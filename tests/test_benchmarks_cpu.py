@@ -123,6 +123,22 @@ def test_weight_quant_bench_tiny(tmp_path):
     assert all(r["perplexity"] > 1 for r in quality.values())
 
 
+def test_long_context_bench_tiny(tmp_path):
+    out = tmp_path / "long_context.json"
+    bench("long_context_bench.py", "--tiny", "--dtypes", "int4", "--contexts", "128,320", "--repeat", "1",
+          "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [(r["kv_dtype"], r["context"]) for r in result["runs"]] == \
+        [(d, c) for d in ("auto", "int4") for c in (128, 320)]
+    for r in result["runs"]:
+        assert r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["roofline_tok_s"] > 0
+        assert r["kv_bytes_per_token"] > 0 and len(r["ttft_s_runs"]) == 1
+    # int4 holds the same tokens in fewer bytes than bf16, ring included.
+    by = {(r["kv_dtype"], r["context"]): r for r in result["runs"]}
+    assert by["int4", 320]["kv_bytes_per_token"] < by["auto", 320]["kv_bytes_per_token"]
+    assert by["auto", 320]["ttft_x_bf16"] == 1.0 and result["kernels"] is None  # kernels: CUDA only
+
+
 def test_tp_bench_at_toy_shapes_with_gloo_ranks(tmp_path, tokenizer):
     tokenizer.hf.save_pretrained(tmp_path)  # the default model's, read back without the GGUF's seconds
     out = tmp_path / "tp.json"

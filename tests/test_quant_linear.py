@@ -12,11 +12,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import interpreter_loop_bounds_fix
 from gguf import GGMLQuantizationType as Q
 
 from wattserve.engine.loader.gguf_blocks import blocks_to_weight
 from wattserve.kernels.quant_linear import for_any_weight, linear_ref, quant_linear_ref
+from wattserve.kernels.triton_interpreter import fix_loop_bounds
 from wattserve.kernels.triton_quant_linear import (
     DENSE_MIN_ROWS,
     GEMM_CONFIG,
@@ -25,6 +25,8 @@ from wattserve.kernels.triton_quant_linear import (
     quant_linear_triton,
     quant_matmul_triton,
 )
+from wattserve.kernels.triton_quant_gemv import CONFIGS as GEMV_KERNEL_CONFIGS
+from wattserve.kernels.triton_quant_gemv import gemv_fits, quant_gemv_triton
 from wattserve.kernels.weight_format import (
     QuantizedParts,
     QuantizedWeight,
@@ -36,7 +38,7 @@ from wattserve.kernels.weight_format import (
 
 ON_GPU = os.environ["TRITON_INTERPRET"] != "1"
 if not ON_GPU:
-    interpreter_loop_bounds_fix()
+    fix_loop_bounds()
 DEVICE = "cuda" if ON_GPU else "cpu"
 # The interpreter's float32 dots are exact; compiled ones would take tf32, so the GPU runs
 # bfloat16 activations, as served, against a bound of a few bf16 roundings.
@@ -122,6 +124,21 @@ def test_triton_quant_matmul_against_dequantize_then_matmul(name, m):
     # the interpreter): only summation order differs.
     for config in (GEMV_CONFIG, GEMM_CONFIG):
         out = quant_matmul_triton(x, w, config)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < REL_ERR, f"{config}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", WEIGHTS)
+def test_triton_quant_gemv_against_dequantize_then_matmul(name):
+    w = WEIGHTS[name].to(DEVICE)
+    x = rand(1, w.in_features, seed=1).to(DEVICE, DTYPE)
+    ref = x.double() @ dequantize(w).double().T
+    # The served tile (longer than these rows' K: masked) and a short one (several tiles,
+    # each of whole groups). Weights are exact in float32, products summed in float32.
+    short = (16, max(64, w.group if w.group < w.in_features else 0), 4)
+    for config in (GEMV_KERNEL_CONFIGS[w.kind], short):
+        assert gemv_fits(x, w, config), config
+        out = quant_gemv_triton(x, w, config)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < REL_ERR, f"{config}: relative error {err:.2e}"
 

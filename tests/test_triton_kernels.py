@@ -11,7 +11,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are deco
 
 import pytest
 import torch
-from conftest import interpreter_loop_bounds_fix
 
 from wattserve.kernels.activation import gelu_tanh_and_mul_ref, silu_and_mul_ref
 from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
@@ -25,6 +24,7 @@ from wattserve.kernels.triton_attention import paged_attention_triton
 from wattserve.kernels.triton_attention_decode import paged_decode_attention, paged_decode_attention_ref
 from wattserve.kernels.triton_attention_prefill import paged_prefill_attention
 from wattserve.kernels.triton_gemv import gemv_triton, linear_triton
+from wattserve.kernels.triton_interpreter import fix_loop_bounds
 from wattserve.kernels.triton_kv_write import write_kv_triton
 from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
 from wattserve.kernels.triton_rotary import apply_rotary_triton, rotary_write_kv_triton
@@ -35,7 +35,7 @@ ON_GPU = os.environ["TRITON_INTERPRET"] != "1"
 
 
 if not ON_GPU:
-    interpreter_loop_bounds_fix()
+    fix_loop_bounds()
 DEVICE = "cuda" if ON_GPU else "cpu"
 ELEMENTWISE_DTYPES = [torch.float32, torch.bfloat16]
 ATTENTION_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
@@ -157,15 +157,17 @@ def _poisoned_cache(fmt, num_blocks, block_size, num_kv_heads, head_dim, dtype):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("n, k, bias", [(48, 512, False), (40, 300, True), (16, 1024, False)])
+@pytest.mark.parametrize("n, k, bias", [(48, 512, False), (40, 300, True), (16, 1024, False), (24, 2800, True)])
 def test_gemv_matches_linear(rows, n, k, bias):
-    """Odd column counts (a partial last program) and K not a multiple of the tile."""
+    """Odd column counts (a partial last program), K not a multiple of the tile, and K split
+    over 2 to 10 programs of a column tile (few tiles: split_k), each config called twice (the
+    split counters must be back at zero)."""
     gen = torch.Generator().manual_seed(7)
     x = rand(rows, k, dtype=torch.float16, gen=gen)
     w = rand(n, k, dtype=torch.float16, gen=gen)
     b = rand(n, dtype=torch.float16, gen=gen) if bias else None
     want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-    for config in [(16, 128, 4, 2), (32, 256, 4, 3)]:
+    for config in [(16, 128, 4, 2), (32, 256, 4, 3)] * 2:
         got = gemv_triton(x, w, b, config)
         assert got.shape == (rows, n) and got.dtype == torch.float16
         assert_rel_close(got, want, torch.float16)

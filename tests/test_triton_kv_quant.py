@@ -26,6 +26,7 @@ from wattserve.kernels.kv_write import write_kv_ref
 from wattserve.kernels.triton_attention import paged_attention_triton
 from wattserve.kernels.triton_attention_decode import paged_decode_attention_cache
 from wattserve.kernels.triton_attention_prefill import paged_prefill_attention_cache
+from wattserve.kernels import triton_kv_write
 from wattserve.kernels.triton_kv_write import write_kv_triton
 from wattserve.kernels.triton_paged_tile import cache_kernel_args, join_planes, kv_codes, split_planes, unpack_planes
 
@@ -163,6 +164,26 @@ def test_write_per_token_formats_match_ref_and_skip_negative_slots(name, dtype):
     write_kv_ref(k, v, want, meta)
     write_kv_triton(k, v, got, meta)
     assert_same_cache(got, want)  # the skipped token's slot kept its poison too
+
+
+@pytest.mark.parametrize("near_tie", [0.0, 1e30], ids=["screened", "exact"])
+def test_fp8_scale_search_screened_or_exact_matches_ref(near_tie, monkeypatch):
+    """The float32 screening alone (no near tie resolved) and the exact search for every row
+    pick the reference's scales, on rows of every magnitude: a zero row, ranges that round
+    into fp16's subnormals (|x / scale| past 448 before the clamp), large values."""
+    monkeypatch.setattr(triton_kv_write, "FP8_NEAR_TIE", near_tie)
+    gen = torch.Generator().manual_seed(8)
+    num_tokens, num_kv_heads, head_dim = 32, 2, 64
+    magnitude = 10.0 ** torch.randint(-6, 3, (num_tokens, 1, 1), generator=gen)
+    k = rand(num_tokens, num_kv_heads, head_dim, gen=gen) * magnitude.to(DEVICE)
+    v = rand(num_tokens, num_kv_heads, head_dim, gen=gen)
+    k[0] = 0.0
+    meta = AttentionMetadata(torch.randperm(num_tokens, generator=gen).to(DEVICE), None, None, None, [], [])
+    want = poisoned_layer("fp8_e4m3", num_tokens // 16, 16, num_kv_heads, head_dim, torch.float32, 0, gen)
+    got = clone_cache(want)
+    write_kv_ref(k, v, want, meta)
+    write_kv_triton(k, v, got, meta)
+    assert_same_cache(got, want)
 
 
 @pytest.mark.parametrize("name,block_size,dtype", [("int4", 16, torch.float32), ("int2", 64, torch.bfloat16),
