@@ -62,6 +62,8 @@ class ShardedRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
                  device: torch.device, max_positions: int, fmt: KVFormat):
         size = config.tensor_parallel_size
+        if dist.is_initialized():  # torch.distributed has one default group per process
+            raise RuntimeError("this process already runs a tensor-parallel engine: close it first")
         os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off; the workers inherit it
         self._store_dir = tempfile.mkdtemp(prefix="wattserve-tp-")
         store = os.path.join(self._store_dir, "store")

@@ -93,6 +93,8 @@ def test_two_ranks_give_one_ranks_logits_and_greedy_tokens_through_preemption(fa
         assert_same_logits(one, two, prompts)
         assert tokens(two, prompts) == want
         assert two.core.scheduler.num_preemptions > 0
+        with pytest.raises(RuntimeError, match="already runs a tensor-parallel engine"):
+            engine(str(tmp_path), 2)  # a second one would take over the first's process group
     # Closed: the ranks stopped, and this process has its CPU threads back from the ranks' share.
     assert torch.get_num_threads() == threads and not torch.distributed.is_initialized()
 
