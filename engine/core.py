@@ -56,7 +56,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = _pick_device(config.device)
-        ckpt = load_checkpoint(config.model, config.load_format, config.tokenizer)
+        ckpt = load_checkpoint(config.model, config.load_format, config.tokenizer,
+                               sliced=config.tensor_parallel_size > 1)
         self.model_name = ckpt.name
         self.model_path = config.model or default_model_path()
         self.model_config = mc = ckpt.model_config

@@ -243,7 +243,7 @@ def run_worker(rank: int, size: int, store: str, config: EngineConfig, model_con
         device = rank_device(device, rank)
         runner = ModelRunner(model_config, dtype, device, max_positions, kv_format(config.cache.kv_cache_dtype),
                              shard)
-        ckpt = load_checkpoint(config.model, config.load_format, with_tokenizer=False)
+        ckpt = load_checkpoint(config.model, config.load_format, with_tokenizer=False, sliced=True)
         runner.load(ckpt.weights, config.quantization, config.seed)
     except Exception as exc:
         log.exception("loading failed")

@@ -1,6 +1,7 @@
 """One rank's slices of the checkpoint's tensors, cut as they stream in (engine/tensor_parallel.py
-says which rank holds what). The loaders read each full tensor once; the slice is kept, the
-rest dropped before the next tensor is read.
+says which rank holds what). Dense safetensors come unread (`load_checkpoint(sliced=True)`)
+and only the slices are read from the file; GGUF and pre-quantized tensors are read whole
+and sliced, the rest dropped before the next tensor is read.
 
 Column-parallel weights (q/k/v, gate/up, the LM head and the embedding, whose rows are the
 vocabulary) keep rows; row-parallel ones (o_proj, down_proj) keep input columns. Quantized
@@ -11,7 +12,8 @@ columns, cannot stay quantized: that weight is dequantized (and logged).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -26,12 +28,42 @@ Weight = torch.Tensor | QuantizedWeight
 Ranges = list[tuple[int, int]]  # (start, length) pieces of one dimension, kept in order
 
 
-def shard_weights(weights: Iterable[tuple[str, Weight]] | None, cfg: ModelConfig,
+def shard_weights(weights: Iterable[tuple[str, Any]] | None, cfg: ModelConfig,
                   shard: Shard) -> Iterable[tuple[str, Weight]] | None:
-    """The (HF name, tensor) stream of the full model `cfg` cut to `shard`'s slices."""
+    """The (HF name, tensor or unread safetensors slice) stream of the full model `cfg` cut
+    to `shard`'s slices."""
     if weights is None or shard.size == 1:
         return weights
-    return ((name, _slice(canonical_name(name.removeprefix("model.")), w, cfg, shard)) for name, w in weights)
+    return _cut(weights, cfg, shard)
+
+
+def _cut(weights: Iterable[tuple[str, Any]], cfg: ModelConfig, shard: Shard) -> Iterator[tuple[str, Weight]]:
+    for name, w in weights:
+        if not isinstance(w, (torch.Tensor, QuantizedWeight)):
+            w = _Unread(w)
+        part = _slice(canonical_name(name.removeprefix("model.")), w, cfg, shard)
+        yield name, part.read() if isinstance(part, _Unread) else part
+
+
+class _Unread:
+    """A safetensors tensor not read yet (its PySafeSlice): reads what `narrow` or a row
+    range asks for, or all of it."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.shape = torch.Size(handle.get_shape())
+        self.ndim = len(self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * self.ndim
+        index[dim] = slice(start, start + length)
+        return self.handle[tuple(index)]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.handle[rows]
+
+    def read(self) -> torch.Tensor:
+        return self.handle[:]
 
 
 def _slice(name: str, w: Weight, cfg: ModelConfig, shard: Shard) -> Weight:
