@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--skip-70b", action="store_true")
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/tp_<device>.json)")
     args = ap.parse_args()
+    os.environ["NCCL_NVLS_ENABLE"] = "0"  # for the all-reduce ranks too (the engine sets it for its own)
     cuda = args.device == "cuda"
     args.dtype = "bfloat16" if cuda else "float32"
     w = dict(decode_tokens=128, num_requests=256, input_len=512, output_len=128, batched_tokens=8192,
@@ -190,7 +191,7 @@ def main() -> None:
     config = TINY_LLAMA if args.tiny else LLAMA31_8B
     label = torch.cuda.get_device_name() if cuda else "cpu"
     results: dict = {"benchmark": "tp", "device": label, "torch": torch.__version__, "workloads": w,
-                     "NCCL_NVLS_ENABLE": "0",
+                     "NCCL_NVLS_ENABLE": os.environ["NCCL_NVLS_ENABLE"],
                      "command": "python benchmarks/tp_bench.py " + " ".join(sys.argv[1:])}
     results["all_reduce"] = all_reduce_section(args.tp, args.device, config["hidden_size"], w["input_len"],
                                                torch.bfloat16 if cuda else torch.float32)
