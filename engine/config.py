@@ -110,5 +110,7 @@ class EngineConfig:
     # Run every shape and sampling path once before serving, so no request waits for a Triton
     # compile or a first cuBLAS call (engine/warmup.py).
     warm_up: bool = True
+    # Ranks (GPUs of one node) the model is split over (engine/tensor_parallel.py).
+    tensor_parallel_size: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -11,7 +11,6 @@ from wattserve.engine.config import EngineConfig
 from wattserve.engine.energy import EnergyMeter
 from wattserve.engine.kv_cache import KVCacheManager
 from wattserve.engine.loader import default_model_path, load_checkpoint
-from wattserve.engine.model_runner import ModelRunner
 from wattserve.engine.request import (
     FinishReason, InvalidRequestError, RequestOutput, SamplingParams, SequenceOutput, TokenLogprob,
     check_request,
@@ -25,8 +24,8 @@ from wattserve.engine.sequence import Sequence
 from wattserve.engine.slo import SLO
 from wattserve.engine.stats import EngineStats, RequestStats, StatsObserver, StepStats
 from wattserve.engine.structured.compiler import GrammarCompiler
+from wattserve.engine.tp_runner import make_runner
 from wattserve.engine.warmup import warm_up
-from wattserve.engine.weight_loading import load_weights
 from wattserve.kernels.kv_format import kv_format
 from wattserve.kernels.weight_format import weight_bytes
 
@@ -57,7 +56,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = _pick_device(config.device)
-        ckpt = load_checkpoint(config.model, config.load_format, config.tokenizer)
+        ckpt = load_checkpoint(config.model, config.load_format, config.tokenizer,
+                               sliced=config.tensor_parallel_size > 1)
         self.model_name = ckpt.name
         self.model_path = config.model or default_model_path()
         self.model_config = mc = ckpt.model_config
@@ -65,8 +65,8 @@ class EngineCore:
         self.dtype = _pick_dtype(config.dtype, self.device, mc.torch_dtype)
         max_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         fmt = kv_format(config.cache.kv_cache_dtype)
-        self.runner = ModelRunner(mc, self.dtype, self.device, max_len, fmt)
-        load_weights(self.runner.model, ckpt.weights, config.quantization, self.device, config.seed)
+        self.runner = make_runner(config, mc, self.dtype, self.device, max_len, fmt)
+        self.runner.load(ckpt.weights, config.quantization, config.seed)
         cache = config.cache
         # int4 and int2 (KIVI) keep each running sequence's last blocks in full precision: one ring
         # each (forks beyond max_num_seqs wait for a free one, see Scheduler._fork_siblings).
@@ -161,6 +161,10 @@ class EngineCore:
         burst on an idle engine is not a queue."""
         free_slots = self.scheduler.config.max_num_seqs - len(self.scheduler.running)
         return max(0, len(self.scheduler.waiting) - free_slots)
+
+    def close(self) -> None:
+        """Stop the other ranks' processes under tensor parallelism (engine/tp_runner.py)."""
+        self.runner.close()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None or self.grammars.has_waiting()

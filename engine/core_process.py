@@ -109,6 +109,7 @@ def run_core_process(config: EngineConfig, monitor_config: MonitorConfig, input_
         sys.exit(1)
     finally:
         monitor.stop()
+        core.close()
     outbox.close(linger=5000)
 
 

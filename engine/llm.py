@@ -56,6 +56,16 @@ class LLM:
         self._request_ids = itertools.count()  # unique over every generate() call
         self._outputs = OutputProcessor(self.core.tokenizer)
 
+    def close(self) -> None:
+        """Stop the engine's other processes (tensor parallelism's ranks); `with LLM(...)` does."""
+        self.core.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(self, prompts: Iterable[Prompt], params: SamplingParams | list[SamplingParams], *,
                  max_in_flight: int | None = None,
                  on_step: Callable[[list[RequestOutput]], bool | None] | None = None) -> list[Generation]:

@@ -11,6 +11,9 @@ from wattserve.engine.kivi_plan import kivi_plan
 from wattserve.engine.models.llama import LlamaModel
 from wattserve.engine.prompt_logprobs import score
 from wattserve.engine.step_input import StepInput, StepOutput
+from wattserve.engine.tensor_parallel import Shard, local_config
+from wattserve.engine.tp_weights import shard_weights
+from wattserve.engine.weight_loading import load_weights
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.dispatch import ops_for
 from wattserve.kernels.kv_format import (
@@ -27,8 +30,11 @@ _ACTIVATION_RESERVE = 2 << 30
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
-                 kv_format: KVFormat):
-        self.model_config = model_config
+                 kv_format: KVFormat, shard: Shard = Shard()):
+        """`model_config`: the whole model's; `shard`: the part of it this runner holds
+        (engine/tensor_parallel.py), by default all of it."""
+        self.full_config, self.shard = model_config, shard
+        self.model_config = model_config = local_config(model_config, shard.size)
         self.kv_format = kv_format
         self.dtype = dtype
         self.device = device
@@ -36,7 +42,7 @@ class ModelRunner:
         torch.set_default_dtype(dtype)  # build parameters directly in the target dtype
         try:
             with torch.device(device):
-                self.model = LlamaModel(model_config, ops_for(device), max_positions)
+                self.model = LlamaModel(model_config, ops_for(device), max_positions, shard)
         finally:
             torch.set_default_dtype(previous)
         self.model.eval()
@@ -44,6 +50,16 @@ class ModelRunner:
         self.block_size = 0
         self.graphs: DecodeGraphs | None = None
         self.gpu_timer = GpuBusyTimer(device)
+
+    def load(self, weights, quantization: str, seed: int) -> None:
+        """The checkpoint's (name, tensor) stream (None: random weights from `seed`), cut to
+        this runner's shard, in the format `quantization` asks for (engine/weight_loading.py)."""
+        load_weights(self.model, shard_weights(weights, self.full_config, self.shard), quantization,
+                     self.device, seed)
+
+    def close(self) -> None:
+        """Stop what the runner started: nothing on one rank (engine/tp_runner.py stops the
+        other ranks)."""
 
     # ---- KV cache ----------------------------------------------------------------------
     def bytes_per_block(self, block_size: int) -> int:

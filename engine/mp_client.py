@@ -10,6 +10,7 @@ at once and `on_death` tells the server to stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import pickle
@@ -93,7 +94,10 @@ class MPClient(EngineClient):
     async def shutdown(self) -> None:
         self._stopping = True
         if self._process.is_alive():
-            self._send(("shutdown",))
+            # Not blocking: a core exiting meanwhile (it died and is cleaning up) leaves the
+            # socket no peer to queue for, and a blocking send would wait forever.
+            with contextlib.suppress(zmq.Again):
+                self._send(("shutdown",), zmq.NOBLOCK)
             await asyncio.to_thread(self._process.join, 30)
         if self._process.is_alive():
             log.warning("the engine process did not stop in 30 s: killing it")
@@ -112,8 +116,8 @@ class MPClient(EngineClient):
         self._observers.append(observer)
 
     # ---- messages ----------------------------------------------------------------------
-    def _send(self, message: tuple) -> None:
-        self._to_core.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    def _send(self, message: tuple, flags: int = 0) -> None:
+        self._to_core.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), flags)
 
     async def _read(self, from_core: zmq.asyncio.Socket) -> None:
         while True:

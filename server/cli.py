@@ -99,6 +99,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="launch each engine step before reading the previous step's tokens, "
                             "so the GPU never waits for the host (a sequence that stops runs one "
                             "step more, discarded); auto: on for CUDA, off for CPU")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=engine.tensor_parallel_size,
+                       help="split the model over this many GPUs of the node (one process each, "
+                            "NCCL; gloo on CPU). Attention heads and the MLP's (or each expert's) "
+                            "intermediate size must divide by it; KV heads must divide by it or "
+                            "divide it (then they are replicated). NCCL_NVLS_ENABLE=0 is set for "
+                            "every rank")
     group.add_argument("--no-warm-up", dest="warm_up", action="store_false", default=engine.warm_up,
                        help="skip the startup pass that runs every prefill size, decode batch size "
                             "and sampling path once so that no request waits for a kernel compile "
@@ -208,7 +214,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, load_format=args.load_format, dtype=args.dtype, quantization=args.quantization,
         device=args.device,
         tokenizer=args.tokenizer, seed=args.seed, enforce_eager=args.enforce_eager,
-        launch_ahead=args.launch_ahead, warm_up=args.warm_up,
+        launch_ahead=args.launch_ahead, warm_up=args.warm_up, tensor_parallel_size=args.tensor_parallel_size,
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                           memory_fraction=args.gpu_memory_utilization,
                           kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=args.prefix_caching),

@@ -147,3 +147,15 @@ def test_long_context_bench_tiny(tmp_path):
     by = {(r["kv_dtype"], r["context"]): r for r in result["runs"]}
     assert by["int4", 320]["kv_bytes_per_token"] < by["auto", 320]["kv_bytes_per_token"]
     assert by["auto", 320]["ttft_x_bf16"] == 1.0 and result["kernels"] is None  # kernels: CUDA only
+
+
+def test_tp_bench_at_toy_shapes_with_gloo_ranks(tmp_path, tokenizer):
+    tokenizer.hf.save_pretrained(tmp_path)  # the default model's, read back without the GGUF's seconds
+    out = tmp_path / "tp.json"
+    bench("tp_bench.py", "--device", "cpu", "--tiny", "--tokenizer", str(tmp_path), "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["all_reduce"]["ranks"] == 2 and result["all_reduce"]["bus_bandwidth_GBps"] > 0
+    rows = result["llama31_8b"]
+    for tp in ("tp1", "tp2"):
+        assert rows[tp]["batch1_decode_tok_s"] > 0 and rows[tp]["offline"]["output_tok_s"] > 0
+    assert result["llama31_70b"]["ranks"] == 2 and "fraction_of_roofline" not in result["llama31_70b"]

@@ -36,10 +36,11 @@ class ModelLoadError(RuntimeError):
 class Checkpoint:
     name: str  # the served model name: file stem, directory name or Hub id
     model_config: ModelConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None when not asked for (tensor parallelism's other ranks)
     # HF parameter names and float tensors (float32 from GGUF, the saved dtype from
     # safetensors) or, for quantized linears, QuantizedWeight (engine/weight_loading.py puts
-    # them in), produced lazily; None for load_format="dummy".
+    # them in), produced lazily (`sliced`: safetensors' unread PySafeSlice); None for
+    # load_format="dummy".
     weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]] | None
 
 
@@ -64,8 +65,12 @@ def default_model_path() -> str:
 
 
 def load_checkpoint(model: str | None, load_format: str = "auto",
-                    tokenizer: str | None = None) -> Checkpoint:
-    """Open `model` (None: the default model); `tokenizer` overrides where the tokenizer comes from.
+                    tokenizer: str | None = None, with_tokenizer: bool = True,
+                    sliced: bool = False) -> Checkpoint:
+    """Open `model` (None: the default model); `tokenizer` overrides where the tokenizer comes
+    from; with_tokenizer False skips it (from a GGUF file it takes seconds); `sliced`: dense
+    safetensors tensors come unread, for a tensor-parallel rank to read only its slices of
+    (engine/tp_weights.py).
 
     Raises ModelLoadError for what cannot be found or read, UnsupportedModelError for
     architectures wattserve does not run.
@@ -93,14 +98,18 @@ def load_checkpoint(model: str | None, load_format: str = "auto",
                 "pass a Hugging Face model directory, a .gguf file or a Hub id (org/name)"
             )
         model_config = hf.read_config(path)
+        quantization = prequantized.quantization_config(path)
+        # Pre-quantized pieces are gathered whole (prequantized.py) before a rank slices them.
         weights = None if dummy else prequantized.quantized_weights(
-            hf.safetensors_weights(path), prequantized.quantization_config(path))
+            hf.safetensors_weights(path, sliced and quantization is None), quantization)
         if dummy and tokenizer is None and not os.path.isfile(os.path.join(path, "tokenizer.json")):
             # A bare config.json is enough to benchmark shapes; borrow a real tokenizer.
             tokenizer_source = default_model_path()
 
-    tok = load_tokenizer_only(tokenizer or tokenizer_source, model_config.eos_token_ids)
-    model_config = dataclasses.replace(model_config, eos_token_ids=tok.eos_token_ids)
+    tok = None
+    if with_tokenizer:
+        tok = load_tokenizer_only(tokenizer or tokenizer_source, model_config.eos_token_ids)
+        model_config = dataclasses.replace(model_config, eos_token_ids=tok.eos_token_ids)
     return Checkpoint(name, model_config, tok, None if dummy else weights)
 
 

@@ -6,7 +6,6 @@ import json
 import os
 from typing import Any, Iterator
 
-import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
@@ -30,8 +29,10 @@ def read_config(directory: str) -> ModelConfig:
     return config
 
 
-def safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every parameter, read lazily one tensor at a time.
+def safetensors_weights(directory: str, sliced: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of every parameter, read lazily one tensor at a time; `sliced`: each
+    tensor unread (safetensors' PySafeSlice), for engine/tp_weights.py to read only a rank's
+    slices of.
 
     The files and their tensor names are listed now, so that a missing or corrupt shard
     fails the load before any weight is read.
@@ -45,7 +46,7 @@ def safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
                 names[file] = [n for n in f.keys() if not n.endswith("rotary_emb.inv_freq")]
         except (OSError, SafetensorError) as e:
             raise ModelLoadError(f"could not read {file}: {e}") from e
-    return _read_tensors(names)
+    return _read_tensors(names, sliced)
 
 
 def load_tokenizer(source: str) -> Any:
@@ -89,12 +90,12 @@ def _weight_files(directory: str) -> list[str]:
     return files
 
 
-def _read_tensors(names: dict[str, list[str]]) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_tensors(names: dict[str, list[str]], sliced: bool) -> Iterator[tuple[str, Any]]:
     with tqdm(total=sum(map(len, names.values())), desc="Loading weights", unit="tensor") as bar:
         for file, file_names in names.items():
             with safe_open(file, framework="pt") as f:
                 for name in file_names:
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name) if sliced else f.get_tensor(name)
                     bar.update()
 
 

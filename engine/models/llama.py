@@ -17,6 +17,7 @@ from torch import nn
 
 from wattserve.engine.config import ModelConfig
 from wattserve.engine.models.moe import SparseMoeBlock, canonical_name, expected_expert_slots, expert_slot
+from wattserve.engine.tensor_parallel import Shard
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.dispatch import Ops
 from wattserve.kernels.kv_format import LayerKVCache
@@ -32,9 +33,12 @@ class RMSNormWeight(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops, sliding: bool):
+    """Under tensor parallelism `cfg` holds this rank's heads (engine/tensor_parallel.py) and
+    o_proj's partial sums are all-reduced."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, sliding: bool, shard: Shard):
         super().__init__()
-        self.ops = ops
+        self.ops, self.shard = ops, shard
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
@@ -65,7 +69,7 @@ class Attention(nn.Module):
             k = self._norm_heads(k, self.k_norm.weight)
         q = self.ops.rotary_write_kv(q, k, v, positions, cos_sin, kv_cache, meta)
         o = self.ops.paged_attention(q, kv_cache, meta, self.scale, **self.variants)
-        return self.ops.linear(o.reshape(-1, self.q_size), self.o_proj.weight)
+        return self.shard.all_reduce(self.ops.linear(o.reshape(-1, self.q_size), self.o_proj.weight))
 
     def _norm_heads(self, x, weight):
         """x: [num_tokens, heads, head_dim], normalized per head."""
@@ -74,18 +78,19 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """The gated MLP: SwiGLU, or GeGLU for Gemma. Any module with forward(x) -> x of the same
-    shape and HF's parameter names under `mlp.` can take its place (a mixture of experts)."""
+    shape and HF's parameter names under `mlp.` can take its place (a mixture of experts).
+    Under tensor parallelism down_proj's partial sums are all-reduced."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, shard: Shard):
         super().__init__()
-        self.ops = ops
+        self.ops, self.shard = ops, shard
         self.act_and_mul = ops.gelu_tanh_and_mul if cfg.hidden_act == "gelu_tanh" else ops.silu_and_mul
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         h = self.act_and_mul(self.ops.linear(x, self.gate_up_proj.weight))
-        return self.ops.linear(h, self.down_proj.weight)
+        return self.shard.all_reduce(self.ops.linear(h, self.down_proj.weight))
 
 
 class DecoderLayer(nn.Module):
@@ -96,13 +101,13 @@ class DecoderLayer(nn.Module):
     post:     attn -> post_attention_layernorm, then mlp -> post_feedforward_layernorm
     Each norm before a block is fused with the residual add in front of it."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops, layer: int):
+    def __init__(self, cfg: ModelConfig, ops: Ops, layer: int, shard: Shard):
         super().__init__()
         self.ops, self.eps, self.placement = ops, cfg.rms_norm_eps, cfg.norm_placement
         sliding = cfg.sliding_window is not None and (cfg.sliding_layers is None or cfg.sliding_layers[layer])
         self.sliding = sliding
-        self.self_attn = Attention(cfg, ops, sliding)
-        self.mlp = SparseMoeBlock(cfg, ops) if cfg.num_experts else MLP(cfg, ops)
+        self.self_attn = Attention(cfg, ops, sliding, shard)
+        self.mlp = SparseMoeBlock(cfg, ops, shard) if cfg.num_experts else MLP(cfg, ops, shard)
         if self.placement != "post":
             self.input_layernorm = RMSNormWeight(cfg.hidden_size)
         self.post_attention_layernorm = RMSNormWeight(cfg.hidden_size)
@@ -138,13 +143,14 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops, max_positions: int):
+    def __init__(self, cfg: ModelConfig, ops: Ops, max_positions: int, shard: Shard = Shard()):
+        """`cfg`: the shapes this rank holds (all of them on one rank; see `shard`)."""
         super().__init__()
-        self.cfg, self.ops = cfg, ops
+        self.cfg, self.ops, self.shard = cfg, ops, shard
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         # Rounded to the weights' dtype, as HF does (Gemma: sqrt(hidden)).
         self.embedding_scale = torch.tensor(cfg.embedding_scale, dtype=self.embed_tokens.weight.dtype).item()
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i, shard) for i in range(cfg.num_layers))
         self.norm = RMSNormWeight(cfg.hidden_size)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer(
@@ -162,7 +168,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[LayerKVCache], meta: AttentionMetadata):
         """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden]."""
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.shard.embed(self.embed_tokens.weight, input_ids), None
         if self.embedding_scale != 1.0:
             x = x * self.embedding_scale
         for layer, kv_cache in zip(self.layers, kv_caches):
@@ -175,7 +181,7 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> float32 logits [n, vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = self.ops.linear(hidden, weight).float()
+        logits = self.shard.gather_vocab(self.ops.linear(hidden, weight)).float()
         cap = self.cfg.final_logit_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from wattserve.engine.config import ModelConfig
+from wattserve.engine.tensor_parallel import Shard
 from wattserve.kernels.dispatch import Ops
 
 # Mixtral's names for the same tensors: block_sparse_moe.{gate, experts.E.w1/w3/w2}.
@@ -31,9 +32,13 @@ class Experts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    """Under tensor parallelism every rank routes every token (the router is replicated) and
+    holds a slice of each expert's intermediate size; the down projections' partial sums are
+    all-reduced."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, shard: Shard = Shard()):
         super().__init__()
-        self.ops = ops
+        self.ops, self.shard = ops, shard
         self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = Experts(cfg)
@@ -41,7 +46,8 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
         weights, ids = self.ops.select_experts(self.ops.linear(x, self.gate.weight), self.top_k, self.renormalize)
-        return self.ops.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        out = self.ops.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        return self.shard.all_reduce(out)
 
 
 def canonical_name(name: str) -> str:
