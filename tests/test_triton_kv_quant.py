@@ -384,3 +384,37 @@ def test_write_and_decode_in_a_cuda_graph(name):
     write_kv_ref(k, v, want, step)
     assert_same_cache(cache, want)
     assert_rel_close(out, reference(q, want, step, 128**-0.5), torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("codes_f16", [True, pytest.param(False, marks=pytest.mark.skipif(
+    not ON_GPU, reason="the interpreter cannot run a bfloat16 dot"))])
+def test_bf16_model_with_8bit_codes_in_fp16_dots_or_bf16(name, codes_f16):
+    """A bf16 model's fp8/int8 codes go to the dots as fp16 (q rounded to fp16: the dots are
+    fp16, which the interpreter runs too) or as bf16: both within bf16's bound of the
+    reference, decode and prefill."""
+    scale = 128**-0.5
+    q, cache, meta = quantized_batch(name, [1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS, 8, 2, 128, torch.bfloat16,
+                                     16, seed=9)
+    out = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, codes_f16=codes_f16)
+    assert_rel_close(out, reference(q, cache, meta, scale), torch.bfloat16)
+    q, cache, meta = quantized_batch(name, MIXED_QUERY_LENS, MIXED_CONTEXTS, 8, 2, 128, torch.bfloat16, 16, seed=9)
+    out = paged_prefill_attention_cache(q, cache, meta, scale, codes_f16=codes_f16)
+    assert_rel_close(out, reference(q, cache, meta, scale), torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "int8"])  # KIVI formats run the same tile code
+def test_fp16_dots_keep_small_values_out_of_fp16_subnormals(name):
+    """V scaled by 1e-4 (p * scale then lies under fp16's smallest normal, 6e-5, for every p):
+    the per-row unit keeps fp16's precision, prefill and decode (with lanes). Without it the
+    errors were 6.7e-2 (fp8) and 2.8e-2 (int8)."""
+    q, cache, meta = quantized_batch(name, MIXED_QUERY_LENS, MIXED_CONTEXTS, 8, 2, 64, torch.float16, 16, seed=10)
+    written = torch.isfinite(cache.v_scale)  # the poison (NaN) stays
+    cache.v_scale[written] = (cache.v_scale[written].float() * 1e-4).half()
+    assert_rel_close(paged_attention_triton(q, cache, meta, 0.125), reference(q, cache, meta, 0.125), torch.float16)
+    q, cache, meta = quantized_batch(name, [1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS, 8, 2, 64, torch.float16, 16,
+                                     seed=10)
+    written = torch.isfinite(cache.v_scale)
+    cache.v_scale[written] = (cache.v_scale[written].float() * 1e-4).half()
+    out = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, 0.125, lanes=4)
+    assert_rel_close(out, reference(q, cache, meta, 0.125), torch.float16)
