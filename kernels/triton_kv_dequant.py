@@ -28,6 +28,7 @@ import triton.language as tl
 
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache
+from wattserve.kernels.triton_paged_tile import sink_row
 
 # Each cached key read by this many query tokens on average (8 query tiles of 32 tokens at
 # GQA group 4) before a step dequantizes the contexts once; a lead for tuning on the GPU
@@ -71,13 +72,6 @@ def _codes(ptr, block, t, h, d, stride_block, stride_tok, stride_head, BITS: tl.
 def _per_token(ptr, block, t, h, stride_block, stride_tok):
     """Per-token metadata [T] of kv head h in block `block`, float32."""
     return tl.load(ptr + block * stride_block + t * stride_tok + h).to(tl.float32)
-
-
-@triton.jit
-def _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, row, d):
-    """Row `row` of the int8 sink copies, dequantized: float32 [HEAD_DIM]."""
-    codes = tl.load(sink_ptr + row * d.shape[0] + d).to(tl.float32)
-    return (codes - tl.load(sink_zero_ptr + row).to(tl.float32)) * tl.load(sink_scale_ptr + row).to(tl.float32)
 
 
 @triton.jit
@@ -134,8 +128,9 @@ def _dequantize_kernel(
         if SINK:
             if j == 0:  # position 0 from its int8 copy: sink [nb, 2 (K, V), h, d]
                 first = (block * 2) * num_kv_heads + h
-                sink_k = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, first, d).to(out_ty)
-                sink_v = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, first + num_kv_heads, d).to(out_ty)
+                sink_k = sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, first, out_ty, HEAD_DIM).to(out_ty)
+                sink_v = sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, first + num_kv_heads, out_ty,
+                                  HEAD_DIM).to(out_ty)
                 k = tl.where(t[:, None] == 0, sink_k[None, :], k)
                 v = tl.where(t[:, None] == 0, sink_v[None, :], v)
     tl.store(k_out_ptr + out, k, mask=written)

@@ -133,7 +133,7 @@ def _softmax_step(m, l, s, visible, MASK: tl.constexpr):
 
 
 @triton.jit
-def _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, row, dtype: tl.constexpr, HEAD_DIM: tl.constexpr):
+def sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, row, dtype: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Row `row` of the int8 sink copies, dequantized (kv_quant's per-token encoding) and
     rounded to `dtype` as the reference reads it; float32 [HEAD_DIM]."""
     codes = tl.load(sink_ptr + row * HEAD_DIM + tl.arange(0, HEAD_DIM)).to(tl.float32)
@@ -148,8 +148,8 @@ def attend_sink(acc, m, l, q, rows, table_ptr, sink_ptr, sink_scale_ptr, sink_ze
     folded into the online softmax (acc [M, HEAD_DIM], m, l) of the rows where `rows` [M]
     holds; the quantized tiles skip position 0."""
     base = tl.load(table_ptr).to(tl.int64) * 2 * num_kv_heads + kv_head  # [nb, 2, h]: K, then V
-    k = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base, q.dtype, HEAD_DIM)
-    v = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base + num_kv_heads, q.dtype, HEAD_DIM)
+    k = sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base, q.dtype, HEAD_DIM)
+    v = sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base + num_kv_heads, q.dtype, HEAD_DIM)
     s = tl.sum(q.to(tl.float32) * k[None, :], axis=1) * scale_log2
     if SOFTCAP:
         s = softcap_scores(s, softcap)
