@@ -28,7 +28,7 @@ import triton.language as tl
 
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache
-from wattserve.kernels.triton_paged_tile import sink_row
+from wattserve.kernels.triton_paged_tile import join_planes, sink_row
 
 # Each cached key read by this many query tokens on average (8 query tiles of 32 tokens at
 # GQA group 4) before a step dequantizes the contexts once; a lead for tuning on the GPU
@@ -56,16 +56,20 @@ def dense_pays_off(cache: LayerKVCache, meta: AttentionMetadata, dtype: torch.dt
 
 
 @triton.jit
-def _codes(ptr, block, t, h, d, stride_block, stride_tok, stride_head, BITS: tl.constexpr, FP8: tl.constexpr):
-    """Codes [T, HEAD_DIM] of kv head h in block `block`, float32; sub-byte codes unpacked
-    from their bytes (channel c at bit (c % per byte) * BITS)."""
+def _codes(ptr, block, t, h, stride_block, stride_tok, stride_head, HEAD_DIM: tl.constexpr, BITS: tl.constexpr,
+           FP8: tl.constexpr):
+    """Codes [T, HEAD_DIM] of kv head h in block `block`, float32. Sub-byte codes: each byte
+    read once, its codes split into planes (plane i: bits i * BITS, the channels c with
+    c % per byte == i) and interleaved back into channel order (`join_planes`)."""
     PER: tl.constexpr = 1 if FP8 else 8 // BITS
-    raw = tl.load(ptr + block * stride_block + t[:, None] * stride_tok + h * stride_head + (d // PER)[None, :])
+    raw = tl.load(ptr + block * stride_block + t[:, None] * stride_tok + h * stride_head
+                  + tl.arange(0, HEAD_DIM // PER)[None, :])
     if FP8:
         return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    if PER > 1:
-        raw = (raw >> ((d % PER) * BITS).to(tl.uint8)[None, :]) & ((1 << BITS) - 1)
-    return raw.to(tl.float32)
+    planes = ()
+    for i in tl.static_range(PER):
+        planes = planes + (((raw >> (i * BITS)) & ((1 << BITS) - 1)).to(tl.float32),)
+    return join_planes(planes)
 
 
 @triton.jit
@@ -107,8 +111,8 @@ def _dequantize_kernel(
         v = tl.load(v_ring_ptr + src, mask=written, other=0.0).to(out_ty)
     else:
         block = tl.load(block_tables_ptr + seq * stride_table + j).to(tl.int64)
-        kc = _codes(k_ptr, block, t, h, d, stride_c_block, stride_c_tok, stride_c_head, BITS, FP8)
-        vc = _codes(v_ptr, block, t, h, d, stride_c_block, stride_c_tok, stride_c_head, BITS, FP8)
+        kc = _codes(k_ptr, block, t, h, stride_c_block, stride_c_tok, stride_c_head, HEAD_DIM, BITS, FP8)
+        vc = _codes(v_ptr, block, t, h, stride_c_block, stride_c_tok, stride_c_head, HEAD_DIM, BITS, FP8)
         v_scale = _per_token(v_scale_ptr, block, t, h, stride_m_block, stride_m_tok)
         if FP8:
             kf = kc * _per_token(k_scale_ptr, block, t, h, stride_m_block, stride_m_tok)[:, None]
