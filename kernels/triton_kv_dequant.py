@@ -30,10 +30,14 @@ from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache
 from wattserve.kernels.triton_paged_tile import join_planes, sink_row
 
-# Each cached key read by this many query tokens on average (8 query tiles of 32 tokens at
-# GQA group 4) before a step dequantizes the contexts once; a lead for tuning on the GPU
-# (benchmarks/kv_quant_kernel_bench.py --prefill).
-DENSE_MIN_QUERIES_PER_KEY = 256
+# Each cached key read by this many query tokens on average before a step dequantizes the
+# contexts once. H200, Llama-3.1-8B shapes, an 8k chunk over a 130k context, one layer
+# (benchmarks/results/long_context_NVIDIA_H200.json): in registers 3.8x (fp8) to 6.7x (int8)
+# bf16's 42.7 ms, through the scratch 1.00-1.03x with a pass of 0.26-1.19 ms. Per cached
+# token the pass costs what in-register attention loses on about 10 (int8) to 65 (int4, its
+# pass then the slowest) queries, so 64; a short chunk's registers path is bound by reading
+# the codes (benchmarks/kv_prefill_bench.py --chunk N finds the crossover).
+DENSE_MIN_QUERIES_PER_KEY = 64
 # The scratch comes out of the activation reserve (engine/model_runner.py's 2 GiB): a
 # 130k-token context of Llama-3.1-8B (8 kv heads x 128, bf16) takes 0.53 GB.
 DENSE_MAX_BYTES = 1 << 30
