@@ -166,12 +166,35 @@ def test_write_per_token_formats_match_ref_and_skip_negative_slots(name, dtype):
     assert_same_cache(got, want)  # the skipped token's slot kept its poison too
 
 
-@pytest.mark.parametrize("near_tie", [0.0, 1e30], ids=["screened", "exact"])
-def test_fp8_scale_search_screened_or_exact_matches_ref(near_tie, monkeypatch):
-    """The float32 screening alone (no near tie resolved) and the exact search for every row
-    pick the reference's scales, on rows of every magnitude: a zero row, ranges that round
-    into fp16's subnormals (|x / scale| past 448 before the clamp), large values."""
+@triton.jit
+def _fp8_adds_kernel(y_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, triton_kv_write._fp8_values_by_adds(tl.load(y_ptr + i)))
+
+
+def test_fp8_rounding_by_float_adds_is_the_conversions():
+    """Every e4m3 value, the midpoints between neighbours (ties to even), a hair either side
+    of them, subnormals, values past 448 and random ones round as torch's conversion does."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    y = torch.cat([grid, mids, mids * (1 + 2**-20), mids * (1 - 2**-20), torch.tensor([449.0, -500.0, 1e-9]),
+                   torch.randn(1000, generator=torch.Generator().manual_seed(11)) * 50])
+    y = torch.cat([y, torch.zeros(4096 - len(y))])
+    out = torch.empty(4096, device=DEVICE)
+    _fp8_adds_kernel[(1,)](y.to(DEVICE), out, N=4096)
+    assert torch.equal(out.cpu(), y.clamp(-448, 448).to(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize("near_tie,by_adds", [(0.0, False), (0.0, True), (1e30, False)],
+                         ids=["screened", "screened-by-adds", "exact"])
+def test_fp8_scale_search_screened_or_exact_matches_ref(near_tie, by_adds, monkeypatch):
+    """The float32 screening alone (no near tie resolved; its rounding by conversion or by
+    float adds) and the exact search for every row pick the reference's scales, on rows of
+    every magnitude: a zero row, ranges that round into fp16's subnormals (|x / scale| past
+    448 before the clamp), large values."""
     monkeypatch.setattr(triton_kv_write, "FP8_NEAR_TIE", near_tie)
+    monkeypatch.setattr(triton_kv_write, "FP8_SCREEN_BY_ADDS", by_adds)
     gen = torch.Generator().manual_seed(8)
     num_tokens, num_kv_heads, head_dim = 32, 2, 64
     magnitude = 10.0 ** torch.randint(-6, 3, (num_tokens, 1, 1), generator=gen)
