@@ -12,9 +12,10 @@ reference materializes the scores). Times: triton.testing.do_bench medians (ms; 
 is tens of milliseconds, compute-bound). TFLOP/s counts the causal chunk's QK and PV.
 
 --sweep also times a grid of the prefill kernel's tunables (block_m x block_n x warps x
-stages) on bf16 and on each dtype's registers path, so the per-dtype defaults can be chosen
-on the GPU; --chunk and --context move the case (a smaller chunk shows where the scratch
-stops paying: kernels/triton_kv_dequant.DENSE_MIN_QUERIES_PER_KEY).
+stages) on bf16 and on each dtype's registers path (fp8/int8: the best again with
+codes_f16), so the per-dtype defaults can be chosen on the GPU; --chunk and --context move
+the case (a smaller chunk shows where the scratch stops paying:
+kernels/triton_kv_dequant.DENSE_MIN_QUERIES_PER_KEY).
 
 Usage: python benchmarks/kv_prefill_bench.py [--dtypes auto,int4] [--sweep] [--chunk N] [--context N]
 Writes benchmarks/results/kv_prefill_<gpu>.json.
@@ -102,6 +103,9 @@ def dtype_case(name: str, chunk: int, context: int, gen, sweep: bool = False) ->
         result["dequantize_ms"] = ms(lambda: dequantize_contexts(cache, meta, q.dtype))
     if sweep:
         configs = [timed(registers, **c) for c in sweep_configs(cache.block_size if fmt.kivi else None)]
+        if fmt.quantized and fmt.bits == 8:  # the best again, codes into the dots as fp16 (code_dtype)
+            best = {k: v for k, v in min(configs, key=lambda c: c["ms"]).items() if k in SWEEP}
+            configs.append(timed(registers, **best, codes_f16=True))
         result["sweep"] = sorted(configs, key=lambda c: c["ms"])
     return result
 

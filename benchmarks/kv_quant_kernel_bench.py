@@ -16,10 +16,12 @@ Timing: kernel_bench.per_call_ms, a CUDA graph of calls back to back over rotati
 (several times the L2 in all, as a model's layers are), median per call.
 
 Usage: python benchmarks/kv_quant_kernel_bench.py [--dtypes auto,int4] [--tile-tokens N]
-  [--num-warps N] [--num-stages N] [--num-splits N] [--lanes N] [--sweep]
+  [--num-warps N] [--num-stages N] [--num-splits N] [--lanes N] [--codes-f16 0|1] [--fp8-screen-adds]
+  [--sweep]
 The tunables apply to the quantized dtypes (bf16 keeps the kernel's defaults, the peer);
 --sweep also times a grid of them per dtype (tile x warps x stages at the default splits and
-lanes, then the best with fewer and more splits and, quantized, with 1, 2 and 4 lanes). Writes
+lanes, then the best with fewer and more splits, fp8/int8 with the other codes_f16 and,
+quantized, with 1, 2 and 4 lanes). Writes
 benchmarks/results/kv_quant_kernels_<gpu>.json.
 """
 from __future__ import annotations
@@ -60,6 +62,7 @@ from wattserve.kernels.triton_attention_decode import (
     default_num_splits,
     paged_decode_attention_cache,
 )
+from wattserve.kernels import triton_kv_write
 from wattserve.kernels.triton_kv_write import write_kv_triton
 
 BATCH, CONTEXT, PREFILL = 32, 8192, 4096
@@ -196,6 +199,9 @@ def sweep_decode(name: str, run, table_width: int) -> list[dict]:
     for factor in (0.5, 2, 4):
         configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=best["num_stages"],
                            num_splits=max(1, int(splits * factor))))
+    if fmt.quantized and fmt.bits == 8:  # codes into the dots as bf16 instead of fp16 (code_dtype)
+        configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=best["num_stages"],
+                           codes_f16=not best.get("codes_f16", True)))
     for lanes in (1, 2, 4) if fmt.quantized else ():  # KV_HEADS into HEADS: groups of 4, up to 4 lanes
         try:
             configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=best["num_stages"],
@@ -278,6 +284,10 @@ def main() -> None:
     ap.add_argument("--num-stages", type=int)
     ap.add_argument("--num-splits", type=int)
     ap.add_argument("--lanes", type=int)
+    ap.add_argument("--codes-f16", type=int, choices=(0, 1), help="fp8/int8: codes into the dots as fp16 (1, the "
+                                                                  "default) or bf16 (0)")
+    ap.add_argument("--fp8-screen-adds", action="store_true",
+                    help="the fp8 write's scale screening rounds by float adds (triton_kv_write.FP8_SCREEN_BY_ADDS)")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of decode tunables per dtype")
     args = ap.parse_args()
     names = ["auto"] + [n for n in args.dtypes.split(",") if n != "auto"]
@@ -285,14 +295,16 @@ def main() -> None:
         kv_format(n)  # rejects unknown names before any work
     tunables = {k: v for k, v in (("tile_tokens", args.tile_tokens), ("num_warps", args.num_warps),
                                   ("num_stages", args.num_stages), ("num_splits", args.num_splits),
-                                  ("lanes", args.lanes)) if v is not None}
+                                  ("lanes", args.lanes), ("codes_f16", args.codes_f16)) if v is not None}
+    triton_kv_write.FP8_SCREEN_BY_ADDS = args.fp8_screen_adds  # read by each write's launch
     gen = torch.Generator(device=DEV).manual_seed(0)
     device = torch.cuda.get_device_name()
 
     warm_up_gpu()
     copy = copy_bandwidth()
     results = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-               "copy_bytes_per_s": copy, "tunables": tunables, "decode": [], "write": []}
+               "copy_bytes_per_s": copy, "tunables": tunables, "fp8_screen_by_adds": args.fp8_screen_adds,
+               "decode": [], "write": []}
     for n in names:
         results["decode"].append(decode_case(n, gen, {} if n == "auto" else tunables, args.sweep))
         results["write"].append(write_case(n, gen))

@@ -41,8 +41,10 @@ from wattserve.kernels.triton_paged_tile import (
     attend_tile,
     attend_tile_quantized,
     cache_kernel_args,
+    code_dtype,
+    codes_query,
     in_window,
-    join_planes,
+    join_units,
     kv_codes,
     split_planes,
     tile_blocks,
@@ -103,7 +105,8 @@ def _decode_kernel(
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
     CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
-    LANES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    LANES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, CODES_F16: tl.constexpr,
+    V_UNIT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -142,7 +145,7 @@ def _decode_kernel(
                 HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, WINDOW, SOFTCAP,
             )
     else:
-        q_sum = tl.sum(q.to(tl.float32), axis=1)
+        qs, q_sum = codes_query(q, PLANES, CODES_F16)
         coded_tiles = num_tiles
         coded_end = ctx
         if KIVI:
@@ -152,8 +155,8 @@ def _decode_kernel(
         # without a tile: their positions lie past `stop` and are masked.
         coded_hi = tl.minimum(tile_hi, coded_tiles)
         stop = tl.minimum(coded_hi * TILE_N, coded_end)
-        qs = split_planes(q, PLANES)
         accs = split_planes(acc, PLANES)
+        u = tl.full([BLOCK_H], 1.0, tl.float32)
         # Block-table entries come two steps ahead of their use, scales one: the pipeliner
         # leaves such narrow gathers synchronous, and a step would wait for two round trips.
         blocks = _lane_blocks(table, tile_lo, stop, LANES, BLOCK_SIZE, TILE_N)
@@ -170,14 +173,14 @@ def _decode_kernel(
             )
             blocks = _lane_blocks(table, t + 2 * LANES, stop, LANES, BLOCK_SIZE, TILE_N)
             # fp8/int8: the last tile may be partial (CAUSAL masks it); KIVI tiles are whole.
-            accs, m, l = attend_tile_quantized(
-                accs, m, l, q, qs, q_sum, last_pos, lane, _lane_starts(t, LANES, TILE_N), stop, table,
+            accs, m, l, u = attend_tile_quantized(
+                accs, m, l, u, q, qs, q_sum, last_pos, lane, _lane_starts(t, LANES, TILE_N), stop, table,
                 k_cache_ptr, v_cache_ptr, scales, kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2,
                 window, softcap, HEAD_DIM, BLOCK_SIZE, TILE_N, not KIVI, DOT_PRECISION, KV_BITS, FP8, KIVI,
-                CODE_MAGIC, CODE_BIAS, UNPACK_ASM, SINK, WINDOW, SOFTCAP,
+                CODE_MAGIC, CODE_BIAS, UNPACK_ASM, SINK, WINDOW, SOFTCAP, V_UNIT,
             )
             scales = next_scales
-        acc = join_planes(accs)
+        acc = join_units(accs, u, V_UNIT)
         if SINK:  # lane 0 of the split holding tile 0 takes position 0; after the loop, since
             # before it the loop ran 6% slower (int2, batch 32 x 8k, H100: 0.169 -> 0.160 ms)
             if (tile_lo == 0) & (coded_end > 0):
@@ -267,7 +270,7 @@ def paged_decode_attention_cache(
     q: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
     scale: float, kivi: KiviPlan | None = None, sliding_window: int | None = None,
     softcap: float | None = None, *, tile_tokens: int | None = None, num_splits: int | None = None, num_warps: int = 4,
-    num_stages: int | None = None, lanes: int | None = None,
+    num_stages: int | None = None, lanes: int | None = None, codes_f16: bool = True,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
     (kernels/kv_format.py); block_tables: [num_seqs, max_blocks] int32; context_lens:
@@ -281,7 +284,8 @@ def paged_decode_attention_cache(
     `default_num_splits`, with the block-table width as the bound on context length. lanes
     (quantized caches): tiles a program takes at once, one per lane of rows
     (`attend_tile_quantized`); at most the dots' 16 rows over the group size rounded up to a
-    power of two.
+    power of two. codes_f16: fp8/int8 codes of a bf16 model reach the dots as fp16
+    (`code_dtype`), q rounded to fp16 (its range clamped).
     Defaults by format (`DEFAULTS`), from sweeps on an H100 at Llama-3.1-8B shapes, all 4
     warps: bf16 64 tokens, 3 stages (benchmarks/kernel_bench.py --sweep, 54 configurations:
     within 1% of the best at both batch 64 x 4k and batch 1 x 32k); the quantized formats the
@@ -319,8 +323,8 @@ def paged_decode_attention_cache(
     part_max = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty((*part_shape, head_dim) if split else (0,), dtype=torch.float32, device=q.device)
-    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, kivi)
-    dot_dtype = q.dtype if fmt.quantized else k_cache.dtype
+    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, kivi, codes_f16)
+    dot_dtype = code_dtype(fmt, q.dtype, codes_f16) if fmt.quantized else k_cache.dtype
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_max, part_sum, *fmt_args,
         scale * LOG2E, num_splits, *variant_args(sliding_window, softcap),

@@ -33,8 +33,10 @@ from wattserve.kernels.triton_paged_tile import (
     attend_tile,
     attend_tile_quantized,
     cache_kernel_args,
+    code_dtype,
+    codes_query,
     in_window,
-    join_planes,
+    join_units,
     kv_codes,
     split_planes,
     tile_blocks,
@@ -59,13 +61,13 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_coded_tile(
-    accs, m, l, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
+    accs, m, l, u, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok,
     stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2, window, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr,
     CODE_MAGIC: tl.constexpr, CODE_BIAS: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, V_UNIT: tl.constexpr,
 ):
     """One tile of a quantized cache (one lane: every row attends it): its scales, then
     attend_tile_quantized."""
@@ -75,10 +77,10 @@ def _attend_coded_tile(
         stride_m_block, stride_m_tok, stride_kc_block, HEAD_DIM, BLOCK_SIZE, BLOCK_N, FP8, KIVI,
     )
     return attend_tile_quantized(
-        accs, m, l, q, qs, q_sum, q_pos, 0, (start,), kv_end, table, k_cache_ptr, v_cache_ptr, scales,
+        accs, m, l, u, q, qs, q_sum, q_pos, 0, (start,), kv_end, table, k_cache_ptr, v_cache_ptr, scales,
         kv_head, stride_c_block, stride_c_tok, stride_c_head, scale_log2, window, softcap,
         HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS, UNPACK_ASM,
-        SINK, WINDOW, SOFTCAP,
+        SINK, WINDOW, SOFTCAP, V_UNIT,
     )
 
 
@@ -98,7 +100,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
     CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, CODES_F16: tl.constexpr, V_UNIT: tl.constexpr,
 ):
     # Highest tile first: a sequence's last query tiles see the most keys, so the longest
     # programs start early instead of forming the tail.
@@ -151,31 +153,31 @@ def _prefill_kernel(
                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, WINDOW, SOFTCAP,
             )
     else:
-        q_sum = tl.sum(q.to(tl.float32), axis=1)
+        qs, q_sum = codes_query(q, PLANES, CODES_F16)
         coded_end = kv_end
         if KIVI:  # positions from the ring start on are in the ring
             res_start = tl.load(res_starts_ptr + seq)
             coded_end = tl.minimum(kv_end, res_start)
-        qs = split_planes(q, PLANES)
         accs = split_planes(acc, PLANES)
+        u = tl.full([BLOCK_M], 1.0, tl.float32)
         # Tiles wholly below every row's position need no causal mask; the rest do.
         for start in range(lo, tl.minimum(unmasked_end, coded_end), BLOCK_N):
-            accs, m, l = _attend_coded_tile(
-                accs, m, l, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
+            accs, m, l, u = _attend_coded_tile(
+                accs, m, l, u, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
                 k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok,
                 stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2, window, softcap,
                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
-                UNPACK_ASM, SINK, WINDOW, SOFTCAP,
+                UNPACK_ASM, SINK, WINDOW, SOFTCAP, V_UNIT,
             )
         for start in range(unmasked_end, coded_end, BLOCK_N):
-            accs, m, l = _attend_coded_tile(
-                accs, m, l, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
+            accs, m, l, u = _attend_coded_tile(
+                accs, m, l, u, q, qs, q_sum, q_pos, start, kv_end, table, k_cache_ptr, v_cache_ptr,
                 k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, kv_head, stride_m_block, stride_m_tok,
                 stride_kc_block, stride_c_block, stride_c_tok, stride_c_head, scale_log2, window, softcap,
                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, KV_BITS, FP8, KIVI, CODE_MAGIC, CODE_BIAS,
-                UNPACK_ASM, SINK, WINDOW, SOFTCAP,
+                UNPACK_ASM, SINK, WINDOW, SOFTCAP, V_UNIT,
             )
-        acc = join_planes(accs)
+        acc = join_units(accs, u, V_UNIT)
         if SINK:  # position 0, from its int8 copy
             if coded_end > 0:
                 rows = in_window(r >= 0, q_pos, window, WINDOW)
@@ -216,7 +218,7 @@ def paged_prefill_attention_cache(
     q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata,
     scale: float, sliding_window: int | None = None, softcap: float | None = None,
     *, block_m: int | None = None, block_n: int | None = None,
-    num_warps: int | None = None, num_stages: int = 3,
+    num_warps: int | None = None, num_stages: int = 3, codes_f16: bool = False,
 ) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
     (kernels/kv_format.py); sliding_window, softcap: as attention.paged_attention_ref.
@@ -230,13 +232,16 @@ def paged_prefill_attention_cache(
     query needs fewer rows. block_n: keys per step, a power of two; 128 where
     three stages of K and V fit in shared memory (rows of at most 256 bytes), else 64; with
     per-channel keys (int4/int2) at most block_size. num_warps: 8 for 128-row tiles, else 4.
+    codes_f16: as paged_decode_attention_cache's; off here, since with it the fp8 tile of 128
+    rows spilled registers (sm_90 SASS, Triton 3.6) where it did not before (benchmarks/
+    kv_prefill_bench.py --sweep times both).
     """
     num_tokens, num_heads, head_dim = q.shape
     k_cache, v_cache = kv_codes(cache)
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     assert num_heads == group * num_kv_heads and head_dim == triton.next_power_of_2(head_dim) >= 16
-    dot_dtype = q.dtype if cache.fmt.quantized else k_cache.dtype
+    dot_dtype = code_dtype(cache.fmt, q.dtype, codes_f16) if cache.fmt.quantized else k_cache.dtype
     if block_n is None:
         block_n = 128 if head_dim * dot_dtype.itemsize <= 256 else 64
     if cache.fmt.kivi:  # a tile must lie in one block: one key range per channel
@@ -254,7 +259,7 @@ def paged_prefill_attention_cache(
     block_q = block_m // group
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
-    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, meta.kivi)
+    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, meta.kivi, codes_f16)
     _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
         q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start_loc, *fmt_args,
         scale * LOG2E, num_seqs, *variant_args(sliding_window, softcap),

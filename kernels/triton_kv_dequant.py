@@ -28,11 +28,16 @@ import triton.language as tl
 
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache
+from wattserve.kernels.triton_paged_tile import join_planes, sink_row
 
-# Each cached key read by this many query tokens on average (8 query tiles of 32 tokens at
-# GQA group 4) before a step dequantizes the contexts once; a lead for tuning on the GPU
-# (benchmarks/kv_quant_kernel_bench.py --prefill).
-DENSE_MIN_QUERIES_PER_KEY = 256
+# Each cached key read by this many query tokens on average before a step dequantizes the
+# contexts once. H200, Llama-3.1-8B shapes, an 8k chunk over a 130k context, one layer
+# (benchmarks/results/long_context_NVIDIA_H200.json): in registers 3.8x (fp8) to 6.7x (int8)
+# bf16's 42.7 ms, through the scratch 1.00-1.03x with a pass of 0.26-1.19 ms. Per cached
+# token the pass costs what in-register attention loses on about 10 (int8) to 65 (int4, its
+# pass then the slowest) queries, so 64; a short chunk's registers path is bound by reading
+# the codes (benchmarks/kv_prefill_bench.py --chunk N finds the crossover).
+DENSE_MIN_QUERIES_PER_KEY = 64
 # The scratch comes out of the activation reserve (engine/model_runner.py's 2 GiB): a
 # 130k-token context of Llama-3.1-8B (8 kv heads x 128, bf16) takes 0.53 GB.
 DENSE_MAX_BYTES = 1 << 30
@@ -55,29 +60,26 @@ def dense_pays_off(cache: LayerKVCache, meta: AttentionMetadata, dtype: torch.dt
 
 
 @triton.jit
-def _codes(ptr, block, t, h, d, stride_block, stride_tok, stride_head, BITS: tl.constexpr, FP8: tl.constexpr):
-    """Codes [T, HEAD_DIM] of kv head h in block `block`, float32; sub-byte codes unpacked
-    from their bytes (channel c at bit (c % per byte) * BITS)."""
+def _codes(ptr, block, t, h, stride_block, stride_tok, stride_head, HEAD_DIM: tl.constexpr, BITS: tl.constexpr,
+           FP8: tl.constexpr):
+    """Codes [T, HEAD_DIM] of kv head h in block `block`, float32. Sub-byte codes: each byte
+    read once, its codes split into planes (plane i: bits i * BITS, the channels c with
+    c % per byte == i) and interleaved back into channel order (`join_planes`)."""
     PER: tl.constexpr = 1 if FP8 else 8 // BITS
-    raw = tl.load(ptr + block * stride_block + t[:, None] * stride_tok + h * stride_head + (d // PER)[None, :])
+    raw = tl.load(ptr + block * stride_block + t[:, None] * stride_tok + h * stride_head
+                  + tl.arange(0, HEAD_DIM // PER)[None, :])
     if FP8:
         return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    if PER > 1:
-        raw = (raw >> ((d % PER) * BITS).to(tl.uint8)[None, :]) & ((1 << BITS) - 1)
-    return raw.to(tl.float32)
+    planes = ()
+    for i in tl.static_range(PER):
+        planes = planes + (((raw >> (i * BITS)) & ((1 << BITS) - 1)).to(tl.float32),)
+    return join_planes(planes)
 
 
 @triton.jit
 def _per_token(ptr, block, t, h, stride_block, stride_tok):
     """Per-token metadata [T] of kv head h in block `block`, float32."""
     return tl.load(ptr + block * stride_block + t * stride_tok + h).to(tl.float32)
-
-
-@triton.jit
-def _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, row, d):
-    """Row `row` of the int8 sink copies, dequantized: float32 [HEAD_DIM]."""
-    codes = tl.load(sink_ptr + row * d.shape[0] + d).to(tl.float32)
-    return (codes - tl.load(sink_zero_ptr + row).to(tl.float32)) * tl.load(sink_scale_ptr + row).to(tl.float32)
 
 
 @triton.jit
@@ -113,8 +115,8 @@ def _dequantize_kernel(
         v = tl.load(v_ring_ptr + src, mask=written, other=0.0).to(out_ty)
     else:
         block = tl.load(block_tables_ptr + seq * stride_table + j).to(tl.int64)
-        kc = _codes(k_ptr, block, t, h, d, stride_c_block, stride_c_tok, stride_c_head, BITS, FP8)
-        vc = _codes(v_ptr, block, t, h, d, stride_c_block, stride_c_tok, stride_c_head, BITS, FP8)
+        kc = _codes(k_ptr, block, t, h, stride_c_block, stride_c_tok, stride_c_head, HEAD_DIM, BITS, FP8)
+        vc = _codes(v_ptr, block, t, h, stride_c_block, stride_c_tok, stride_c_head, HEAD_DIM, BITS, FP8)
         v_scale = _per_token(v_scale_ptr, block, t, h, stride_m_block, stride_m_tok)
         if FP8:
             kf = kc * _per_token(k_scale_ptr, block, t, h, stride_m_block, stride_m_tok)[:, None]
@@ -134,8 +136,9 @@ def _dequantize_kernel(
         if SINK:
             if j == 0:  # position 0 from its int8 copy: sink [nb, 2 (K, V), h, d]
                 first = (block * 2) * num_kv_heads + h
-                sink_k = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, first, d).to(out_ty)
-                sink_v = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, first + num_kv_heads, d).to(out_ty)
+                sink_k = sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, first, out_ty, HEAD_DIM).to(out_ty)
+                sink_v = sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, first + num_kv_heads, out_ty,
+                                  HEAD_DIM).to(out_ty)
                 k = tl.where(t[:, None] == 0, sink_k[None, :], k)
                 v = tl.where(t[:, None] == 0, sink_v[None, :], v)
     tl.store(k_out_ptr + out, k, mask=written)

@@ -37,6 +37,12 @@ _FP8_TOP_STEP = tl.constexpr(FP8_TOP_STEP)
 # fp8 scale search: screened errors within this relative distance of the best are a near tie,
 # decided exactly (`_quantize_fp8_rows`); the screening's own error is under 1e-5 relative.
 FP8_NEAR_TIE = 1e-4
+# The screening's rounding to e4m3: float arithmetic on the CUDA cores (`_fp8_values_by_adds`)
+# instead of the conversion instructions (two per value and top, whose rate on sm_90 the
+# tables leave open). Off: as measured on the H200, 3.25x bf16's write
+# (benchmarks/results/long_context_NVIDIA_H200.json); kv_quant_kernel_bench.py --fp8-screen-adds
+# times it on.
+FP8_SCREEN_BY_ADDS = False
 
 
 def native_fp8(device: torch.device) -> bool:
@@ -121,6 +127,17 @@ def _fp8_codes(y, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def _fp8_values_by_adds(y):
+    """float32 y -> the e4m3 value it rounds to (nearest even, clamped to +-448), as float32,
+    by float adds: y + C - C with C = 1.5 * 2**(e + 20) rounds y to a multiple of 2**(e - 3),
+    e4m3's spacing in y's binade e (subnormals: 2**-9, so e at least -6)."""
+    y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
+    exponent = tl.maximum(y.to(tl.int32, bitcast=True) & 0x7F800000, (127 - 6) << 23)
+    c = (exponent + ((20 << 23) | 0x400000)).to(tl.float32, bitcast=True)
+    return (y + c) - c
+
+
+@triton.jit
 def _fp8_scale(amax, i):
     """The scale that puts `amax` [R] on the i-th of FP8_TOPS, as stored (fp16)."""
     return _fp16_scale(tl.math.div_rn(amax, _FP8_MAX - _FP8_TOP_STEP * i))
@@ -144,7 +161,7 @@ def _fp8_best_scale_exact(x, amax, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _quantize_fp8_rows(x, NATIVE: tl.constexpr, NEAR_TIE: tl.constexpr):
+def _quantize_fp8_rows(x, NATIVE: tl.constexpr, NEAR_TIE: tl.constexpr, BY_ADDS: tl.constexpr):
     """x [R, D] float32 -> (codes [R, D] uint8, scale fp32 [R]): kv_quant.quantize_fp8.
 
     The tops are screened in float32, each top's codes made by multiplying with its scale's
@@ -161,7 +178,10 @@ def _quantize_fp8_rows(x, NATIVE: tl.constexpr, NEAR_TIE: tl.constexpr):
     scales = ()
     for i in tl.static_range(_FP8_NUM_TOPS):
         s = _fp8_scale(amax, i)
-        _, values = _fp8_codes(x * (1.0 / s)[:, None], NATIVE)
+        if BY_ADDS:
+            values = _fp8_values_by_adds(x * (1.0 / s)[:, None])
+        else:
+            _, values = _fp8_codes(x * (1.0 / s)[:, None], NATIVE)
         diff = values * s[:, None] - x
         errs = errs + (tl.sum(diff * diff, axis=1),)
         scales = scales + (s,)
@@ -222,7 +242,7 @@ def _write_kv_quant_kernel(
     stride_c_block, stride_c_tok, stride_c_head, stride_m_block, stride_m_tok,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
     BLOCK_BYTES: tl.constexpr, BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, FP8_NEAR_TIE: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, FP8_NEAR_TIE: tl.constexpr, FP8_BY_ADDS: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     PER: tl.constexpr = 1 if FP8 else 8 // BITS
@@ -240,8 +260,8 @@ def _write_kv_quant_kernel(
         mask = (h[:, None] < NUM_KV_HEADS) & (byte[None, :] < HEAD_DIM)
         k = tl.load(k_ptr + tok * stride_k_tok + h[:, None] * stride_k_head + byte[None, :], mask=mask, other=0.0)
         v = tl.load(v_ptr + tok * stride_v_tok + h[:, None] * stride_v_head + byte[None, :], mask=mask, other=0.0)
-        kq, ks = _quantize_fp8_rows(k.to(tl.float32), NATIVE_FP8, FP8_NEAR_TIE)
-        vq, vs = _quantize_fp8_rows(v.to(tl.float32), NATIVE_FP8, FP8_NEAR_TIE)
+        kq, ks = _quantize_fp8_rows(k.to(tl.float32), NATIVE_FP8, FP8_NEAR_TIE, FP8_BY_ADDS)
+        vq, vs = _quantize_fp8_rows(v.to(tl.float32), NATIVE_FP8, FP8_NEAR_TIE, FP8_BY_ADDS)
         ks, vs = ks.to(tl.float16), vs.to(tl.float16)
     else:
         c = byte[None, :, None] * PER + tl.arange(0, PER)[None, None, :]  # [1, NB, PER] channel
@@ -365,7 +385,8 @@ def _write_kv_per_token(k, v, cache: LayerKVCache, slot_mapping: torch.Tensor) -
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v_scale.stride(0), cache.v_scale.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_BYTES=triton.next_power_of_2(nbytes), BLOCK_SIZE=cache.block_size, BITS=fmt.bits, FP8=fmt.fp8,
-        NATIVE_FP8=fmt.fp8 and native_fp8(k.device), FP8_NEAR_TIE=FP8_NEAR_TIE, num_warps=4,
+        NATIVE_FP8=fmt.fp8 and native_fp8(k.device), FP8_NEAR_TIE=FP8_NEAR_TIE, FP8_BY_ADDS=FP8_SCREEN_BY_ADDS,
+        num_warps=4,
     )
 
 

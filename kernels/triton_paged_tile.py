@@ -133,7 +133,7 @@ def _softmax_step(m, l, s, visible, MASK: tl.constexpr):
 
 
 @triton.jit
-def _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, row, dtype: tl.constexpr, HEAD_DIM: tl.constexpr):
+def sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, row, dtype: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Row `row` of the int8 sink copies, dequantized (kv_quant's per-token encoding) and
     rounded to `dtype` as the reference reads it; float32 [HEAD_DIM]."""
     codes = tl.load(sink_ptr + row * HEAD_DIM + tl.arange(0, HEAD_DIM)).to(tl.float32)
@@ -148,8 +148,8 @@ def attend_sink(acc, m, l, q, rows, table_ptr, sink_ptr, sink_scale_ptr, sink_ze
     folded into the online softmax (acc [M, HEAD_DIM], m, l) of the rows where `rows` [M]
     holds; the quantized tiles skip position 0."""
     base = tl.load(table_ptr).to(tl.int64) * 2 * num_kv_heads + kv_head  # [nb, 2, h]: K, then V
-    k = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base, q.dtype, HEAD_DIM)
-    v = _sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base + num_kv_heads, q.dtype, HEAD_DIM)
+    k = sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base, q.dtype, HEAD_DIM)
+    v = sink_row(sink_ptr, sink_scale_ptr, sink_zero_ptr, base + num_kv_heads, q.dtype, HEAD_DIM)
     s = tl.sum(q.to(tl.float32) * k[None, :], axis=1) * scale_log2
     if SOFTCAP:
         s = softcap_scores(s, softcap)
@@ -239,6 +239,26 @@ def join_planes(planes):
         return tl.interleave(planes[0], planes[1])
     else:
         return tl.interleave(tl.interleave(planes[0], planes[2]), tl.interleave(planes[1], planes[3]))
+
+
+@triton.jit
+def codes_query(q, PLANES: tl.constexpr, CODES_F16: tl.constexpr):
+    """q [M, HEAD_DIM] as the quantized tiles' dots take it: (its planes, `split_planes`, and
+    its row sums, float32 [M], of the same values). CODES_F16: in fp16 (a bf16 model's q,
+    clamped to fp16's range; bf16 values inside it convert exactly), see `code_dtype`."""
+    if CODES_F16:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    return split_planes(q, PLANES), tl.sum(q.to(tl.float32), axis=1)
+
+
+@triton.jit
+def join_units(accs, u, V_UNIT: tl.constexpr):
+    """The quantized tiles' accumulator planes back as one [M, HEAD_DIM] (`join_planes`), in
+    true units (see `attend_tile_quantized`'s V_UNIT)."""
+    acc = join_planes(accs)
+    if V_UNIT:
+        acc = acc * u[:, None]
+    return acc
 
 
 @triton.jit
@@ -343,13 +363,13 @@ def _lane_codes(ptr, blocks, start, kv_end, kv_head, stride_block, stride_tok, s
 
 @triton.jit
 def attend_tile_quantized(
-    accs, m, l, q, qs, q_sum, q_pos, lane, starts, kv_end, table_ptr, k_ptr, v_ptr, scales, kv_head,
+    accs, m, l, u, q, qs, q_sum, q_pos, lane, starts, kv_end, table_ptr, k_ptr, v_ptr, scales, kv_head,
     stride_block, stride_tok, stride_head, scale_log2, window, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
     CODE_BIAS: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, V_UNIT: tl.constexpr,
 ):
     """`attend_tile` over a quantized cache (code words [num_blocks, block_size, kvh, words]), in
     planes (`split_planes`): qs and accs are q's and acc's planes, so each plane of codes goes
@@ -362,8 +382,11 @@ def attend_tile_quantized(
     rows did; each row keeps its own lane's scores and probabilities, and the per-row work
     on [M, BLOCK_N] and [M, HEAD_DIM] (softmax, scales, KIVI's q * scale) is shared by all
     the lanes' tiles.
-    q: [M, HEAD_DIM] and qs in the model dtype, q_sum: [M] float32 q's row sums; scales:
-    `tile_scales` of the lanes' tiles. Positions from kv_end on are masked with CAUSAL or
+    q: [M, HEAD_DIM] in the model dtype, qs and q_sum from `codes_query`; scales:
+    `tile_scales` of the lanes' tiles. V_UNIT (fp16 dots): accs are kept in units u [M] per
+    row (`join_units`), the largest V scale of the row's latest tile over 2**15, so that
+    p * scale / u <= 2**15 fits fp16 and a small p keeps fp16's 11 bits instead of falling
+    into its subnormals; the unit's change rides on the softmax's rescale of accs. Positions from kv_end on are masked with CAUSAL or
     lanes (one lane's tiles run out first); otherwise every position is visible to every
     row. KIVI: each tile lies in one block (BLOCK_N divides BLOCK_SIZE) before the sequence's
     ring start. SINK: position 0 is skipped (`attend_sink` reads it)."""
@@ -420,6 +443,16 @@ def attend_tile_quantized(
         if WINDOW:
             visible = visible & (tok > q_pos[:, None] - window)
     m, l, p, alpha = _softmax_step(m, l, s, visible, MASK)
+    if V_UNIT:
+        top = tl.max(v_scale, axis=len(v_scale.shape) - 1) * (1.0 / 32768)  # [M]; one lane: a scalar
+        u_new = tl.where(top > 0, top, u)  # a lane past its sequence's end has scales 0: unit kept
+        alpha = alpha * (u / u_new)
+        u = u_new
+        inv = 1.0 / tl.maximum(top, 1e-30)  # scales all 0 where top is
+        if LANES == 1:  # on the scales' [N], not on p's [M, N]: the prefill tile spilled registers
+            v_scale = v_scale * inv
+        else:
+            v_scale = v_scale * inv[:, None]
     p_scaled = (p * v_scale).to(dtype)
     if not FP8:  # the zero point is per token: the same correction for every channel
         v_bias = tl.sum(p_scaled.to(tl.float32) * (CODE_BIAS + v_zero), axis=1)[:, None]
@@ -441,7 +474,7 @@ def attend_tile_quantized(
         for i in tl.static_range(PLANES):
             accs_j = accs_j + (new_accs[i] - v_bias,)
         new_accs = accs_j
-    return new_accs, m, l
+    return new_accs, m, l, u
 
 
 def word_bits(fmt: KVFormat, head_dim: int) -> int:
@@ -460,15 +493,29 @@ def kv_codes(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.k, cache.v
 
 
-def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, kivi: KiviPlan | None):
+def code_dtype(fmt: KVFormat, dtype: torch.dtype, codes_f16: bool) -> torch.dtype:
+    """The dtype the quantized tiles' dots take for queries in `dtype`: with codes_f16, fp16
+    for 8-bit codes of a bf16 model. Into bf16 they go by one conversion instruction per
+    value read (int8: I2F; fp8: e4m3 -> fp16 -> bf16, F2F; seen in the sm_90 SASS), a kind
+    the CUDA guide rates at 16 per clock per SM against 128 for a float add, and fp8 and int8
+    decode ran at bf16's speed on the H200 (issue 23); into fp16 they go by a 16-bit OR (int8:
+    1024 + code, `unpack_planes`) or a packed conversion of two (fp8)."""
+    f16 = codes_f16 and fmt.quantized and fmt.bits == 8 and dtype == torch.bfloat16
+    return torch.float16 if f16 else dtype
+
+
+def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, kivi: KiviPlan | None,
+                      codes_f16: bool = False):
     """What the decode and prefill kernels pass through to the tile functions for `cache`'s
     format, queries in `dtype`, and for KIVI formats the step's plan: (tensors and strides,
-    constexprs). Absent tensors are stand-ins (cache.k) that the format's constexpr branches
-    never read."""
+    constexprs; the dots take `code_dtype(..., codes_f16)`). Absent tensors are stand-ins
+    (cache.k) that the format's constexpr branches never read."""
     fmt = cache.fmt
     if not fmt.quantized:
         return [cache.k] * 11 + [0] * 8, {"KV_BITS": 0, "FP8": False, "KIVI": False, "CODE_MAGIC": 0,
-                                          "CODE_BIAS": 0.0, "PLANES": 1, "UNPACK_ASM": "", "SINK": False}
+                                          "CODE_BIAS": 0.0, "PLANES": 1, "UNPACK_ASM": "", "SINK": False,
+                                          "CODES_F16": False, "V_UNIT": False}
+    model_dtype, dtype = dtype, code_dtype(fmt, dtype, codes_f16)
     assert cache.k.is_contiguous() and cache.v.is_contiguous() and cache.k.stride() == cache.v.stride()
     if cache.k.shape[-1] < 16:  # a row's bytes are a plane's channels: the dots' K, 16 at least
         raise ValueError(f"the Triton kernels read a {fmt.name} KV cache at head_dim >= {16 * 8 // fmt.bits}")
@@ -485,7 +532,7 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, kivi: KiviPlan | 
     stand_in = cache.k
     if fmt.kivi:
         res = cache.k_ring
-        assert res.stride() == cache.v_ring.stride() and res.dtype == dtype and kivi is not None
+        assert res.stride() == cache.v_ring.stride() and res.dtype == model_dtype and kivi is not None
         assert kivi.ring_tables.is_contiguous()
         residual = [cache.k_ring, cache.v_ring, kivi.ring_tables, kivi.ring_starts]
         ring_strides = [cache.k_scale.stride(0), res.stride(0), res.stride(1), res.stride(2),
@@ -505,5 +552,6 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, kivi: KiviPlan | 
     native = not triton.knobs.runtime.interpret and cache.k.device.type == "cuda"
     asm = unpack_asm(fmt.bits, planes, magic) if native and magic and planes > 1 else ""
     constexprs = {"KV_BITS": fmt.bits, "FP8": fmt.fp8, "KIVI": fmt.kivi, "CODE_MAGIC": magic, "CODE_BIAS": bias,
-                  "PLANES": planes, "UNPACK_ASM": asm, "SINK": fmt.sink}
+                  "PLANES": planes, "UNPACK_ASM": asm, "SINK": fmt.sink, "CODES_F16": dtype != model_dtype,
+                  "V_UNIT": dtype == torch.float16}
     return tensors, constexprs

@@ -166,12 +166,35 @@ def test_write_per_token_formats_match_ref_and_skip_negative_slots(name, dtype):
     assert_same_cache(got, want)  # the skipped token's slot kept its poison too
 
 
-@pytest.mark.parametrize("near_tie", [0.0, 1e30], ids=["screened", "exact"])
-def test_fp8_scale_search_screened_or_exact_matches_ref(near_tie, monkeypatch):
-    """The float32 screening alone (no near tie resolved) and the exact search for every row
-    pick the reference's scales, on rows of every magnitude: a zero row, ranges that round
-    into fp16's subnormals (|x / scale| past 448 before the clamp), large values."""
+@triton.jit
+def _fp8_adds_kernel(y_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, triton_kv_write._fp8_values_by_adds(tl.load(y_ptr + i)))
+
+
+def test_fp8_rounding_by_float_adds_is_the_conversions():
+    """Every e4m3 value, the midpoints between neighbours (ties to even), a hair either side
+    of them, subnormals, values past 448 and random ones round as torch's conversion does."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    y = torch.cat([grid, mids, mids * (1 + 2**-20), mids * (1 - 2**-20), torch.tensor([449.0, -500.0, 1e-9]),
+                   torch.randn(1000, generator=torch.Generator().manual_seed(11)) * 50])
+    y = torch.cat([y, torch.zeros(4096 - len(y))])
+    out = torch.empty(4096, device=DEVICE)
+    _fp8_adds_kernel[(1,)](y.to(DEVICE), out, N=4096)
+    assert torch.equal(out.cpu(), y.clamp(-448, 448).to(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize("near_tie,by_adds", [(0.0, False), (0.0, True), (1e30, False)],
+                         ids=["screened", "screened-by-adds", "exact"])
+def test_fp8_scale_search_screened_or_exact_matches_ref(near_tie, by_adds, monkeypatch):
+    """The float32 screening alone (no near tie resolved; its rounding by conversion or by
+    float adds) and the exact search for every row pick the reference's scales, on rows of
+    every magnitude: a zero row, ranges that round into fp16's subnormals (|x / scale| past
+    448 before the clamp), large values."""
     monkeypatch.setattr(triton_kv_write, "FP8_NEAR_TIE", near_tie)
+    monkeypatch.setattr(triton_kv_write, "FP8_SCREEN_BY_ADDS", by_adds)
     gen = torch.Generator().manual_seed(8)
     num_tokens, num_kv_heads, head_dim = 32, 2, 64
     magnitude = 10.0 ** torch.randint(-6, 3, (num_tokens, 1, 1), generator=gen)
@@ -384,3 +407,37 @@ def test_write_and_decode_in_a_cuda_graph(name):
     write_kv_ref(k, v, want, step)
     assert_same_cache(cache, want)
     assert_rel_close(out, reference(q, want, step, 128**-0.5), torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("codes_f16", [True, pytest.param(False, marks=pytest.mark.skipif(
+    not ON_GPU, reason="the interpreter cannot run a bfloat16 dot"))])
+def test_bf16_model_with_8bit_codes_in_fp16_dots_or_bf16(name, codes_f16):
+    """A bf16 model's fp8/int8 codes go to the dots as fp16 (q rounded to fp16: the dots are
+    fp16, which the interpreter runs too) or as bf16: both within bf16's bound of the
+    reference, decode and prefill."""
+    scale = 128**-0.5
+    q, cache, meta = quantized_batch(name, [1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS, 8, 2, 128, torch.bfloat16,
+                                     16, seed=9)
+    out = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, codes_f16=codes_f16)
+    assert_rel_close(out, reference(q, cache, meta, scale), torch.bfloat16)
+    q, cache, meta = quantized_batch(name, MIXED_QUERY_LENS, MIXED_CONTEXTS, 8, 2, 128, torch.bfloat16, 16, seed=9)
+    out = paged_prefill_attention_cache(q, cache, meta, scale, codes_f16=codes_f16)
+    assert_rel_close(out, reference(q, cache, meta, scale), torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "int8"])  # KIVI formats run the same tile code
+def test_fp16_dots_keep_small_values_out_of_fp16_subnormals(name):
+    """V scaled by 1e-4 (p * scale then lies under fp16's smallest normal, 6e-5, for every p):
+    the per-row unit keeps fp16's precision, prefill and decode (with lanes). Without it the
+    errors were 6.7e-2 (fp8) and 2.8e-2 (int8)."""
+    q, cache, meta = quantized_batch(name, MIXED_QUERY_LENS, MIXED_CONTEXTS, 8, 2, 64, torch.float16, 16, seed=10)
+    written = torch.isfinite(cache.v_scale)  # the poison (NaN) stays
+    cache.v_scale[written] = (cache.v_scale[written].float() * 1e-4).half()
+    assert_rel_close(paged_attention_triton(q, cache, meta, 0.125), reference(q, cache, meta, 0.125), torch.float16)
+    q, cache, meta = quantized_batch(name, [1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS, 8, 2, 64, torch.float16, 16,
+                                     seed=10)
+    written = torch.isfinite(cache.v_scale)
+    cache.v_scale[written] = (cache.v_scale[written].float() * 1e-4).half()
+    out = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, 0.125, lanes=4)
+    assert_rel_close(out, reference(q, cache, meta, 0.125), torch.float16)
