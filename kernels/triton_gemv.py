@@ -64,21 +64,15 @@ def _gemv_kernel(
         tl.store(partials + split * N, acc, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(arrived_ptr + pid, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(partials + s * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(arrived_ptr + pid, 0)
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=out_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
-
+        if arrived != SPLIT_K - 1:
+            return
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in range(SPLIT_K):
+            acc += tl.load(partials + s * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(arrived_ptr + pid, 0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 def split_k(n: int, k: int, block_n: int, block_k: int, sm_count: int) -> int:
     """Splits of K for a matrix of too few column tiles to fill the SMs (Qwen3-30B-A3B's

@@ -114,7 +114,7 @@ def _fp8_e4m3(y):
 
 
 @triton.jit
-def _fp8_codes(y, NATIVE: tl.constexpr):
+def fp8_codes(y, NATIVE: tl.constexpr):
     """float32 y -> (float8_e4m3fn bit patterns (uint8), their values as float32): clamped to
     +-448 (a scale rounded into fp16's subnormals can put |y| past it), rounded to nearest
     even. NATIVE: the GPU's conversion, which saturates (cvt.rn.satfinite.e4m3x2.f32, sm_89+,
@@ -151,7 +151,7 @@ def _fp8_best_scale_exact(x, amax, NATIVE: tl.constexpr):
     best_s = tl.zeros_like(amax)
     for i in tl.static_range(_FP8_NUM_TOPS):
         s = _fp8_scale(amax, i)
-        _, values = _fp8_codes(tl.math.div_rn(x, s[:, None]), NATIVE)
+        _, values = fp8_codes(tl.math.div_rn(x, s[:, None]), NATIVE)
         diff = (values * s[:, None] - x).to(tl.float64)
         err = tl.sum(diff * diff, axis=1)
         better = err < best_err
@@ -181,7 +181,7 @@ def _quantize_fp8_rows(x, NATIVE: tl.constexpr, NEAR_TIE: tl.constexpr, BY_ADDS:
         if BY_ADDS:
             values = _fp8_values_by_adds(x * (1.0 / s)[:, None])
         else:
-            _, values = _fp8_codes(x * (1.0 / s)[:, None], NATIVE)
+            _, values = fp8_codes(x * (1.0 / s)[:, None], NATIVE)
         diff = values * s[:, None] - x
         errs = errs + (tl.sum(diff * diff, axis=1),)
         scales = scales + (s,)
@@ -196,7 +196,7 @@ def _quantize_fp8_rows(x, NATIVE: tl.constexpr, NEAR_TIE: tl.constexpr, BY_ADDS:
         near = near | ((scales[i] != best_s) & (errs[i] <= best_err * (1.0 + NEAR_TIE))).to(tl.int32)
     if tl.max(near, axis=0) > 0:
         best_s = _fp8_best_scale_exact(x, amax, NATIVE)
-    codes, _ = _fp8_codes(tl.math.div_rn(x, best_s[:, None]), NATIVE)
+    codes, _ = fp8_codes(tl.math.div_rn(x, best_s[:, None]), NATIVE)
     return codes, best_s
 
 

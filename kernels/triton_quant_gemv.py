@@ -72,9 +72,8 @@ def _quant_gemv_kernel(
         else:
             k_ok = k0 + unit * PER_UNIT < K
             codes = tl.load(c_ptrs, mask=row_ok[:, None, None] & k_ok[None, :, :], other=0)
-        if PACKED:  # logical shifts: no sign to clear
-            codes = codes.to(tl.uint32, bitcast=True)
         if PACKED:  # code i of a word is column 8 * word + i
+            codes = codes.to(tl.uint32, bitcast=True)  # logical shifts: no sign to clear
             # x's 8 columns of each word in one vector load, then split apart in registers
             # (not 8 strided loads: a load per weight cost more than the weight's arithmetic).
             x8 = tl.load(x_ptrs[:, :, None] + tl.arange(0, 8)[None, None, :], mask=k_ok[:, :, None],

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wattserve.kernels.triton_kv_write import _fp8_codes, native_fp8
+from wattserve.kernels.triton_kv_write import fp8_codes, native_fp8
 from wattserve.kernels.weight_format import FP8_MAX
 
 BLOCK = 1024
@@ -37,7 +37,7 @@ def _per_token_fp8_kernel(x_ptr, codes_ptr, scales_ptr, K, stride_xm, stride_cm,
         # IEEE division and clamp, as the reference computes them, so the codes are its own
         # (rounded by the KV write's fp8 conversion: the GPU's, or bits where it has none).
         q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
-        codes, _ = _fp8_codes(q, NATIVE_FP8)
+        codes, _ = fp8_codes(q, NATIVE_FP8)
         tl.store(codes_ptr + row * stride_cm + k0 + cols, codes, mask=mask)
 
 
