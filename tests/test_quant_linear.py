@@ -47,6 +47,11 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPE, REL_ERR = (torch.bfloat16, 1e-2) if ON_GPU else (torch.float32, 1e-5)
 
 
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Norm of the difference over the reference's, in float64."""
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 def rand(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g)
@@ -126,7 +131,7 @@ def test_triton_quant_matmul_against_dequantize_then_matmul(name, m):
     # the interpreter): only summation order differs.
     for config in (GEMV_CONFIG, GEMM_CONFIG):
         out = quant_matmul_triton(x, w, config)
-        err = ((out.double() - ref).norm() / ref.norm()).item()
+        err = relative_error(out, ref)
         assert err < REL_ERR, f"{config}: relative error {err:.2e}"
 
 
@@ -141,7 +146,7 @@ def test_triton_quant_gemv_against_dequantize_then_matmul(name):
     for config in (GEMV_KERNEL_CONFIGS[w.kind], short):
         assert gemv_fits(x, w, config), config
         out = quant_gemv_triton(x, w, config)
-        err = ((out.double() - ref).norm() / ref.norm()).item()
+        err = relative_error(out, ref)
         assert err < REL_ERR, f"{config}: relative error {err:.2e}"
 
 
@@ -163,7 +168,7 @@ def test_prefill_sized_batches_multiply_the_dequantized_weight(name):
     x = rand(DENSE_MIN_ROWS, w.in_features, seed=16).to(DEVICE, DTYPE)
     ref = x.double() @ dequantize(w).double().T
     out = quant_linear_triton(x, w).double()
-    assert ((out - ref).norm() / ref.norm()).item() < REL_ERR
+    assert relative_error(out, ref) < REL_ERR
 
 
 def test_stacked_parts_and_bias_through_linear():
@@ -179,7 +184,7 @@ def test_stacked_parts_and_bias_through_linear():
     same, x_dev, bias_dev = same.to(DEVICE), x.to(DEVICE, DTYPE), bias.to(DEVICE, DTYPE)
     ref = x_dev.double() @ dequantize(same).double().T + bias_dev.double()
     out = triton_linear(x_dev, same, bias_dev).double()
-    assert ((out - ref).norm() / ref.norm()).item() < REL_ERR
+    assert relative_error(out, ref) < REL_ERR
     dense = dequantize(same).cpu()
     assert torch.equal(linear_ref(x, dense, bias), torch.nn.functional.linear(x, dense, bias))
 
@@ -212,7 +217,7 @@ def test_dispatch_runs_every_weight_kind_through_one_op():
               dequantize(WEIGHTS["gguf_q4_0"], DTYPE).to(DEVICE)):
         b = bias if w.shape[0] == 37 else None
         out, ref = linear(x, w, b).double(), REFERENCE_OPS.linear(x, w, b).double()
-        assert ((out - ref).norm() / ref.norm()).item() < REL_ERR
+        assert relative_error(out, ref) < REL_ERR
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -231,4 +236,4 @@ def test_fp8_prefill_on_tensor_cores_matches_the_w8a8_reference():
     x = rand(33, 256, seed=15).to(DEVICE, torch.bfloat16)
     out, ref = quant_linear_triton(x, w).double(), quant_linear_ref(x.float(), w).double()
     # Both multiply the same fp8 codes of x and w; bf16 output rounding is the difference.
-    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+    assert relative_error(out, ref) < 1e-2
