@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from wattserve.kernels.pdl import pdl_enabled, prefetch_rows_l2, wait_for_inputs
+from wattserve.kernels.triton_gemv import PREFETCH_TILES
 from wattserve.kernels.weight_format import QuantizedWeight
 
 MAX_ROWS = 1
@@ -50,6 +52,7 @@ def _quant_gemv_kernel(
     x_ptr, c_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, stride_cn, stride_sn, stride_om,
     PACKED: tl.constexpr, FP8: tl.constexpr, HAS_OFFSET: tl.constexpr, ROW_SCALE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     m = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,6 +60,10 @@ def _quant_gemv_kernel(
     # A tile is NG groups of GS loaded units (a unit: one 8-bit code, or a word of 8 4-bit
     # codes); a per-row scale makes the whole tile one "group" accumulated over every tile.
     PER_UNIT: tl.constexpr = 8 if PACKED else 1
+    # The codes are constant: their first tiles head for L2 while the previous kernel ends.
+    prefetch_rows_l2(c_ptr + tl.minimum(rows, N - 1).to(tl.int64) * stride_cn, K // PER_UNIT,
+                     PREFETCH_TILES * (BLOCK_K // PER_UNIT) * c_ptr.dtype.element_ty.primitive_bitwidth // 8, PDL)
+    wait_for_inputs(PDL)
     NG: tl.constexpr = 1 if ROW_SCALE else BLOCK_K // GROUP
     GS: tl.constexpr = BLOCK_K // PER_UNIT // NG
     unit = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # [NG, GS] within the tile
@@ -153,6 +160,6 @@ def quant_gemv_triton(x: torch.Tensor, w: QuantizedWeight,
         x.stride(0), codes.stride(0), w.scales.stride(0), out.stride(0),
         PACKED=w.kind == "u4", FP8=w.kind == "fp8", HAS_OFFSET=w.offsets is not None,
         ROW_SCALE=w.group == k, GROUP=w.group, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=warps,
+        PDL=pdl_enabled(x.device), num_warps=warps, launch_pdl=pdl_enabled(x.device),
     )
     return out
