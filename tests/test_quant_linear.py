@@ -221,8 +221,9 @@ def test_dispatch_runs_every_weight_kind_through_one_op():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_triton_per_token_fp8_gives_the_references_codes_and_scales(dtype):
-    x = rand(7, 2500, seed=17).to(DEVICE, dtype)  # K over two kernel blocks, not a multiple
+@pytest.mark.parametrize("k", [2500, 17000])  # a row in registers; a longer one, in two passes
+def test_triton_per_token_fp8_gives_the_references_codes_and_scales(dtype, k):
+    x = rand(7, k, seed=17).to(DEVICE, dtype)  # not a multiple of the kernel's block
     x[3] = 0  # a zero row: the scale's floor
     codes, scales = quantize_per_token_fp8_triton(x)
     want_codes, want_scales = quantize_per_token_fp8(x)
