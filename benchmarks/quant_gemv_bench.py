@@ -41,7 +41,7 @@ from wattserve.kernels.weight_format import QuantizedWeight, quantize_fp8, quant
 MATRICES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
             "down_proj": (4096, 14336)}
 TINY_MATRICES = {"square": (64, 256), "wide": (96, 512)}
-SWEEP = [(bn, bk, w) for bn in (8, 16, 32) for bk in (256, 512, 1024, 2048) for w in (4, 8)]
+SWEEP = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (512, 1024, 2048) for w in (2, 4, 8)]
 
 
 def q8_0(w: torch.Tensor) -> QuantizedWeight:

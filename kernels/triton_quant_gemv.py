@@ -70,14 +70,14 @@ def _quant_gemv_kernel(
     unit = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # [NG, GS] within the tile
     c_ptrs = c_ptr + rows[:, None, None].to(tl.int64) * stride_cn + unit[None, :, :]
     x_ptrs = x_ptr + m * stride_xm + unit * PER_UNIT
-    # Sums so far, each thread's 16-byte load summed in its registers first and reduced
-    # across threads once, at the end: [BLOCK_N, NG, GS] float32 sums held 64 registers a
-    # thread, which left room for only 4 fp8 programs (8 KB of loads in flight each) on an
-    # SM, and a per-tile reduction across threads cost shuffles and barriers every tile.
-    # ROW_SCALE: sum c * x and sum x; else sum (c * x) * scale + offset * x, group by group.
+    # ROW_SCALE: sums of c * x and of x so far, each thread's 16-byte load summed in its
+    # registers first and reduced across threads once, at the end ([BLOCK_N, NG, GS] float32
+    # sums held 64 registers a thread, which left room for only 4 fp8 programs, 8 KB of loads
+    # in flight each, on an SM). Group scales: a reduction per tile, group by group.
     VEC: tl.constexpr = min(128 // UNIT_BITS, GS)
     total = tl.zeros([BLOCK_N, NG, GS // VEC], dtype=tl.float32)
     x_total = tl.zeros([NG, GS // VEC], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:  # a mask constant along the row lets the load take 16 bytes at a time
             k_ok = unit < BLOCK_K
@@ -114,25 +114,22 @@ def _quant_gemv_kernel(
                 codes = codes.to(tl.float8e4nv, bitcast=True)
             x_sum = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
             part = codes.to(tl.float32) * x_sum[None, :, :]
-        part = tl.sum(tl.reshape(part, [BLOCK_N, NG, GS // VEC, VEC]), 3)
-        x_part = tl.sum(tl.reshape(x_sum, [NG, GS // VEC, VEC]), 2)
         if ROW_SCALE:
-            total += part
-            x_total += x_part
+            total += tl.sum(tl.reshape(part, [BLOCK_N, NG, GS // VEC, VEC]), 3)
+            x_total += tl.sum(tl.reshape(x_sum, [NG, GS // VEC, VEC]), 2)
         else:
             groups = k0 // GROUP + tl.arange(0, NG)
             s_off = rows[:, None] * stride_sn + groups[None, :]
             s_mask = row_ok[:, None] & (groups[None, :] < K // GROUP)
             scale = tl.load(s_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
-            total += part * scale[:, :, None]
+            acc += tl.sum(tl.sum(part, 2) * scale, 1)
             if HAS_OFFSET:
                 offset = tl.load(o_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
-                total += offset[:, :, None] * x_part[None, :, :]
+                acc += tl.sum(offset * tl.sum(x_sum, 1)[None, :], 1)
         c_ptrs += BLOCK_K // PER_UNIT
         x_ptrs += BLOCK_K
-    acc = tl.sum(tl.sum(total, 2), 1)
     if ROW_SCALE:
-        acc *= tl.load(s_ptr + rows * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
+        acc = tl.sum(tl.sum(total, 2), 1) * tl.load(s_ptr + rows * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
         if HAS_OFFSET:
             acc += tl.load(o_ptr + rows * stride_sn, mask=row_ok, other=0.0).to(tl.float32) * tl.sum(tl.sum(x_total, 1), 0)
     tl.store(out_ptr + m * stride_om + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
