@@ -11,7 +11,7 @@ Llama-3.1-8B's four layer matrices, random weights, in each format a checkpoint 
 Each matmul is timed as CUDA-graph replays over copies of its weight rotated past the L2, so
 no call finds its weight cached.
 
-Usage: python benchmarks/quant_gemv_bench.py [--sweep]     (CUDA)
+Usage: python benchmarks/quant_gemv_bench.py [--sweep] [--formats fp8,int4_g128]     (CUDA)
        python benchmarks/quant_gemv_bench.py --tiny          (CPU interpreter, toy shapes)
 Writes benchmarks/results/quant_gemv_<device>.json.
 """
@@ -91,6 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="toy shapes on CPU (Triton's interpreter)")
     ap.add_argument("--sweep", action="store_true", help="time the GEMV over a grid of tile configs")
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/quant_gemv_<device>.json)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -106,7 +107,8 @@ def main() -> None:
         copies = 1 if args.tiny else max(2, -(-(200 << 20) // (n * k * 2)))  # past the L2
         dense_copies = [dense] + [dense.clone() for _ in range(copies - 1)]
         time_of = timer(device, copies)
-        for fmt, quantize in FORMATS.items():
+        for fmt in args.formats.split(","):
+            quantize = FORMATS[fmt]
             weights = [quantize(d) for d in dense_copies]
             nbytes = stored_bytes(weights[0])
             for m in (1,):
