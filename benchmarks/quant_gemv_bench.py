@@ -34,7 +34,7 @@ from _results import write_results  # noqa: E402
 from _roofline import copy_bandwidth, graph_time  # noqa: E402
 
 from wattserve.kernels.triton_gemv import gemv_triton  # noqa: E402
-from wattserve.kernels.triton_quant_gemv import CONFIGS, gemv_fits, quant_gemv_triton  # noqa: E402
+from wattserve.kernels.triton_quant_gemv import default_config, gemv_fits, quant_gemv_triton  # noqa: E402
 from wattserve.kernels.triton_quant_linear import GEMV_CONFIG, quant_matmul_triton  # noqa: E402
 from wattserve.kernels.weight_format import QuantizedWeight, quantize_fp8, quantize_int4  # noqa: E402
 
@@ -64,7 +64,7 @@ def best_configs(rows: list[dict]) -> dict:
     """Per format, the swept config whose times summed over the matrices are least: one
     config per kind serves every layer."""
     best = {}
-    for fmt in FORMATS:
+    for fmt in dict.fromkeys(r["format"] for r in rows):
         totals: dict[str, float] = {}
         for r in rows:
             if r["format"] == fmt:
@@ -117,7 +117,7 @@ def main() -> None:
                 if device.type == "cuda":
                     bf16 = time_of(lambda i: gemv_triton(x, dense_copies[i % copies]))
                 tensor_cores = time_of(lambda i: quant_matmul_triton(x, weights[i % copies], GEMV_CONFIG))
-                configs = SWEEP if args.sweep else [CONFIGS[weights[0].kind]]
+                configs = SWEEP if args.sweep else [default_config(weights[0])]
                 timings = {config: time_of(lambda i: quant_gemv_triton(x, weights[i % copies], config))
                            for config in configs if gemv_fits(x, weights[0], config)}
                 best = min(timings, key=timings.get)

@@ -32,8 +32,21 @@ from wattserve.kernels.triton_gemv import PREFETCH_TILES
 from wattserve.kernels.weight_format import QuantizedWeight
 
 MAX_ROWS = 1
-# (BLOCK_N, BLOCK_K, num_warps) per kind, from `benchmarks/quant_gemv_bench.py` on an H200.
-CONFIGS = {"u4": (8, 2048, 4), "i8": (8, 2048, 4), "fp8": (8, 1024, 4)}
+
+
+def default_config(w: QuantizedWeight) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for w, by kind and shape, from `benchmarks/
+    quant_gemv_bench.py --sweep` on an H200 (results/quant_gemv_sweep_NVIDIA_H200.json,
+    Llama-3.1-8B's matrices): long rows take long K tiles; a small matrix small tiles, for
+    more programs and bytes in flight; a tall one (many rows) wide row tiles."""
+    n, k = w.out_features, w.in_features
+    if w.kind == "fp8":
+        if k >= 8192:
+            return (8, 2048, 8)
+        return (4, 1024, 4) if n * k <= 32 << 20 else (32, 512, 8)
+    if w.kind == "u4" and n >= 16384:
+        return (16, 1024, 4)
+    return (8, 2048, 4)
 
 
 @triton.jit
@@ -138,7 +151,7 @@ def _quant_gemv_kernel(
 def gemv_fits(x: torch.Tensor, w: QuantizedWeight, config: tuple[int, int, int] | None = None) -> bool:
     """Whether this kernel takes (x, w): few rows, and a tile that holds whole groups (or a
     per-row scale); 4-bit rows are read as 32-bit words, so K is a multiple of 8."""
-    block_k = (config or CONFIGS[w.kind])[1]
+    block_k = (config or default_config(w))[1]
     per_row = w.group == w.in_features
     return x.shape[0] <= MAX_ROWS and (per_row or block_k % w.group == 0) \
         and (w.kind != "u4" or (w.in_features % 8 == 0 and (per_row or w.group % 8 == 0)))
@@ -152,7 +165,7 @@ def quant_gemv_triton(x: torch.Tensor, w: QuantizedWeight,
         x = x[:, w.perm]
     x = x.contiguous()
     m, k = x.shape
-    block_n, block_k, warps = config or CONFIGS[w.kind]
+    block_n, block_k, warps = config or default_config(w)
     out = torch.empty(m, w.out_features, device=x.device, dtype=x.dtype)
     if m == 0:
         return out

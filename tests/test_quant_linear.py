@@ -25,8 +25,7 @@ from wattserve.kernels.triton_quant_linear import (
     quant_linear_triton,
     quant_matmul_triton,
 )
-from wattserve.kernels.triton_quant_gemv import CONFIGS as GEMV_KERNEL_CONFIGS
-from wattserve.kernels.triton_quant_gemv import gemv_fits, quant_gemv_triton
+from wattserve.kernels.triton_quant_gemv import default_config, gemv_fits, quant_gemv_triton
 from wattserve.kernels.triton_token_quant import quantize_per_token_fp8_triton
 from wattserve.kernels.weight_format import (
     QuantizedParts,
@@ -135,15 +134,19 @@ def test_triton_quant_matmul_against_dequantize_then_matmul(name, m):
         assert err < REL_ERR, f"{config}: relative error {err:.2e}"
 
 
+SERVED_GEMV_TILES = [(4, 1024, 4), (32, 512, 8), (8, 2048, 8), (16, 1024, 4), (8, 2048, 4)]
+
+
 @pytest.mark.parametrize("name", WEIGHTS)
 def test_triton_quant_gemv_against_dequantize_then_matmul(name):
     w = WEIGHTS[name].to(DEVICE)
     x = rand(1, w.in_features, seed=1).to(DEVICE, DTYPE)
     ref = x.double() @ dequantize(w).double().T
-    # The served tile (longer than these rows' K: masked) and a short one (several tiles,
-    # each of whole groups). Weights are exact in float32, products summed in float32.
+    # Every tile default_config serves (longer than these rows' K: masked) and a short one
+    # (several tiles, each of whole groups). Weights are exact in float32, products summed
+    # in float32.
     short = (16, max(64, w.group if w.group < w.in_features else 0), 4)
-    for config in (GEMV_KERNEL_CONFIGS[w.kind], short):
+    for config in {default_config(w), short, *(c for c in SERVED_GEMV_TILES if gemv_fits(x, w, c))}:
         assert gemv_fits(x, w, config), config
         out = quant_gemv_triton(x, w, config)
         err = relative_error(out, ref)
