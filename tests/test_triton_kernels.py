@@ -14,6 +14,7 @@ import torch
 
 from wattserve.kernels.activation import gelu_tanh_and_mul_ref, silu_and_mul_ref
 from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
+from wattserve.kernels.cudnn_prefill import fresh_prefill_fits
 from wattserve.kernels.dispatch import REFERENCE_OPS, ops_for
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache, allocate_layer
 from wattserve.kernels.kv_write import write_kv_ref
@@ -284,6 +285,23 @@ def test_decode_in_cuda_graph_follows_device_lengths():
     meta = AttentionMetadata(meta.slot_mapping, meta.block_tables, lens, meta.query_start_loc,
                              [1] * 3, [129, 1, 16])
     assert_rel_close(out, reference(q, kc, vc, meta, 0.125), torch.bfloat16)
+
+
+@pytest.mark.parametrize("query_lens,context_lens,fresh", [
+    ([600, 517], [600, 517], True),  # fresh prompts only
+    ([600, 1], [600, 40], False),  # a decode row
+    ([600], [900], False),  # a cached prefix
+    ([600, 100], [600, 100], False),  # a prompt shorter than cudnn_prefill.MIN_TOKENS
+])
+def test_long_fresh_prompts_alone_take_cudnn_on_hopper(query_lens, context_lens, fresh):
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    q, kc, vc, meta = paged_batch(query_lens, context_lens, 8, 2, 64, dtype, seed=3)
+    cache = LayerKVCache(AUTO, kc, vc)
+    hopper = ON_GPU and torch.cuda.get_device_capability() >= (9, 0)
+    assert fresh_prefill_fits(q, cache, meta, None, None) == (fresh and hopper)
+    assert not fresh_prefill_fits(q, cache, meta, 4096, None) and not fresh_prefill_fits(q, cache, meta, None, 30.0)
+    if ON_GPU:  # the interpreter would take minutes over these lengths
+        assert_rel_close(paged_attention_triton(q, cache, meta, 0.125), reference(q, kc, vc, meta, 0.125), dtype)
 
 
 MIXED_QUERY_LENS = [1, 17, 1, 5, 16, 1, 70]
