@@ -4,7 +4,8 @@
 (b) decode attention, Llama-3.1-8B shapes (32 q heads, 8 kv heads, head_dim 128, bf16, block
     16, blocks scattered), batch 64 x 4k and batch 1 x 32k: KV bytes read / time vs (a);
 (c) prefill attention, one 4096-token prompt: causal TFLOP/s vs a bf16 matmul of the same
-    FLOPs and torch's flash scaled_dot_product_attention;
+    FLOPs and torch's flash scaled_dot_product_attention, and the engine's choice for a fresh
+    prompt (cuDNN on sm_90+, kernels/cudnn_prefill.py);
 (d) rms_norm, add_rms_norm, rotary, silu_and_mul, write_kv: bytes / time vs (a);
 (e) a mixed batch (63 decodes + a 512-token chunk, 4k contexts), as the entry point runs it
     (all in the prefill kernel) and split across the two kernels: KV bytes / time vs (a).
@@ -41,7 +42,9 @@ from wattserve.kernels.kv_format import FORMATS, LayerKVCache
 from wattserve.kernels.kv_write import write_kv_ref
 from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
 from wattserve.kernels.rotary import apply_rotary_ref, rope_cos_sin
+from wattserve.kernels.cudnn_prefill import fresh_prefill_fits
 from wattserve.kernels.triton_activation import silu_and_mul_triton
+from wattserve.kernels.triton_attention import paged_attention_triton
 from wattserve.kernels.triton_attention_decode import default_num_splits, paged_decode_attention, paged_decode_attention_ref
 from wattserve.kernels.triton_attention_prefill import paged_prefill_attention
 from wattserve.kernels.triton_kv_write import write_kv_unquantized
@@ -238,6 +241,8 @@ def prefill_case(length: int, gen, sweep: bool) -> dict:
     qs = q[:n_tok].transpose(0, 1).unsqueeze(0)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         t_sdpa = ms(lambda: F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale))
+    # What the engine runs for a fresh prompt on sm_90+ (kernels/cudnn_prefill.py).
+    t_cudnn = ms(lambda: paged_attention_triton(q, LayerKVCache(AUTO, k_cache, v_cache), meta, scale))
     m = 4096
     kdim = max(64, round(flops / (2 * m * m) / 64) * 64)
     a = torch.randn(m, kdim, dtype=DTYPE, device=DEV, generator=gen)
@@ -246,6 +251,8 @@ def prefill_case(length: int, gen, sweep: bool) -> dict:
     result = {
         "length": length, "rel_err": err, "flops": flops, "default": run(), "default_again": run(),
         "sdpa_flash": {"ms": t_sdpa, "tflops": flops / (t_sdpa * 1e-3) / 1e12},
+        "engine_path": {"ms": t_cudnn, "tflops": flops / (t_cudnn * 1e-3) / 1e12,
+                        "cudnn": fresh_prefill_fits(q, LayerKVCache(AUTO, k_cache, v_cache), meta, None, None)},
         "matmul": {"shape": [m, kdim, m], "ms": t_mm, "tflops": 2 * m * m * kdim / (t_mm * 1e-3) / 1e12},
     }
     if sweep:
@@ -340,6 +347,8 @@ def main() -> None:
               f"{r['kv_bytes_per_s'] / 1e12:10.2f} TB/s {r['kv_bytes_per_s'] / copy:8.0%}")
     p = results["prefill"]
     for label, r in (("prefill 4096 (triton)", p["default"]), ("prefill 4096 (sdpa flash)", p["sdpa_flash"]),
+                     ("prefill 4096 (engine: cudnn)" if p["engine_path"]["cudnn"] else "prefill 4096 (engine)",
+                      p["engine_path"]),
                      ("matmul " + "x".join(map(str, p["matmul"]["shape"])), p["matmul"])):
         print(f"{label:34} {r['ms']:8.3f} {r['tflops']:8.0f} TFLOP/s {r['tflops'] / p['matmul']['tflops']:8.0%}")
     mx = results["mixed"]
