@@ -18,7 +18,7 @@ throughput of a whole MoE model, each against a limit measured in the same run.
 On CPU (`--tiny`) every part runs at toy shapes, the layer through Triton's interpreter, so
 the script cannot rot; the limits are then the CPU's own copy and fp32 matmul rates.
 
-Usage: python benchmarks/moe_bench.py            (CUDA, the shapes above)
+Usage: python benchmarks/moe_bench.py            (CUDA, the shapes above; --skip-layer: 2 and 3 only)
        python benchmarks/moe_bench.py --tiny     (CPU, end to end in about a minute)
 Writes benchmarks/results/moe_<device>.json.
 """
@@ -274,6 +274,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128, help="offline and decode: output tokens")
     ap.add_argument("--tokenizer", help="tokenizer dir (default: the default model's)")
     ap.add_argument("--sweep", action="store_true", help="also sweep the layer's tile configs at decode sizes")
+    ap.add_argument("--skip-layer", action="store_true", help="decode and offline only (part 1 left out)")
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/moe_<device>.json)")
     args = ap.parse_args()
 
@@ -286,11 +287,12 @@ def main() -> None:
     results = {"benchmark": "moe", "device": label, "torch": torch.__version__, "tiny": args.tiny,
                "command": "python " + " ".join(sys.argv), **limits}
 
-    print(f"{'layer':<16}{'tokens':>6}{'hit':>5}{'fused us':>12}{'ref us':>12}{'roof us':>11}{'of roof':>9}{'vs ref':>9}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    results["layer"] = [row for shape in (TINY_LAYER_SHAPES if args.tiny else LAYER_SHAPES)
-                        for row in bench_layer(shape, TINY_TOKEN_COUNTS if args.tiny else TOKEN_COUNTS,
-                                               device, dtype, limits, iters=1 if args.tiny else 20)]
+    if not args.skip_layer:
+        print(f"{'layer':<16}{'tokens':>6}{'hit':>5}{'fused us':>12}{'ref us':>12}{'roof us':>11}{'of roof':>9}{'vs ref':>9}")
+        results["layer"] = [row for shape in (TINY_LAYER_SHAPES if args.tiny else LAYER_SHAPES)
+                            for row in bench_layer(shape, TINY_TOKEN_COUNTS if args.tiny else TOKEN_COUNTS,
+                                                   device, dtype, limits, iters=1 if args.tiny else 20)]
     if args.sweep:
         results["decode_tile_sweep"] = [row for shape in (TINY_LAYER_SHAPES if args.tiny else LAYER_SHAPES)
                                         for row in sweep_decode_tiles(shape, (1, 4) if args.tiny else (1, 2, 4, 8),
