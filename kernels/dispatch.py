@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from wattserve.kernels.activation import gelu_tanh_and_mul_ref, silu_and_mul_ref
+from wattserve.kernels.activation import gated_linear_with, gelu_tanh_and_mul_ref, silu_and_mul_ref
 from wattserve.kernels.attention import paged_attention_ref
 from wattserve.kernels.kv_rotation import in_model_basis
 from wattserve.kernels.moe import fused_moe_ref, select_experts
@@ -30,9 +30,8 @@ class Ops:
     add_rms_norm: Callable
     rotary_write_kv: Callable
     paged_attention: Callable
-    silu_and_mul: Callable
-    gelu_tanh_and_mul: Callable
     linear: Callable
+    gated_linear: Callable
     select_experts: Callable
     fused_moe: Callable
 
@@ -42,9 +41,8 @@ REFERENCE_OPS = Ops(
     add_rms_norm=add_rms_norm_ref,
     rotary_write_kv=rotary_write_kv_ref,
     paged_attention=in_model_basis(paged_attention_ref),
-    silu_and_mul=silu_and_mul_ref,
-    gelu_tanh_and_mul=gelu_tanh_and_mul_ref,
     linear=linear_ref,
+    gated_linear=gated_linear_with(silu_and_mul_ref, gelu_tanh_and_mul_ref, linear_ref),
     select_experts=select_experts,
     fused_moe=fused_moe_ref,
 )
@@ -72,17 +70,17 @@ def triton_ops() -> Ops:
     from wattserve.kernels.triton_moe import fused_moe_triton
     from wattserve.kernels.triton_moe_routing import select_experts_triton
     from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
-    from wattserve.kernels.triton_quant_linear import quant_linear_triton
+    from wattserve.kernels.triton_quant_linear import fp8_gated_linear, quant_linear_triton
     from wattserve.kernels.triton_rotary import rotary_write_kv_triton
 
+    linear = for_any_weight(linear_triton, quant_linear_triton)
     return Ops(
         rms_norm=rms_norm_triton,
         add_rms_norm=add_rms_norm_triton,
         rotary_write_kv=rotary_write_kv_triton,
         paged_attention=in_model_basis(paged_attention_triton),
-        silu_and_mul=silu_and_mul_triton,
-        gelu_tanh_and_mul=gelu_tanh_and_mul_triton,
-        linear=for_any_weight(linear_triton, quant_linear_triton),
+        linear=linear,
+        gated_linear=gated_linear_with(silu_and_mul_triton, gelu_tanh_and_mul_triton, linear, fp8_gated_linear),
         select_experts=select_experts_triton,
         fused_moe=fused_moe_triton,
     )

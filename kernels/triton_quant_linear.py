@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from wattserve.kernels.triton_quant_gemv import gemv_fits, quant_gemv_triton
-from wattserve.kernels.triton_token_quant import quantize_per_token_fp8_triton
+from wattserve.kernels.triton_activation import act_and_mul_fp8_triton
+from wattserve.kernels.triton_token_quant import MAX_ONE_PASS, quantize_per_token_fp8_triton
 from wattserve.kernels.weight_format import QuantizedWeight
 
 GEMV_MAX_ROWS = 16
@@ -204,11 +205,24 @@ def quant_linear_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
 def fp8_scaled_mm(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """W8A8: x quantized per token, the product scaled by x's and w's scales in the epilogue.
     x: [M, K] -> [M, N] in x's dtype."""
-    codes, x_scales = quantize_per_token_fp8_triton(x)
+    return _scaled_mm_of_codes(*quantize_per_token_fp8_triton(x), w, x.dtype)
+
+
+def fp8_gated_linear(gate_up: torch.Tensor, w, gelu_tanh: bool) -> torch.Tensor | None:
+    """Ops.gated_linear's fused W8A8 path (kernels/activation.gated_linear_with): act(gate) *
+    up quantized per token as the activation kernel writes it, then the fp8 GEMM. None where
+    it does not apply: other formats, decode sizes, intermediate sizes past MAX_ONE_PASS."""
+    if not (isinstance(w, QuantizedWeight) and w.kind == "fp8" and gate_up.shape[0] > GEMV_MAX_ROWS
+            and gate_up.shape[1] // 2 <= MAX_ONE_PASS and _scaled_mm_fits(gate_up, w)):
+        return None
+    return _scaled_mm_of_codes(*act_and_mul_fp8_triton(gate_up, gelu_tanh), w, gate_up.dtype)
+
+
+def _scaled_mm_of_codes(codes: torch.Tensor, x_scales: torch.Tensor, w: QuantizedWeight,
+                        dtype: torch.dtype) -> torch.Tensor:
     # _scaled_mm wants the second operand column-major: the [N, K] row-major codes transposed.
     # Row-wise scales: a [M, 1] and a [1, N] float32 (a view of the contiguous [N, 1]).
-    return torch._scaled_mm(codes, w.codes.t(), scale_a=x_scales, scale_b=w.scales.view(1, -1),
-                            out_dtype=x.dtype)
+    return torch._scaled_mm(codes, w.codes.t(), scale_a=x_scales, scale_b=w.scales.view(1, -1), out_dtype=dtype)
 
 
 def _scaled_mm_fits(x: torch.Tensor, w: QuantizedWeight) -> bool:

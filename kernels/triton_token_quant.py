@@ -32,6 +32,20 @@ def _quantize_codes(x, scale, FP8_MAX: tl.constexpr, NATIVE_FP8: tl.constexpr):
 
 
 @triton.jit
+def _scale(magnitudes, FP8_MAX: tl.constexpr):
+    """A row's scale from magnitudes whose largest is the row's."""
+    return tl.maximum(tl.max(magnitudes, 0) / FP8_MAX, 1e-12)
+
+
+@triton.jit
+def quantize_row(x, FP8_MAX: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    """A whole row x (float32, padding 0) -> (its fp8 codes as bytes, its float32 scale),
+    as weight_format.quantize_per_token_fp8 computes them."""
+    scale = _scale(tl.abs(x), FP8_MAX)
+    return _quantize_codes(x, scale, FP8_MAX, NATIVE_FP8), scale
+
+
+@triton.jit
 def _per_token_fp8_kernel(x_ptr, codes_ptr, scales_ptr, K, stride_xm, stride_cm,
                           FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
                           NATIVE_FP8: tl.constexpr):
@@ -40,15 +54,14 @@ def _per_token_fp8_kernel(x_ptr, codes_ptr, scales_ptr, K, stride_xm, stride_cm,
     x_row = x_ptr + row * stride_xm
     codes_row = codes_ptr + row * stride_cm
     if ONE_PASS:  # the row in registers: x read once
-        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX, 1e-12)
-        tl.store(codes_row + cols, _quantize_codes(x, scale, FP8_MAX, NATIVE_FP8), mask=cols < K)
+        codes, scale = quantize_row(tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32), FP8_MAX, NATIVE_FP8)
+        tl.store(codes_row + cols, codes, mask=cols < K)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, 1e-12)
+        scale = _scale(amax, FP8_MAX)
         for k0 in range(0, K, BLOCK):
             mask = k0 + cols < K
             x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)

@@ -15,13 +15,16 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from wattserve.engine.loader.gguf_blocks import blocks_to_weight
+from wattserve.kernels.dispatch import REFERENCE_OPS, ops_for
 from wattserve.kernels.quant_linear import for_any_weight, linear_ref, quant_linear_ref
+from wattserve.kernels.triton_activation import act_and_mul_fp8_triton, gelu_tanh_and_mul_triton, silu_and_mul_triton
 from wattserve.kernels.triton_interpreter import fix_loop_bounds
 from wattserve.kernels.triton_quant_linear import (
     DENSE_MIN_ROWS,
     GEMM_CONFIG,
     GEMV_CONFIG,
     dequantize_triton,
+    fp8_gated_linear,
     quant_linear_triton,
     quant_matmul_triton,
 )
@@ -240,4 +243,26 @@ def test_fp8_prefill_on_tensor_cores_matches_the_w8a8_reference():
     x = rand(33, 256, seed=15).to(DEVICE, torch.bfloat16)
     out, ref = quant_linear_triton(x, w).double(), quant_linear_ref(x.float(), w).double()
     # Both multiply the same fp8 codes of x and w; bf16 output rounding is the difference.
+    assert relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("gelu_tanh", [False, True])
+def test_activation_quantized_in_its_kernel_equals_activation_then_quantization(gelu_tanh):
+    gate_up = rand(9, 2 * 700, seed=16).to(DEVICE, DTYPE)  # 700 columns: a masked tail
+    act = (gelu_tanh_and_mul_triton if gelu_tanh else silu_and_mul_triton)(gate_up)
+    codes, scales = act_and_mul_fp8_triton(gate_up, gelu_tanh)
+    want_codes, want_scales = quantize_per_token_fp8_triton(act)
+    assert torch.equal(scales, want_scales)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="torch._scaled_mm: fp8 tensor cores")
+def test_gated_linear_over_fp8_fuses_the_quantization_and_matches_the_reference():
+    w = quantize_fp8(rand(96, 512, seed=17)).to(DEVICE)
+    gate_up = rand(33, 1024, seed=18).to(DEVICE, torch.bfloat16)
+    assert fp8_gated_linear(gate_up, w, False) is not None  # prefill-sized: the fused path
+    assert fp8_gated_linear(gate_up[:1], w, False) is None  # decode: the GEMV
+    out = ops_for(torch.device(DEVICE)).gated_linear(gate_up, w, False)
+    assert torch.equal(out, quant_linear_triton(silu_and_mul_triton(gate_up), w))  # the same codes, one GEMM
+    ref = REFERENCE_OPS.gated_linear(gate_up.float(), w, False)
     assert relative_error(out, ref) < 1e-2

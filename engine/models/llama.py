@@ -84,13 +84,13 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: Ops, shard: Shard):
         super().__init__()
         self.ops, self.shard = ops, shard
-        self.act_and_mul = ops.gelu_tanh_and_mul if cfg.hidden_act == "gelu_tanh" else ops.silu_and_mul
+        self.gelu_tanh = cfg.hidden_act == "gelu_tanh"
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        h = self.act_and_mul(self.ops.linear(x, self.gate_up_proj.weight))
-        return self.shard.all_reduce(self.ops.linear(h, self.down_proj.weight))
+        gate_up = self.ops.linear(x, self.gate_up_proj.weight)
+        return self.shard.all_reduce(self.ops.gated_linear(gate_up, self.down_proj.weight, self.gelu_tanh))
 
 
 class DecoderLayer(nn.Module):
