@@ -250,9 +250,10 @@ def test_decode_gqa_head_dims_default_splits(num_heads, num_kv_heads, head_dim):
 
 
 @pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
-@pytest.mark.parametrize("tile_tokens,num_splits", [(16, 1), (32, 3), (64, 8), (16, 32)])
+@pytest.mark.parametrize("tile_tokens,num_splits", [(16, 1), (32, 3), (64, 8), (16, 32), (16, 20)])
 def test_decode_tiles_and_splits(dtype, tile_tokens, num_splits):
-    # 3 splits: not a power of two; 32 splits of 16 tokens: many splits empty for short contexts.
+    # 3 splits: not a power of two; 32 splits of 16 tokens: many splits empty for short contexts,
+    # merged in two levels (4 groups of 8), as 20 splits are (the last group of 4).
     q, kc, vc, meta = paged_batch([1] * 4, [17, 300, 1, 129], 8, 2, 64, dtype, seed=5)
     out = paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, 0.125,
                                  tile_tokens=tile_tokens, num_splits=num_splits)
