@@ -39,7 +39,7 @@ import triton.language as tl
 
 from wattserve.kernels.attention import AttentionMetadata, KiviPlan, paged_attention_ref
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache
-from wattserve.kernels.triton_arrivals import arrival_counters
+from wattserve.kernels.triton_arrivals import arrival_counters, last_to_arrive
 from wattserve.kernels.triton_paged_tile import (
     LOG2E,
     attend_sink,
@@ -96,16 +96,6 @@ def _merge_lanes(acc, m, l, LANES: tl.constexpr):
 # step; specializing them on == 1 and multiples of 16 would compile more variants for scalars
 # used once per program (SPLIT already tells the kernel whether it splits).
 @triton.jit
-def _last_to_arrive(counter, arrivals):
-    """Whether this program is the last of `arrivals` to reach `counter` (then set back to 0)."""
-    tl.debug_barrier()  # every thread's partial is written before the release below
-    last = tl.atomic_add(counter, 1, sem="acq_rel") == arrivals - 1
-    if last:
-        tl.atomic_xchg(counter, 0)
-    return last
-
-
-@triton.jit
 def _store_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, part, row_ok, acc, m, l, HEAD_DIM: tl.constexpr):
     """Rows' unnormalized partial softmax (max m, sum l, acc) at their indices `part`."""
     tl.store(part_max_ptr + part, m, mask=row_ok)
@@ -156,14 +146,14 @@ def _merge_if_last(acc, m, l, part_acc_ptr, part_max_ptr, part_sum_ptr, arrived_
     group = split // splits_per_group
     first = group * splits_per_group
     in_group = tl.minimum(splits_per_group, num_splits - first)
-    done = _last_to_arrive(counters + 1 + group, in_group)
+    done = last_to_arrive(counters + 1 + group, in_group)
     if done:
         acc, m, l = _merge_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base, row_ok, first, in_group,
                                  HEAD_DIM, 4)
         if num_groups > 1:
             _store_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base + num_splits + group, row_ok,
                          acc, m, l, HEAD_DIM)
-            done = _last_to_arrive(counters, num_groups)
+            done = last_to_arrive(counters, num_groups)
             if done:
                 acc, m, l = _merge_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base, row_ok,
                                          num_splits, num_groups, HEAD_DIM, 4)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wattserve.kernels.triton_arrivals import arrival_counters
+from wattserve.kernels.triton_arrivals import arrival_counters, last_to_arrive
 
 
 @triton.jit
@@ -135,15 +135,12 @@ def _sum_token_if_last(partial_ptr, out_ptr, arrived_ptr, token, pid_n, cols, co
     """One tile per assignment: the last of the token's TOP_K programs on these columns to
     arrive adds the k partials in slot order, as _sum_assignments_kernel does (same result
     whatever the arrival order; kernels/triton_arrivals.py), and writes the token's output."""
-    tl.debug_barrier()
-    counter = arrived_ptr + token * tl.num_programs(1) + pid_n
-    if tl.atomic_add(counter, 1, sem="acq_rel") == TOP_K - 1:
+    if last_to_arrive(arrived_ptr + token * tl.num_programs(1) + pid_n, TOP_K):
         total = tl.zeros([BLOCK_N], dtype=tl.float32)
         for j in tl.static_range(TOP_K):
             total += tl.load(partial_ptr + (token * TOP_K + j).to(tl.int64) * stride_pm + cols, mask=col_ok,
                              other=0.0, cache_modifier=".cg")
         tl.store(out_ptr + token.to(tl.int64) * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
-        tl.atomic_xchg(counter, 0)
 
 
 @triton.jit

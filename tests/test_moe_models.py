@@ -185,14 +185,15 @@ def test_moe_block_on_the_triton_kernels_equals_the_reference():
 
     from wattserve.engine.config import ModelConfig
     from wattserve.engine.models.moe import SparseMoeBlock
-    from wattserve.kernels.dispatch import REFERENCE_OPS
+    from wattserve.kernels.dispatch import REFERENCE_OPS, triton_ops
     from wattserve.kernels.triton_moe import fused_moe_triton
-    from wattserve.kernels.triton_moe_routing import select_experts_triton
 
     cfg = ModelConfig("Qwen3MoeForCausalLM", 32, 48, 0, 1, 4, 2, 12, num_experts=16,
                       num_experts_per_tok=4, moe_intermediate_size=24, norm_topk_prob=True)
-    triton_ops = replace(REFERENCE_OPS, select_experts=select_experts_triton, fused_moe=fused_moe_triton)
-    reference, fused = SparseMoeBlock(cfg, REFERENCE_OPS), SparseMoeBlock(cfg, triton_ops)
+    # float32: the routing's matmul is torch's, its top-k the Triton kernel (route_triton, the
+    # half-precision decode path, has its own test in tests/test_triton_moe.py).
+    ops = replace(REFERENCE_OPS, route=triton_ops().route, fused_moe=fused_moe_triton)
+    reference, fused = SparseMoeBlock(cfg, REFERENCE_OPS), SparseMoeBlock(cfg, ops)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in reference.parameters():
