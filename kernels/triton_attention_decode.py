@@ -92,9 +92,6 @@ def _merge_lanes(acc, m, l, LANES: tl.constexpr):
     return acc, m_all, tl.sum(tl.reshape(l, [LANES, ROWS]) * w, axis=0)
 
 
-# Outside CUDA graphs num_splits and stride_table (the widest block table) change from step to
-# step; specializing them on == 1 and multiples of 16 would compile more variants for scalars
-# used once per program (SPLIT already tells the kernel whether it splits).
 @triton.jit
 def _store_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, part, row_ok, acc, m, l, HEAD_DIM: tl.constexpr):
     """Rows' unnormalized partial softmax (max m, sum l, acc) at their indices `part`."""
@@ -108,7 +105,9 @@ def _store_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, part, row_ok, acc, m,
 def _merge_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base, row_ok, first, count,
                  HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
     """Each row's partials rows_base + first ... + count - 1 merged, CHUNK at a time in
-    index order: (acc, m, l). Empty partials (m -inf) weigh 0."""
+    index order: (acc, m, l). Empty partials (m -inf) weigh 0. CHUNK partials are read at
+    once (4: [16 rows, 4, 128] float32 is 64 registers a thread at 4 warps, beside the few
+    the finished main loop leaves live)."""
     s = tl.arange(0, CHUNK)
     d = tl.arange(0, HEAD_DIM)
     m_all = tl.full(rows_base.shape, float("-inf"), tl.float32)
@@ -119,7 +118,9 @@ def _merge_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base, row_ok, fi
         part = rows_base[:, None] + c + s[None, :]
         m = tl.load(part_max_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
         l = tl.load(part_sum_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
-        acc = tl.load(part_acc_ptr + part.to(tl.int64)[:, :, None] * HEAD_DIM + d[None, None, :],
+        # 32-bit offsets (fewer registers for the [rows, CHUNK, HEAD_DIM] addresses): splits
+        # exist only while seqs x kv heads x splits is about two programs per SM, far below 2^31.
+        acc = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :],
                       mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
         m_new = tl.maximum(m_all, tl.max(m, axis=1))
         base = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -160,8 +161,8 @@ def _merge_if_last(acc, m, l, part_acc_ptr, part_max_ptr, part_sum_ptr, arrived_
     return done, acc, m, l
 
 
-# Outside CUDA graphs num_splits and stride_table (the widest block table) change from step to
-# step; specializing them on == 1 and multiples of 16 would compile more variants for scalars
+# Outside CUDA graphs num_splits (with its groups) and stride_table (the widest block table)
+# change from step to step; specializing them on == 1 and multiples of 16 would compile more variants for scalars
 # used once per program (SPLIT already tells the kernel whether it splits).
 @triton.jit(do_not_specialize=["num_splits", "splits_per_group", "num_groups", "stride_table"])
 def _decode_kernel(
