@@ -97,15 +97,15 @@ def _route_kernel(
         acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    # partial: [splits, BLOCK_M, BLOCK_E] float32, every entry written (zeros past M and E).
-    tl.store(partial_ptr + (split * BLOCK_M + rows[:, None]) * BLOCK_E + cols[None, :], acc,
-             mask=cols[None, :] < BLOCK_E)
+    # partial: [splits, BLOCK_M, BLOCK_E] float32; rows below M written in full (zeros past E).
+    row_ok = rows[:, None] < M
+    tl.store(partial_ptr + (split * BLOCK_M + rows[:, None]) * BLOCK_E + cols[None, :], acc, mask=row_ok)
     if last_to_arrive(arrived_ptr, tl.num_programs(0) * SPLITS):
         e = tl.arange(0, BLOCK_E)
         logits = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
         for s in range(SPLITS):
-            logits += tl.load(partial_ptr + (s * BLOCK_M + rows[:, None]) * BLOCK_E + e[None, :],
-                              cache_modifier=".cg")
+            logits += tl.load(partial_ptr + (s * BLOCK_M + rows[:, None]) * BLOCK_E + e[None, :], mask=row_ok,
+                              other=0.0, cache_modifier=".cg")
         logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)  # the reference's linear rounds
         _softmax_topk(logits, rows, rows < M, num_experts, weights_ptr, ids_ptr,
                       TOP_K, BLOCK_E, BLOCK_TOP_K, RENORMALIZE)
