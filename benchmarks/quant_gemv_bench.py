@@ -11,7 +11,7 @@ Llama-3.1-8B's four layer matrices, random weights, in each format a checkpoint 
 Each matmul is timed as CUDA-graph replays over copies of its weight rotated past the L2, so
 no call finds its weight cached.
 
-Usage: python benchmarks/quant_gemv_bench.py [--sweep]     (CUDA)
+Usage: python benchmarks/quant_gemv_bench.py [--sweep] [--formats fp8,int4_g128]     (CUDA)
        python benchmarks/quant_gemv_bench.py --tiny          (CPU interpreter, toy shapes)
 Writes benchmarks/results/quant_gemv_<device>.json.
 """
@@ -34,14 +34,14 @@ from _results import write_results  # noqa: E402
 from _roofline import copy_bandwidth, graph_time  # noqa: E402
 
 from wattserve.kernels.triton_gemv import gemv_triton  # noqa: E402
-from wattserve.kernels.triton_quant_gemv import CONFIGS, gemv_fits, quant_gemv_triton  # noqa: E402
+from wattserve.kernels.triton_quant_gemv import default_config, gemv_fits, quant_gemv_triton  # noqa: E402
 from wattserve.kernels.triton_quant_linear import GEMV_CONFIG, quant_matmul_triton  # noqa: E402
 from wattserve.kernels.weight_format import QuantizedWeight, quantize_fp8, quantize_int4  # noqa: E402
 
 MATRICES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
             "down_proj": (4096, 14336)}
 TINY_MATRICES = {"square": (64, 256), "wide": (96, 512)}
-SWEEP = [(bn, bk, w) for bn in (8, 16, 32) for bk in (256, 512, 1024, 2048) for w in (4, 8)]
+SWEEP = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (512, 1024, 2048) for w in (2, 4, 8)]
 
 
 def q8_0(w: torch.Tensor) -> QuantizedWeight:
@@ -64,7 +64,7 @@ def best_configs(rows: list[dict]) -> dict:
     """Per format, the swept config whose times summed over the matrices are least: one
     config per kind serves every layer."""
     best = {}
-    for fmt in FORMATS:
+    for fmt in dict.fromkeys(r["format"] for r in rows):
         totals: dict[str, float] = {}
         for r in rows:
             if r["format"] == fmt:
@@ -91,6 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="toy shapes on CPU (Triton's interpreter)")
     ap.add_argument("--sweep", action="store_true", help="time the GEMV over a grid of tile configs")
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/quant_gemv_<device>.json)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -106,7 +107,8 @@ def main() -> None:
         copies = 1 if args.tiny else max(2, -(-(200 << 20) // (n * k * 2)))  # past the L2
         dense_copies = [dense] + [dense.clone() for _ in range(copies - 1)]
         time_of = timer(device, copies)
-        for fmt, quantize in FORMATS.items():
+        for fmt in args.formats.split(","):
+            quantize = FORMATS[fmt]
             weights = [quantize(d) for d in dense_copies]
             nbytes = stored_bytes(weights[0])
             for m in (1,):
@@ -115,7 +117,7 @@ def main() -> None:
                 if device.type == "cuda":
                     bf16 = time_of(lambda i: gemv_triton(x, dense_copies[i % copies]))
                 tensor_cores = time_of(lambda i: quant_matmul_triton(x, weights[i % copies], GEMV_CONFIG))
-                configs = SWEEP if args.sweep else [CONFIGS[weights[0].kind]]
+                configs = SWEEP if args.sweep else [default_config(weights[0])]
                 timings = {config: time_of(lambda i: quant_gemv_triton(x, weights[i % copies], config))
                            for config in configs if gemv_fits(x, weights[0], config)}
                 best = min(timings, key=timings.get)

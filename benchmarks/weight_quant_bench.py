@@ -5,7 +5,8 @@
 2. Batch-1 decode tok/s, Llama-3.1-8B shapes with random weights, for bf16, fp8 and int4
    (g128, the AWQ/GPTQ kernel path): against bf16 and against each format's roofline, the
    copy bandwidth over the weight bytes a token reads.
-3. Prefill of 4,096 tokens: FLOP/s of bf16 and fp8 against the bf16 and fp8 matmul.
+3. Prefill of 4,096 tokens: FLOP/s of bf16 and fp8 against the bf16 and fp8 matmul, and on
+   CUDA the prefill's 12 costliest kernels (torch profiler), to show where the gap goes.
 4. Perplexity on the real default model (SmolLM2-135M; its Q4_1 weights dequantized are the
    baseline), text and windows as benchmarks/kv_quality_bench.py: fp8 and int4 RTN
    (group 64: its hidden size 576 is no multiple of 128), every window scored in one prefill.
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from _results import write_results
 from _roofline import prefill_flops, weight_bytes_per_step
+from decode_profile import kernel_table
 from kv_quality_bench import corpus_tokens, steps_logprobs
 from llama8b_config import LLAMA31_8B, TINY_LLAMA, write_checkpoint_dir
 from torch import nn
@@ -101,6 +103,9 @@ def speed(llm: LLM, switch: FormatSwitch, limits: dict, prompt_len: int, new_tok
         (decode,) = llm.generate([prompt[:16]], params)
         llm.generate([prompt], SamplingParams(max_tokens=1))
         (prefill,) = llm.generate([prompt], SamplingParams(max_tokens=1))
+        kernels = None
+        if engine.device.type == "cuda":  # where the prefill's GPU time goes, kernel by kernel
+            kernels = kernel_table(lambda: llm.generate([prompt], SamplingParams(max_tokens=1)), steps=2)[:12]
         step_bytes = weight_bytes_per_step(engine.runner.model)
         flops = prefill_flops(engine.runner.model, engine.model_config, prompt_len)
         matmul = limits["fp8_matmul_flop_per_s" if fmt == "fp8" else "bf16_matmul_flop_per_s"]
@@ -113,6 +118,7 @@ def speed(llm: LLM, switch: FormatSwitch, limits: dict, prompt_len: int, new_tok
             "prefill_s": prefill.stats.prefill_time,
             "prefill_flop_per_s": flops / prefill.stats.prefill_time,
             "prefill_vs_matmul": None if matmul is None else flops / prefill.stats.prefill_time / matmul,
+            "prefill_kernels": kernels,
         }
         rows[fmt]["decode_vs_roofline"] = rows[fmt]["decode_tok_s"] / rows[fmt]["roofline_tok_s"]
         rows[fmt]["decode_vs_bf16"] = rows[fmt]["decode_tok_s"] / rows["none"]["decode_tok_s"]

@@ -6,10 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
+from wattserve.kernels.pdl import pdl_enabled, wait_for_inputs
+
 
 @triton.jit
 def _act_and_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, inter, BLOCK: tl.constexpr,
-                        GELU_TANH: tl.constexpr):
+                        GELU_TANH: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -45,6 +48,6 @@ def _act_and_mul(gate_up: torch.Tensor, block: int, gelu_tanh: bool) -> torch.Te
         # 1024 columns over 4 warps: 8 bf16 (16 bytes) per thread and load.
         _act_and_mul_kernel[(num_tokens, triton.cdiv(inter, block))](
             gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, GELU_TANH=gelu_tanh,
-            num_warps=4,
+            PDL=pdl_enabled(gate_up.device), num_warps=4, launch_pdl=pdl_enabled(gate_up.device),
         )
     return out

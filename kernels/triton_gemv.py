@@ -18,12 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
+from wattserve.kernels.pdl import pdl_enabled, prefetch_rows_l2, wait_for_inputs
+
 MAX_ROWS = 16  # the dot's padded row count; more rows go to cuBLAS
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages), from `benchmarks/decode_profile.py --sweep` on
 # an H100 (benchmarks/results/decode_profile_*.json).
 DEFAULT_CONFIG = (32, 256, 4, 4)
 SPLIT_K_PROGRAMS_PER_SM = 2  # the occupancy a split matrix is cut for
+PREFETCH_TILES = tl.constexpr(2)  # weight tiles a program asks L2 for before its inputs are ready (kernels/pdl.py)
 
 
 @triton.jit
@@ -31,13 +34,17 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, arrived_ptr, M, N, K, K_PER_SPLIT,
     stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
     pid, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     k_start = split * K_PER_SPLIT
+    # The weights are constant: their first tiles head for L2 while the previous kernel ends.
+    prefetch_rows_l2(w_ptr + tl.minimum(cols, N - 1).to(tl.int64) * stride_wn + k_start, K - k_start,
+                     PREFETCH_TILES * BLOCK_K * w_ptr.dtype.element_ty.primitive_bitwidth // 8, PDL)
+    wait_for_inputs(PDL)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + k_start + ks[None, :]
     w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + k_start + ks[None, :]
     row_mask = rows[:, None] < M
@@ -119,7 +126,8 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x, weight, bias if bias is not None else weight, out, partials, arrived, m, n, k, k_per_split,
         x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, SPLIT_K=splits, num_warps=warps, num_stages=stages,
+        EVEN_K=k % block_k == 0, SPLIT_K=splits, PDL=pdl_enabled(x.device), num_warps=warps, num_stages=stages,
+        launch_pdl=pdl_enabled(x.device),
     )
     return out
 

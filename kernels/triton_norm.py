@@ -11,13 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
+from wattserve.kernels.pdl import pdl_enabled, wait_for_inputs
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_res, stride_out, stride_res_out, hidden, eps,
-    ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -42,9 +45,9 @@ def _launch(x, residual, weight, eps, out, res_out):
     _rms_norm_kernel[(x.shape[0],)](
         x, res, weight, out, res_out,
         x.stride(0), res.stride(0), out.stride(0), res_out.stride(0), hidden, eps,
-        ADD_RESIDUAL=residual is not None, BLOCK=block,
+        ADD_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl_enabled(x.device),
         # About 8 elements (16 bytes of bf16) per thread and load.
-        num_warps=min(max(block // 256, 1), 16),
+        num_warps=min(max(block // 256, 1), 16), launch_pdl=pdl_enabled(x.device),
     )
 
 

@@ -27,11 +27,26 @@ import torch
 import triton
 import triton.language as tl
 
+from wattserve.kernels.pdl import pdl_enabled, prefetch_rows_l2, wait_for_inputs
+from wattserve.kernels.triton_gemv import PREFETCH_TILES
 from wattserve.kernels.weight_format import QuantizedWeight
 
 MAX_ROWS = 1
-# (BLOCK_N, BLOCK_K, num_warps) per kind, from `benchmarks/quant_gemv_bench.py` on an H200.
-CONFIGS = {"u4": (8, 2048, 4), "i8": (8, 2048, 4), "fp8": (8, 1024, 4)}
+
+
+def default_config(w: QuantizedWeight) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for w, by kind and shape, from `benchmarks/
+    quant_gemv_bench.py --sweep` on an H200 (results/quant_gemv_sweep_NVIDIA_H200.json,
+    Llama-3.1-8B's matrices): long rows take long K tiles; a small matrix small tiles, for
+    more programs and bytes in flight; a tall one (many rows) wide row tiles."""
+    n, k = w.out_features, w.in_features
+    if w.kind == "fp8":
+        if k >= 8192:
+            return (8, 2048, 8)
+        return (4, 1024, 4) if n * k <= 32 << 20 else (32, 512, 8)
+    if w.kind == "u4" and n >= 16384:
+        return (16, 1024, 4)
+    return (8, 2048, 4)
 
 
 @triton.jit
@@ -50,6 +65,7 @@ def _quant_gemv_kernel(
     x_ptr, c_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, stride_cn, stride_sn, stride_om,
     PACKED: tl.constexpr, FP8: tl.constexpr, HAS_OFFSET: tl.constexpr, ROW_SCALE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     m = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,13 +73,23 @@ def _quant_gemv_kernel(
     # A tile is NG groups of GS loaded units (a unit: one 8-bit code, or a word of 8 4-bit
     # codes); a per-row scale makes the whole tile one "group" accumulated over every tile.
     PER_UNIT: tl.constexpr = 8 if PACKED else 1
+    UNIT_BITS: tl.constexpr = c_ptr.dtype.element_ty.primitive_bitwidth
+    # The codes are constant: their first tiles head for L2 while the previous kernel ends.
+    prefetch_rows_l2(c_ptr + tl.minimum(rows, N - 1).to(tl.int64) * stride_cn, K // PER_UNIT,
+                     PREFETCH_TILES * (BLOCK_K // PER_UNIT) * UNIT_BITS // 8, PDL)
+    wait_for_inputs(PDL)
     NG: tl.constexpr = 1 if ROW_SCALE else BLOCK_K // GROUP
     GS: tl.constexpr = BLOCK_K // PER_UNIT // NG
     unit = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # [NG, GS] within the tile
     c_ptrs = c_ptr + rows[:, None, None].to(tl.int64) * stride_cn + unit[None, :, :]
     x_ptrs = x_ptr + m * stride_xm + unit * PER_UNIT
-    total = tl.zeros([BLOCK_N, NG, GS], dtype=tl.float32)  # ROW_SCALE: sum of c * x so far
-    x_total = tl.zeros([NG, GS], dtype=tl.float32)
+    # ROW_SCALE: sums of c * x and of x so far, each thread's 16-byte load summed in its
+    # registers first and reduced across threads once, at the end ([BLOCK_N, NG, GS] float32
+    # sums held 64 registers a thread, which left room for only 4 fp8 programs, 8 KB of loads
+    # in flight each, on an SM). Group scales: a reduction per tile, group by group.
+    VEC: tl.constexpr = min(128 // UNIT_BITS, GS)
+    total = tl.zeros([BLOCK_N, NG, GS // VEC], dtype=tl.float32)
+    x_total = tl.zeros([NG, GS // VEC], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:  # a mask constant along the row lets the load take 16 bytes at a time
@@ -102,8 +128,8 @@ def _quant_gemv_kernel(
             x_sum = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
             part = codes.to(tl.float32) * x_sum[None, :, :]
         if ROW_SCALE:
-            total += part
-            x_total += x_sum
+            total += tl.sum(tl.reshape(part, [BLOCK_N, NG, GS // VEC, VEC]), 3)
+            x_total += tl.sum(tl.reshape(x_sum, [NG, GS // VEC, VEC]), 2)
         else:
             groups = k0 // GROUP + tl.arange(0, NG)
             s_off = rows[:, None] * stride_sn + groups[None, :]
@@ -125,7 +151,7 @@ def _quant_gemv_kernel(
 def gemv_fits(x: torch.Tensor, w: QuantizedWeight, config: tuple[int, int, int] | None = None) -> bool:
     """Whether this kernel takes (x, w): few rows, and a tile that holds whole groups (or a
     per-row scale); 4-bit rows are read as 32-bit words, so K is a multiple of 8."""
-    block_k = (config or CONFIGS[w.kind])[1]
+    block_k = (config or default_config(w))[1]
     per_row = w.group == w.in_features
     return x.shape[0] <= MAX_ROWS and (per_row or block_k % w.group == 0) \
         and (w.kind != "u4" or (w.in_features % 8 == 0 and (per_row or w.group % 8 == 0)))
@@ -139,7 +165,7 @@ def quant_gemv_triton(x: torch.Tensor, w: QuantizedWeight,
         x = x[:, w.perm]
     x = x.contiguous()
     m, k = x.shape
-    block_n, block_k, warps = config or CONFIGS[w.kind]
+    block_n, block_k, warps = config or default_config(w)
     out = torch.empty(m, w.out_features, device=x.device, dtype=x.dtype)
     if m == 0:
         return out
@@ -153,6 +179,6 @@ def quant_gemv_triton(x: torch.Tensor, w: QuantizedWeight,
         x.stride(0), codes.stride(0), w.scales.stride(0), out.stride(0),
         PACKED=w.kind == "u4", FP8=w.kind == "fp8", HAS_OFFSET=w.offsets is not None,
         ROW_SCALE=w.group == k, GROUP=w.group, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=warps,
+        PDL=pdl_enabled(x.device), num_warps=warps, launch_pdl=pdl_enabled(x.device),
     )
     return out

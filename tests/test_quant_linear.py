@@ -25,8 +25,7 @@ from wattserve.kernels.triton_quant_linear import (
     quant_linear_triton,
     quant_matmul_triton,
 )
-from wattserve.kernels.triton_quant_gemv import CONFIGS as GEMV_KERNEL_CONFIGS
-from wattserve.kernels.triton_quant_gemv import gemv_fits, quant_gemv_triton
+from wattserve.kernels.triton_quant_gemv import default_config, gemv_fits, quant_gemv_triton
 from wattserve.kernels.triton_token_quant import quantize_per_token_fp8_triton
 from wattserve.kernels.weight_format import (
     QuantizedParts,
@@ -135,15 +134,19 @@ def test_triton_quant_matmul_against_dequantize_then_matmul(name, m):
         assert err < REL_ERR, f"{config}: relative error {err:.2e}"
 
 
+SERVED_GEMV_TILES = [(4, 1024, 4), (32, 512, 8), (8, 2048, 8), (16, 1024, 4), (8, 2048, 4)]
+
+
 @pytest.mark.parametrize("name", WEIGHTS)
 def test_triton_quant_gemv_against_dequantize_then_matmul(name):
     w = WEIGHTS[name].to(DEVICE)
     x = rand(1, w.in_features, seed=1).to(DEVICE, DTYPE)
     ref = x.double() @ dequantize(w).double().T
-    # The served tile (longer than these rows' K: masked) and a short one (several tiles,
-    # each of whole groups). Weights are exact in float32, products summed in float32.
+    # Every tile default_config serves (longer than these rows' K: masked) and a short one
+    # (several tiles, each of whole groups). Weights are exact in float32, products summed
+    # in float32.
     short = (16, max(64, w.group if w.group < w.in_features else 0), 4)
-    for config in (GEMV_KERNEL_CONFIGS[w.kind], short):
+    for config in {default_config(w), short, *(c for c in SERVED_GEMV_TILES if gemv_fits(x, w, c))}:
         assert gemv_fits(x, w, config), config
         out = quant_gemv_triton(x, w, config)
         err = relative_error(out, ref)
@@ -221,8 +224,9 @@ def test_dispatch_runs_every_weight_kind_through_one_op():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_triton_per_token_fp8_gives_the_references_codes_and_scales(dtype):
-    x = rand(7, 2500, seed=17).to(DEVICE, dtype)  # K over two kernel blocks, not a multiple
+@pytest.mark.parametrize("k", [2500, 17000])  # a row in registers; a longer one, in two passes
+def test_triton_per_token_fp8_gives_the_references_codes_and_scales(dtype, k):
+    x = rand(7, k, seed=17).to(DEVICE, dtype)  # not a multiple of the kernel's block
     x[3] = 0  # a zero row: the scale's floor
     codes, scales = quantize_per_token_fp8_triton(x)
     want_codes, want_scales = quantize_per_token_fp8(x)
