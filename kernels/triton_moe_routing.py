@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from wattserve.kernels.pdl import pdl_enabled, prefetch_rows_l2, wait_for_inputs
 from wattserve.kernels.triton_arrivals import arrival_counters, last_to_arrive
-from wattserve.kernels.triton_gemv import DEFAULT_CONFIG, MAX_ROWS, _sm_count, split_k
+from wattserve.kernels.triton_gemv import DEFAULT_CONFIG, MAX_ROWS, PREFETCH_TILES, _sm_count, split_k
 
 
 @triton.jit
@@ -81,12 +82,18 @@ def _route_kernel(
     stride_xm, stride_wn,
     TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     k_start = split * K_PER_SPLIT
+    # As the decode GEMV (kernels/pdl.py): the router's first tiles head for L2 while the
+    # previous kernel ends; nothing is read or written before the wait (the counter included).
+    prefetch_rows_l2(w_ptr + tl.minimum(cols, num_experts - 1).to(tl.int64) * stride_wn + k_start, K - k_start,
+                     PREFETCH_TILES * BLOCK_K * w_ptr.dtype.element_ty.primitive_bitwidth // 8, PDL)
+    wait_for_inputs(PDL)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + k_start + ks[None, :]
     w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + k_start + ks[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -141,6 +148,7 @@ def route_triton(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
         x, router_weight, partial, arrival_counters(x.device, 1), weights, ids, m, n, k, k_per_split,
         x.stride(0), router_weight.stride(0),
         TOP_K=top_k, BLOCK_E=block_e, BLOCK_TOP_K=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits, num_warps=warps, num_stages=stages,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits, PDL=pdl_enabled(x.device),
+        num_warps=warps, num_stages=stages, launch_pdl=pdl_enabled(x.device),
     )
     return weights, ids
