@@ -60,6 +60,8 @@ from wattserve.kernels.triton_paged_tile import (
 
 # (tile_tokens, num_stages, lanes) by --kv-cache-dtype (see paged_decode_attention_cache).
 DEFAULTS = {"auto": (64, 3, 1), "fp8_e4m3": (128, 5, 1), "int8": (128, 7, 1), "int4": (64, 3, 4), "int2": (64, 5, 4)}
+# Split partials a merging program reads at once (`_merge_parts`).
+MERGE_CHUNK = tl.constexpr(4)
 
 
 @triton.jit
@@ -106,8 +108,8 @@ def _merge_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base, row_ok, fi
                  HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
     """Each row's partials rows_base + first ... + count - 1 merged, CHUNK at a time in
     index order: (acc, m, l). Empty partials (m -inf) weigh 0. CHUNK partials are read at
-    once (4: [16 rows, 4, 128] float32 is 64 registers a thread at 4 warps, beside the few
-    the finished main loop leaves live)."""
+    once (MERGE_CHUNK 4: [16 rows, 4, 128] float32 is 64 registers a thread at 4 warps,
+    beside the few the finished main loop leaves live)."""
     s = tl.arange(0, CHUNK)
     d = tl.arange(0, HEAD_DIM)
     m_all = tl.full(rows_base.shape, float("-inf"), tl.float32)
@@ -150,14 +152,14 @@ def _merge_if_last(acc, m, l, part_acc_ptr, part_max_ptr, part_sum_ptr, arrived_
     done = last_to_arrive(counters + 1 + group, in_group)
     if done:
         acc, m, l = _merge_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base, row_ok, first, in_group,
-                                 HEAD_DIM, 4)
+                                 HEAD_DIM, MERGE_CHUNK)
         if num_groups > 1:
             _store_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base + num_splits + group, row_ok,
                          acc, m, l, HEAD_DIM)
             done = last_to_arrive(counters, num_groups)
             if done:
                 acc, m, l = _merge_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base, row_ok,
-                                         num_splits, num_groups, HEAD_DIM, 4)
+                                         num_splits, num_groups, HEAD_DIM, MERGE_CHUNK)
     return done, acc, m, l
 
 
