@@ -40,7 +40,7 @@ from wattserve.kernels.kv_quant import (
     quantize_per_token,
 )
 from wattserve.kernels.kv_rotation import rotation
-from wattserve.kernels.rotary import apply_rotary_ref
+from wattserve.kernels.rotary import apply_rotary_ref, norm_heads_ref
 
 RESULTS = Path(__file__).parent / "results"
 KIVI_BLOCK = 64
@@ -129,8 +129,8 @@ class WhatIfAttention:
         return replace(REFERENCE_OPS, rotary_write_kv=self.rotary_write_kv,
                                    paged_attention=self.paged_attention)
 
-    def rotary_write_kv(self, q, k, v, positions, cos_sin, cache, meta):
-        q, self.k = apply_rotary_ref(q, k, positions, cos_sin)
+    def rotary_write_kv(self, q, k, v, positions, cos_sin, cache, meta, head_norm=None):
+        q, self.k = apply_rotary_ref(*norm_heads_ref(q, k, head_norm), positions, cos_sin)
         self.v = v
         return q
 

@@ -250,7 +250,8 @@ def decode_kernels(llm: LLM) -> list[dict]:
         model.compute_logits(graphs.hidden[:1])
 
     rows = kernel_table(gpu_step)
-    print(f"decode step on the GPU: {sum(r['us_per_step'] for r in rows):.1f} us in {len(rows)} kernels; largest:")
+    print(f"decode step on the GPU: {sum(r['us_per_step'] for r in rows):.1f} us, "
+          f"{sum(r['launches_per_step'] for r in rows):.0f} launches of {len(rows)} kernels; largest:")
     for r in rows[:12]:
         print(f"  {r['us_per_step']:>9.1f} us {r['launches_per_step']:>6.0f}x  {r['kernel'][:80]}")
     return rows

@@ -11,7 +11,7 @@ What compiles or loads lazily on CUDA, and what covers it here:
   - cuBLAS (steps over 16 tokens) picks and loads a kernel per shape: the ladder's powers of
     two bucket them.
   - Decode steps replay CUDA graphs captured (and compiled) before this runs; with
-    --enforce-eager the batch sizes above run the decode kernel and its split combine.
+    --enforce-eager the batch sizes above run the decode kernel, split or not.
   - The sampler's paths (`_sampling`): greedy, temperature with top-p, top-k and min-p,
     penalties (which also step without launching ahead), logit bias and min_tokens, logprobs,
     a seeded draw, and n > 1 forks (a copied block, and a copied ring for KIVI).

@@ -18,7 +18,7 @@ import torch
 from wattserve.kernels.activation import gated_linear_with, gelu_tanh_and_mul_ref, silu_and_mul_ref
 from wattserve.kernels.attention import paged_attention_ref
 from wattserve.kernels.kv_rotation import in_model_basis
-from wattserve.kernels.moe import fused_moe_ref, select_experts
+from wattserve.kernels.moe import fused_moe_ref, route_ref
 from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
 from wattserve.kernels.quant_linear import for_any_weight, linear_ref
 from wattserve.kernels.rotary import rotary_write_kv_ref
@@ -32,7 +32,7 @@ class Ops:
     paged_attention: Callable
     linear: Callable
     gated_linear: Callable
-    select_experts: Callable
+    route: Callable
     fused_moe: Callable
 
 
@@ -43,7 +43,7 @@ REFERENCE_OPS = Ops(
     paged_attention=in_model_basis(paged_attention_ref),
     linear=linear_ref,
     gated_linear=gated_linear_with(silu_and_mul_ref, gelu_tanh_and_mul_ref, linear_ref),
-    select_experts=select_experts,
+    route=route_ref,
     fused_moe=fused_moe_ref,
 )
 
@@ -68,12 +68,19 @@ def triton_ops() -> Ops:
     from wattserve.kernels.triton_attention import paged_attention_triton
     from wattserve.kernels.triton_gemv import linear_triton
     from wattserve.kernels.triton_moe import fused_moe_triton
-    from wattserve.kernels.triton_moe_routing import select_experts_triton
+    from wattserve.kernels.triton_moe_routing import fuses_routing, route_triton, select_experts_triton
     from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
     from wattserve.kernels.triton_quant_linear import fp8_gated_linear, quant_linear_triton
     from wattserve.kernels.triton_rotary import rotary_write_kv_triton
 
     linear = for_any_weight(linear_triton, quant_linear_triton)
+
+    def route(x: torch.Tensor, router_weight, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # Decode sizes: the router's matmul and its top-k in one launch.
+        if fuses_routing(x, router_weight):
+            return route_triton(x, router_weight, top_k, renormalize)
+        return select_experts_triton(linear(x, router_weight), top_k, renormalize)
+
     return Ops(
         rms_norm=rms_norm_triton,
         add_rms_norm=add_rms_norm_triton,
@@ -81,6 +88,6 @@ def triton_ops() -> Ops:
         paged_attention=in_model_basis(paged_attention_triton),
         linear=linear,
         gated_linear=gated_linear_with(silu_and_mul_triton, gelu_tanh_and_mul_triton, linear, fp8_gated_linear),
-        select_experts=select_experts_triton,
+        route=route,
         fused_moe=fused_moe_triton,
     )

@@ -1,8 +1,9 @@
 """Mixture-of-experts feed-forward: route each token to its top-k experts, run each expert's
 SwiGLU MLP on the tokens sent to it, and sum the outputs weighted by the router.
 
-`select_experts` (the router) and `fused_moe_ref` (the experts) are the CPU path and the
-oracles of kernels/triton_moe_routing.py and kernels/triton_moe.py.
+`route_ref` (the router: its matmul, then `select_experts`) and `fused_moe_ref` (the
+experts) are the CPU path and the oracles of kernels/triton_moe_routing.py and
+kernels/triton_moe.py.
 
 Expert weights are stacked per layer, as transformers 5 holds them in memory:
   w_gate_up: [num_experts, 2 * intermediate, hidden]  rows: gate then up
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from wattserve.kernels.quant_linear import linear_ref
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int,
@@ -28,6 +31,12 @@ def select_experts(router_logits: torch.Tensor, top_k: int,
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+def route_ref(x: torch.Tensor, router_weight, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [num_tokens, hidden], router_weight: [num_experts, hidden] (any weight format) ->
+    `select_experts` of the router's logits (rounded to x's dtype, as a linear layer's)."""
+    return select_experts(linear_ref(x, router_weight), top_k, renormalize)
 
 
 def fused_moe_ref(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,

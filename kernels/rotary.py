@@ -3,6 +3,7 @@ longrope scaling."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,6 +12,16 @@ from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.kv_format import LayerKVCache
 from wattserve.kernels.kv_rotation import rotate_into_cache
 from wattserve.kernels.kv_write import write_kv_ref
+from wattserve.kernels.norm import rms_norm_ref
+
+
+@dataclass(frozen=True)
+class HeadNorm:
+    """The RMSNorm of each query and key head before the rotation (Qwen3, Qwen3-MoE, Gemma 3;
+    not OLMo 2's, which spans the whole projection). q_weight, k_weight: [head_dim]."""
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -74,12 +85,23 @@ def apply_rotary_ref(
     return rotate(q), rotate(k)
 
 
+def norm_heads_ref(q: torch.Tensor, k: torch.Tensor,
+                   head_norm: HeadNorm | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim], each
+    head normed by `head_norm` (unchanged when None)."""
+    if head_norm is None:
+        return q, k
+    return rms_norm_ref(q, head_norm.q_weight, head_norm.eps), rms_norm_ref(k, head_norm.k_weight, head_norm.eps)
+
+
 def rotary_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                        cos_sin: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
-    """Rotate q and k, write k and v to the cache (kv_write.write_kv_ref); return rotated q,
-    in the cache's basis (kernels/kv_rotation.py). One op because the CUDA path fuses the two
+                        cos_sin: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata,
+                        head_norm: HeadNorm | None = None) -> torch.Tensor:
+    """Norm each q and k head (when `head_norm` is given), rotate q and k, write k and v to
+    the cache (kv_write.write_kv_ref); return rotated q, in the cache's basis
+    (kernels/kv_rotation.py). One op because the CUDA path fuses them all
     (kernels/triton_rotary.py)."""
-    q, k = apply_rotary_ref(q, k, positions, cos_sin)
+    q, k = apply_rotary_ref(*norm_heads_ref(q, k, head_norm), positions, cos_sin)
     q, k, v = rotate_into_cache(cache, q, k, v)
     write_kv_ref(k, v, cache, meta)
     return q

@@ -9,9 +9,13 @@ BLOCK_M-row tile of the sorted list belongs to one expert. Then two kernels walk
      rows, SwiGLU applied in registers -> act [assignments, intermediate];
   2. down: act times the expert's down projection, scaled by the routing weight ->
      partial [assignments, hidden] in float32;
-  3. sum: each token's k partial rows added in float32 and rounded once to x's dtype (no
-     atomics, so the result does not depend on the schedule; one launch where torch needs
-     a sum and a cast).
+  3. sum: each token's k partial rows added in slot order in float32 and rounded once to
+     x's dtype (no float atomics, so the result does not depend on the schedule; one launch
+     where torch needs a sum and a cast). With one tile per assignment (decode) the down
+     kernel's last program of a token's k does this sum itself (`_sum_token_if_last`):
+     one launch fewer per layer, 48 per Qwen3-30B-A3B decode step, and all the down
+     kernel's programs still stream weights side by side (a program per token looping over
+     its k experts would leave the H200's SMs half empty at batch 1).
 
 Everything is sized by the token count alone (at most cdiv(T*k, BLOCK_M) + min(E, T*k)
 tiles; the unused ones exit at once), with no host synchronisation, so a decode step's
@@ -29,6 +33,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from wattserve.kernels.triton_arrivals import arrival_counters, last_to_arrive
 
 
 @triton.jit
@@ -88,11 +94,11 @@ def _gate_up_silu_kernel(
 
 @triton.jit
 def _down_kernel(
-    act_ptr, w_ptr, weights_ptr, out_ptr, sorted_ids_ptr, tile_expert_ptr,
-    num_assignments, stride_am, stride_we, stride_wn, stride_om,
-    HIDDEN: tl.constexpr, INTER: tl.constexpr,
+    act_ptr, w_ptr, weights_ptr, partial_ptr, out_ptr, arrived_ptr, sorted_ids_ptr, tile_expert_ptr,
+    num_assignments, stride_am, stride_we, stride_wn, stride_pm, stride_om,
+    HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PER_ASSIGNMENT: tl.constexpr,
+    PER_ASSIGNMENT: tl.constexpr, SUM_HERE: tl.constexpr,
 ):
     tile, pid_n = tl.program_id(0), tl.program_id(1)
     expert, ids = _tile_rows(tile, sorted_ids_ptr, tile_expert_ptr, num_assignments, BLOCK_M, PER_ASSIGNMENT)
@@ -113,10 +119,28 @@ def _down_kernel(
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+    # Rounded to the activation dtype after the projection, as the reference's linear does.
+    acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
     routing = tl.load(weights_ptr + ids, mask=valid, other=0.0)
-    out = out_ptr + ids[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out, acc * routing[:, None], mask=valid[:, None] & col_ok[None, :])
+    partial = partial_ptr + ids[:, None].to(tl.int64) * stride_pm + cols[None, :]
+    tl.store(partial, acc * routing[:, None], mask=valid[:, None] & col_ok[None, :])
+    if SUM_HERE:
+        _sum_token_if_last(partial_ptr, out_ptr, arrived_ptr, tile // TOP_K, pid_n, cols, col_ok,
+                           stride_pm, stride_om, TOP_K, BLOCK_N)
+
+
+@triton.jit
+def _sum_token_if_last(partial_ptr, out_ptr, arrived_ptr, token, pid_n, cols, col_ok,
+                       stride_pm, stride_om, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile per assignment: the last of the token's TOP_K programs on these columns to
+    arrive adds the k partials in slot order, as _sum_assignments_kernel does (same result
+    whatever the arrival order; kernels/triton_arrivals.py), and writes the token's output."""
+    if last_to_arrive(arrived_ptr + token * tl.num_programs(1) + pid_n, TOP_K):
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            total += tl.load(partial_ptr + (token * TOP_K + j).to(tl.int64) * stride_pm + cols, mask=col_ok,
+                             other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + token.to(tl.int64) * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
@@ -214,12 +238,17 @@ def fused_moe_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Ten
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0), **common, **gate_up_config,
     )
     partial = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
-    _down_kernel[(tile_expert.numel(), triton.cdiv(hidden, down_config["BLOCK_N"]))](
-        act, w_down, topk_weights.reshape(-1).float(), partial, sorted_ids, tile_expert,
-        n, act.stride(0), w_down.stride(0), w_down.stride(1), partial.stride(0), **common, **down_config,
-    )
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    block = min(1024, triton.next_power_of_2(hidden))
-    _sum_assignments_kernel[(num_tokens, triton.cdiv(hidden, block))](
-        partial, out, HIDDEN=hidden, TOP_K=top_k, BLOCK=block, num_warps=4)
+    # One tile per assignment: the down kernel adds each token's k partials itself.
+    col_tiles = triton.cdiv(hidden, down_config["BLOCK_N"])
+    arrived = arrival_counters(x.device, num_tokens * col_tiles) if per_assignment else partial
+    _down_kernel[(tile_expert.numel(), col_tiles)](
+        act, w_down, topk_weights.reshape(-1).float(), partial, out, arrived, sorted_ids, tile_expert,
+        n, act.stride(0), w_down.stride(0), w_down.stride(1), partial.stride(0), out.stride(0),
+        TOP_K=top_k, SUM_HERE=per_assignment, **common, **down_config,
+    )
+    if not per_assignment:
+        block = min(1024, triton.next_power_of_2(hidden))
+        _sum_assignments_kernel[(num_tokens, triton.cdiv(hidden, block))](
+            partial, out, HIDDEN=hidden, TOP_K=top_k, BLOCK=block, num_warps=4)
     return out

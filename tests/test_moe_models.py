@@ -106,6 +106,31 @@ def test_safetensors_matches_transformers(tiny_moe):
     assert_matches_transformers(llm, hf_model, hf_greedy)
 
 
+def test_qwen3_moe_on_the_triton_kernels_matches_transformers(tiny_moe, monkeypatch):
+    """The model as the CUDA path runs it (every Triton kernel, here interpreted, fp32): the
+    per-head q/k norms inside the rotary kernel, decode attention merging its splits in its
+    own launch, each token's experts summed in the down projection's launch."""
+    family, directory, hf_model, hf_greedy = tiny_moe
+    if family != "qwen3_moe":
+        pytest.skip("Qwen3-MoE holds every fused path; the interpreter is slow")
+    from wattserve.engine import model_runner
+    from wattserve.kernels.dispatch import triton_ops
+    from wattserve.kernels.triton_interpreter import fix_loop_bounds
+
+    fix_loop_bounds()
+    monkeypatch.setattr(model_runner, "ops_for", lambda device: triton_ops())
+    llm = LLM(str(directory), kv_cache_memory=8 << 20, warm_up=False)
+    assert llm.core.model_config.qk_norm == "head"
+    # assert_matches_transformers' checks, shortened: the interpreter runs ~0.1 s a step.
+    prompts = prompt_ids(llm)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([prompts[0]])).logits[0, -1].float()
+    rel = (prompt_logits(llm.core, prompts[0]) - ref).abs().max() / ref.abs().max()
+    assert rel < 1e-4, f"max relative logit error {rel:.2e}"
+    results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, min_tokens=8))
+    assert [r.choices[0].token_ids for r in results] == [hf_greedy(ids)[:8] for ids in prompts]
+
+
 # ---- GGUF: the same weights in llama.cpp's names, stacked experts and metadata ------------
 
 def write_moe_gguf(path, family, hf_model, stacked=True):
@@ -185,14 +210,15 @@ def test_moe_block_on_the_triton_kernels_equals_the_reference():
 
     from wattserve.engine.config import ModelConfig
     from wattserve.engine.models.moe import SparseMoeBlock
-    from wattserve.kernels.dispatch import REFERENCE_OPS
+    from wattserve.kernels.dispatch import REFERENCE_OPS, triton_ops
     from wattserve.kernels.triton_moe import fused_moe_triton
-    from wattserve.kernels.triton_moe_routing import select_experts_triton
 
     cfg = ModelConfig("Qwen3MoeForCausalLM", 32, 48, 0, 1, 4, 2, 12, num_experts=16,
                       num_experts_per_tok=4, moe_intermediate_size=24, norm_topk_prob=True)
-    triton_ops = replace(REFERENCE_OPS, select_experts=select_experts_triton, fused_moe=fused_moe_triton)
-    reference, fused = SparseMoeBlock(cfg, REFERENCE_OPS), SparseMoeBlock(cfg, triton_ops)
+    # float32: the routing's matmul is torch's, its top-k the Triton kernel (route_triton, the
+    # half-precision decode path, has its own test in tests/test_triton_moe.py).
+    ops = replace(REFERENCE_OPS, route=triton_ops().route, fused_moe=fused_moe_triton)
+    reference, fused = SparseMoeBlock(cfg, REFERENCE_OPS), SparseMoeBlock(cfg, ops)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in reference.parameters():

@@ -19,7 +19,7 @@ from wattserve.kernels.dispatch import REFERENCE_OPS, ops_for
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache, allocate_layer
 from wattserve.kernels.kv_write import write_kv_ref
 from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
-from wattserve.kernels.rotary import apply_rotary_ref, rope_cos_sin, rotary_write_kv_ref
+from wattserve.kernels.rotary import HeadNorm, apply_rotary_ref, rope_cos_sin, rotary_write_kv_ref
 from wattserve.kernels.triton_activation import gelu_tanh_and_mul_triton, silu_and_mul_triton
 from wattserve.kernels.triton_attention import paged_attention_triton
 from wattserve.kernels.triton_attention_decode import paged_decode_attention, paged_decode_attention_ref
@@ -117,15 +117,20 @@ def test_rotary_in_place_on_views(dtype, num_heads, num_kv_heads, head_dim):
 
 @pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
 @pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
-def test_rotary_write_kv_fused(dtype, kv_dtype):
+@pytest.mark.parametrize("normed", [False, True])
+def test_rotary_write_kv_fused(dtype, kv_dtype, normed):
     """The fused kernel (unquantized cache) and the rotate-then-quantize path (int8) leave
-    the same q and cache as the reference; skipped slots (-1) keep their old contents."""
+    the same q and cache as the reference, with or without Qwen3's per-head q/k norms;
+    skipped slots (-1) keep their old contents."""
     if kv_dtype == "int8" and dtype == torch.float32:
         pytest.skip("a quantized cache holds a half-precision model's K/V")
     gen = torch.Generator().manual_seed(5)
     n, num_heads, num_kv_heads, head_dim, num_blocks, block_size = 13, 6, 2, 64, 4, 16
     table = rope_cos_sin(head_dim, 500000.0, None, 300).to(DEVICE)
-    qkv = rand(n, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, gen=gen)
+    # Projections far from unit scale, so that a missing or misplaced norm shows.
+    qkv = 7 * rand(n, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, gen=gen)
+    head_norm = HeadNorm(1 + rand(head_dim, dtype=dtype, gen=gen) / 4, 1 + rand(head_dim, dtype=dtype, gen=gen) / 4,
+                         1e-6) if normed else None
     split = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     q, k, v = (t.view(n, -1, head_dim) for t in split)
     positions = torch.randint(0, 300, (n,), generator=gen).to(DEVICE)
@@ -135,8 +140,8 @@ def test_rotary_write_kv_fused(dtype, kv_dtype):
     fmt = FORMATS[kv_dtype]
     caches = [_poisoned_cache(FORMATS[kv_dtype], num_blocks, block_size, num_kv_heads, head_dim, dtype)
               for _ in range(2)]  # the same poison on both sides
-    want_q = rotary_write_kv_ref(q.clone(), k.clone(), v.clone(), positions, table, caches[0], meta)
-    out_q = rotary_write_kv_triton(q, k, v, positions, table, caches[1], meta)
+    want_q = rotary_write_kv_ref(q.clone(), k.clone(), v.clone(), positions, table, caches[0], meta, head_norm)
+    out_q = rotary_write_kv_triton(q, k, v, positions, table, caches[1], meta, head_norm)
     assert out_q.data_ptr() == q.data_ptr()
     torch.testing.assert_close(out_q, want_q, **ELEMENTWISE_TOL[dtype])
     # A rotated key that rounds differently in its last bit moves its token's range: int8
@@ -246,9 +251,10 @@ def test_decode_gqa_head_dims_default_splits(num_heads, num_kv_heads, head_dim):
 
 
 @pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
-@pytest.mark.parametrize("tile_tokens,num_splits", [(16, 1), (32, 3), (64, 8), (16, 32)])
+@pytest.mark.parametrize("tile_tokens,num_splits", [(16, 1), (32, 3), (64, 8), (16, 32), (16, 20)])
 def test_decode_tiles_and_splits(dtype, tile_tokens, num_splits):
-    # 3 splits: not a power of two; 32 splits of 16 tokens: many splits empty for short contexts.
+    # 3 splits: not a power of two; 32 splits of 16 tokens: many splits empty for short contexts,
+    # merged in two levels (4 groups of 8), as 20 splits are (the last group of 4).
     q, kc, vc, meta = paged_batch([1] * 4, [17, 300, 1, 129], 8, 2, 64, dtype, seed=5)
     out = paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, 0.125,
                                  tile_tokens=tile_tokens, num_splits=num_splits)

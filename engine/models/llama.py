@@ -21,7 +21,7 @@ from wattserve.engine.tensor_parallel import Shard
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.dispatch import Ops
 from wattserve.kernels.kv_format import LayerKVCache
-from wattserve.kernels.rotary import rope_cos_sin
+from wattserve.kernels.rotary import HeadNorm, rope_cos_sin
 
 
 class RMSNormWeight(nn.Module):
@@ -64,16 +64,11 @@ class Attention(nn.Module):
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
-            q = self._norm_heads(q, self.q_norm.weight)
-            k = self._norm_heads(k, self.k_norm.weight)
-        q = self.ops.rotary_write_kv(q, k, v, positions, cos_sin, kv_cache, meta)
+        # Per-head norms go to the rotary op, which fuses them into its kernel.
+        head_norm = HeadNorm(self.q_norm.weight, self.k_norm.weight, self.eps) if self.qk_norm == "head" else None
+        q = self.ops.rotary_write_kv(q, k, v, positions, cos_sin, kv_cache, meta, head_norm)
         o = self.ops.paged_attention(q, kv_cache, meta, self.scale, **self.variants)
         return self.shard.all_reduce(self.ops.linear(o.reshape(-1, self.q_size), self.o_proj.weight))
-
-    def _norm_heads(self, x, weight):
-        """x: [num_tokens, heads, head_dim], normalized per head."""
-        return self.ops.rms_norm(x.reshape(-1, self.head_dim), weight, self.eps).view(x.shape)
 
 
 class MLP(nn.Module):

@@ -45,7 +45,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
-        weights, ids = self.ops.select_experts(self.ops.linear(x, self.gate.weight), self.top_k, self.renormalize)
+        weights, ids = self.ops.route(x, self.gate.weight, self.top_k, self.renormalize)
         out = self.ops.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
         return self.shard.all_reduce(out)
 
