@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from wattserve.kernels.pdl import pdl_enabled, prefetch_rows_l2, wait_for_inputs
+from wattserve.kernels.triton_arrivals import arrival_counters, last_to_arrive
 
 MAX_ROWS = 16  # the dot's padded row count; more rows go to cuBLAS
 
@@ -65,18 +66,15 @@ def _gemv_kernel(
     if SPLIT_K > 1:
         # Serial split-K in one launch: each split leaves its float32 partial, and the tile's
         # last split to arrive adds them all in split order (the same sum whatever the
-        # arrival order) and writes the output; it also zeroes the tile's counter for the
-        # next call. No second kernel, no output atomics.
+        # arrival order) and writes the output (kernels/triton_arrivals.py). No second
+        # kernel, no output atomics.
         partials = partial_ptr + (rows[:, None] * SPLIT_K) * N + cols[None, :]
         tl.store(partials + split * N, acc, mask=out_mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(arrived_ptr + pid, 1, sem="acq_rel")
-        if arrived != SPLIT_K - 1:
+        if not last_to_arrive(arrived_ptr + pid, SPLIT_K):
             return
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for s in range(SPLIT_K):
             acc += tl.load(partials + s * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(arrived_ptr + pid, 0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -91,18 +89,17 @@ def split_k(n: int, k: int, block_n: int, block_k: int, sm_count: int) -> int:
     return max(1, min(triton.cdiv(SPLIT_K_PROGRAMS_PER_SM * sm_count, tiles), k // (2 * block_k)))
 
 
-# Split-K scratch per (device, N, splits, column tiles): float32 partials [MAX_ROWS, splits, N] and one
-# arrival counter per column tile, zero between calls. Allocated on first use (the decode
-# graphs' warm-up runs before their capture), so captured graphs keep reading the same.
-_scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# Split-K partials per (device, N, splits): float32 [MAX_ROWS, splits, N]. Allocated on first
+# use (the decode graphs' warm-up runs before their capture), so captured graphs keep reading
+# the same.
+_partials: dict[tuple, torch.Tensor] = {}
 
 
-def _split_scratch(device: torch.device, n: int, splits: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (device, n, splits, tiles)
-    if key not in _scratch:
-        _scratch[key] = (torch.empty(MAX_ROWS * splits * n, device=device, dtype=torch.float32),
-                         torch.zeros(tiles, device=device, dtype=torch.int32))
-    return _scratch[key]
+def _split_partials(device: torch.device, n: int, splits: int) -> torch.Tensor:
+    key = (device, n, splits)
+    if key not in _partials:
+        _partials[key] = torch.empty(MAX_ROWS * splits * n, device=device, dtype=torch.float32)
+    return _partials[key]
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -121,7 +118,8 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     splits = split_k(n, k, block_n, block_k, _sm_count(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)  # rounding to whole blocks may leave one fewer
-    partials, arrived = _split_scratch(x.device, n, splits, tiles) if splits > 1 else (out, out)
+    partials, arrived = (_split_partials(x.device, n, splits), arrival_counters(x.device, tiles)) if splits > 1 \
+        else (out, out)
     _gemv_kernel[(tiles, splits)](
         x, weight, bias if bias is not None else weight, out, partials, arrived, m, n, k, k_per_split,
         x.stride(0), weight.stride(0), out.stride(0),
