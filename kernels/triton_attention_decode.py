@@ -39,6 +39,7 @@ import triton.language as tl
 
 from wattserve.kernels.attention import AttentionMetadata, KiviPlan, paged_attention_ref
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache
+from wattserve.kernels.pdl import pdl_enabled, wait_for_inputs
 from wattserve.kernels.triton_arrivals import arrival_counters, last_to_arrive
 from wattserve.kernels.triton_paged_tile import (
     LOG2E,
@@ -182,8 +183,9 @@ def _decode_kernel(
     KV_BITS: tl.constexpr, FP8: tl.constexpr, KIVI: tl.constexpr, CODE_MAGIC: tl.constexpr,
     CODE_BIAS: tl.constexpr, PLANES: tl.constexpr, UNPACK_ASM: tl.constexpr, SINK: tl.constexpr,
     LANES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, CODES_F16: tl.constexpr,
-    V_UNIT: tl.constexpr,
+    V_UNIT: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -404,7 +406,7 @@ def paged_decode_attention_cache(
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE_N=tile_tokens, SPLIT=split,
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", **fmt_constexprs,
-        num_warps=num_warps, num_stages=num_stages,
+        PDL=pdl_enabled(q.device), num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl_enabled(q.device),
     )
     return out
 

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from wattserve.kernels.pdl import pdl_enabled, wait_for_inputs
 from wattserve.kernels.triton_arrivals import arrival_counters, last_to_arrive
 
 
@@ -57,8 +58,9 @@ def _gate_up_silu_kernel(
     num_assignments, top_k, stride_xm, stride_we, stride_wn, stride_am,
     HIDDEN: tl.constexpr, INTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PER_ASSIGNMENT: tl.constexpr,
+    PER_ASSIGNMENT: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     tile, pid_n = tl.program_id(0), tl.program_id(1)
     expert, ids = _tile_rows(tile, sorted_ids_ptr, tile_expert_ptr, num_assignments, BLOCK_M, PER_ASSIGNMENT)
     if expert < 0:
@@ -98,8 +100,9 @@ def _down_kernel(
     num_assignments, stride_am, stride_we, stride_wn, stride_pm, stride_om,
     HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PER_ASSIGNMENT: tl.constexpr, SUM_HERE: tl.constexpr,
+    PER_ASSIGNMENT: tl.constexpr, SUM_HERE: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     tile, pid_n = tl.program_id(0), tl.program_id(1)
     expert, ids = _tile_rows(tile, sorted_ids_ptr, tile_expert_ptr, num_assignments, BLOCK_M, PER_ASSIGNMENT)
     if expert < 0:
@@ -228,7 +231,8 @@ def fused_moe_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Ten
         sorted_ids, tile_expert = align_by_expert(topk_ids, num_experts, block_m)
     # fp32 models get fp32 dots (a tf32 dot would lose 3 decimal digits against the reference).
     common = dict(DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                  PER_ASSIGNMENT=per_assignment, HIDDEN=hidden, INTER=inter)
+                  PER_ASSIGNMENT=per_assignment, HIDDEN=hidden, INTER=inter,
+                  PDL=pdl_enabled(x.device), launch_pdl=pdl_enabled(x.device))
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)
     gate_up_config, down_config = configs or (_launch_config(block_m, hidden, inter),
                                               _launch_config(block_m, inter, hidden))

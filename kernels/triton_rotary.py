@@ -20,6 +20,7 @@ import triton.language as tl
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.kv_format import LayerKVCache
 from wattserve.kernels.kv_rotation import rotate_into_cache
+from wattserve.kernels.pdl import pdl_enabled, wait_for_inputs
 from wattserve.kernels.rotary import HeadNorm
 from wattserve.kernels.triton_kv_write import write_kv_triton
 
@@ -127,7 +128,9 @@ def _rotary_write_kv_kernel(
     stride_c_block, stride_c_tok, stride_c_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_HEADS: tl.constexpr, BLOCK_KV_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tok)
     cos, sin = _token_cos_sin(pos_ptr, cos_sin_ptr, tok, stride_cs, HALF, BLOCK_HALF)
@@ -169,7 +172,8 @@ def rotary_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_SIZE=cache.k.shape[1],
         BLOCK_HEADS=triton.next_power_of_2(num_heads), BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half), NORM=head_norm is not None, num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(half), NORM=head_norm is not None, PDL=pdl_enabled(q.device),
+        num_warps=4, launch_pdl=pdl_enabled(q.device),
     )
     return q
 
