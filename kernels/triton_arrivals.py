@@ -1,8 +1,8 @@
 """Arrival counters for kernels whose last program to finish an output tile adds the other
 programs' partials in a fixed order: one launch instead of a kernel and its reduction, and
-the same sum whatever order the programs ran in (no float atomics). Used by the MoE's down
-projection (kernels/triton_moe.py) and the split decode attention
-(kernels/triton_attention_decode.py).
+the same sum whatever order the programs ran in (no float atomics). Used by the split-K
+decode GEMV (kernels/triton_gemv.py), the MoE's down projection (kernels/triton_moe.py) and
+the fused router (kernels/triton_moe_routing.py).
 
 In the kernel: store the partial, then `if last_to_arrive(counter, arrivals):` load the
 partials (`cache_modifier=".cg"`: from L2, not a stale L1) and write the output.

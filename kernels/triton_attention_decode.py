@@ -11,10 +11,8 @@ written for memory bandwidth:
 - Tiles of `tile_tokens` tokens (several cache blocks) gathered through the block table,
   software-pipelined `num_stages` deep, keep enough bytes in flight per SM.
 - FlashDecoding: the context is split over `num_splits` programs when sequences x kv heads
-  alone would leave SMs idle; their partial (max, sum, acc), all float32, are merged in
-  the same launch by the last programs to arrive (`_merge_if_last`, kernels/triton_arrivals.py):
-  a batch-1 decode step is launch-bound, and a separate combine kernel cost 1.6 us a layer
-  (Qwen3-30B-A3B on the H200, benchmarks/results/moe_*.json).
+  alone would leave SMs idle; a second, small kernel combines their partial
+  (max, sum, acc), all float32.
 - Quantized caches: the tiles are codes, dequantized in registers (triton_paged_tile.py), so
   the bytes read shrink with the codes; with int4/int2 (KIVI) keys each sequence's positions
   from its ring start on come from its full-precision ring, and int2's
@@ -31,8 +29,6 @@ captured in a CUDA graph. Each split takes an equal share of its own sequence's 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +36,6 @@ import triton.language as tl
 from wattserve.kernels.attention import AttentionMetadata, KiviPlan, paged_attention_ref
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache
 from wattserve.kernels.pdl import pdl_enabled, wait_for_inputs
-from wattserve.kernels.triton_arrivals import arrival_counters, last_to_arrive
 from wattserve.kernels.triton_paged_tile import (
     LOG2E,
     attend_sink,
@@ -61,8 +56,6 @@ from wattserve.kernels.triton_paged_tile import (
 
 # (tile_tokens, num_stages, lanes) by --kv-cache-dtype (see paged_decode_attention_cache).
 DEFAULTS = {"auto": (64, 3, 1), "fp8_e4m3": (128, 5, 1), "int8": (128, 7, 1), "int4": (64, 3, 4), "int2": (64, 5, 4)}
-# Split partials a merging program reads at once (`_merge_parts`).
-MERGE_CHUNK = tl.constexpr(4)
 
 
 @triton.jit
@@ -86,7 +79,7 @@ def _lane_blocks(table, t, end, LANES: tl.constexpr, BLOCK_SIZE: tl.constexpr, T
 @triton.jit
 def _merge_lanes(acc, m, l, LANES: tl.constexpr):
     """Rows lane x ROWS -> ROWS: each lane's partial softmax (max m, sum l, acc) merged into
-    its head's, as the split merge does. A lane that saw nothing has m -inf: weight 0."""
+    its head's, as the split combine does. A lane that saw nothing has m -inf: weight 0."""
     ROWS: tl.constexpr = acc.shape[0] // LANES
     m2 = tl.reshape(m, [LANES, ROWS])
     m_all = tl.max(m2, axis=0)
@@ -95,82 +88,13 @@ def _merge_lanes(acc, m, l, LANES: tl.constexpr):
     return acc, m_all, tl.sum(tl.reshape(l, [LANES, ROWS]) * w, axis=0)
 
 
-@triton.jit
-def _store_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, part, row_ok, acc, m, l, HEAD_DIM: tl.constexpr):
-    """Rows' unnormalized partial softmax (max m, sum l, acc) at their indices `part`."""
-    tl.store(part_max_ptr + part, m, mask=row_ok)
-    tl.store(part_sum_ptr + part, l, mask=row_ok)
-    tl.store(part_acc_ptr + part.to(tl.int64)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], acc,
-             mask=row_ok[:, None])
-
-
-@triton.jit
-def _merge_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base, row_ok, first, count,
-                 HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
-    """Each row's partials rows_base + first ... + count - 1 merged, CHUNK at a time in
-    index order: (acc, m, l). Empty partials (m -inf) weigh 0. CHUNK partials are read at
-    once (MERGE_CHUNK 4: [16 rows, 4, 128] float32 is 64 registers a thread at 4 warps,
-    beside the few the finished main loop leaves live)."""
-    s = tl.arange(0, CHUNK)
-    d = tl.arange(0, HEAD_DIM)
-    m_all = tl.full(rows_base.shape, float("-inf"), tl.float32)
-    l_all = tl.zeros(rows_base.shape, tl.float32)
-    acc_all = tl.zeros([rows_base.shape[0], HEAD_DIM], tl.float32)
-    for c in range(first, first + count, CHUNK):
-        ok = row_ok[:, None] & ((c + s) < first + count)[None, :]
-        part = rows_base[:, None] + c + s[None, :]
-        m = tl.load(part_max_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(part_sum_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
-        # 32-bit offsets (fewer registers for the [rows, CHUNK, HEAD_DIM] addresses): splits
-        # exist only while seqs x kv heads x splits is about two programs per SM, far below 2^31.
-        acc = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :],
-                      mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_all, tl.max(m, axis=1))
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(m - base[:, None])
-        kept = tl.exp2(m_all - base)
-        l_all = l_all * kept + tl.sum(w * l, axis=1)
-        acc_all = acc_all * kept[:, None] + tl.sum(w[:, :, None] * acc, axis=1)
-        m_all = m_new
-    return acc_all, m_all, l_all
-
-
-@triton.jit
-def _merge_if_last(acc, m, l, part_acc_ptr, part_max_ptr, part_sum_ptr, arrived_ptr, seq, kv_head, split,
-                   num_kv_heads, num_splits, splits_per_group, num_groups, rows_base, row_ok,
-                   HEAD_DIM: tl.constexpr):
-    """A split's partial stored; in two levels, in index order (the same sums whatever order
-    the programs ran in): the last split of its group of `splits_per_group` to arrive merges
-    the group into the group's slot (index num_splits + group), the last group to arrive
-    merges the groups. (done, acc, m, l): done is False for every program but the one that
-    now holds the (seq, kv_head)'s merged rows. Two levels keep the merging program's reads
-    to about 2 sqrt(num_splits) partials (batch 1 on an H200: 128 splits)."""
-    _store_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base + split, row_ok, acc, m, l, HEAD_DIM)
-    counters = arrived_ptr + (seq * num_kv_heads + kv_head) * (num_groups + 1)
-    group = split // splits_per_group
-    first = group * splits_per_group
-    in_group = tl.minimum(splits_per_group, num_splits - first)
-    done = last_to_arrive(counters + 1 + group, in_group)
-    if done:
-        acc, m, l = _merge_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base, row_ok, first, in_group,
-                                 HEAD_DIM, MERGE_CHUNK)
-        if num_groups > 1:
-            _store_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base + num_splits + group, row_ok,
-                         acc, m, l, HEAD_DIM)
-            done = last_to_arrive(counters, num_groups)
-            if done:
-                acc, m, l = _merge_parts(part_acc_ptr, part_max_ptr, part_sum_ptr, rows_base, row_ok,
-                                         num_splits, num_groups, HEAD_DIM, MERGE_CHUNK)
-    return done, acc, m, l
-
-
-# Outside CUDA graphs num_splits (with its groups) and stride_table (the widest block table)
-# change from step to step; specializing them on == 1 and multiples of 16 would compile more variants for scalars
+# Outside CUDA graphs num_splits and stride_table (the widest block table) change from step to
+# step; specializing them on == 1 and multiples of 16 would compile more variants for scalars
 # used once per program (SPLIT already tells the kernel whether it splits).
-@triton.jit(do_not_specialize=["num_splits", "splits_per_group", "num_groups", "stride_table"])
+@triton.jit(do_not_specialize=["num_splits", "stride_table"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, arrived_ptr, splits_per_group, num_groups,
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, k_res_ptr, v_res_ptr, res_tables_ptr, res_starts_ptr,
     sink_ptr, sink_scale_ptr, sink_zero_ptr,
     stride_m_block, stride_m_tok, stride_kc_block, stride_r_slot, stride_r_tok, stride_r_head, stride_res_table,
@@ -284,34 +208,43 @@ def _decode_kernel(
     g = tl.arange(0, ROWS)
     head = kv_head * GROUP + g
     row_mask = (g < GROUP)[:, None]
-    done = True
     if SPLIT:
-        # Unnormalized partials, num_splits + num_groups a head (splits, then merged groups);
-        # an empty split leaves (-inf, 0, 0), which the merge ignores.
-        done, acc, m, l = _merge_if_last(
-            acc, m, l, part_acc_ptr, part_max_ptr, part_sum_ptr, arrived_ptr, seq, kv_head, split,
-            num_kv_heads, num_splits, splits_per_group, num_groups,
-            (seq * NUM_HEADS + head) * (num_splits + num_groups), g < GROUP, HEAD_DIM,
-        )
-    if done:
+        # Unnormalized partials; an empty split leaves (-inf, 0, 0), which the combine ignores.
+        part = (seq * NUM_HEADS + head) * num_splits + split
+        tl.store(part_max_ptr + part, m, mask=g < GROUP)
+        tl.store(part_sum_ptr + part, l, mask=g < GROUP)
+        tl.store(part_acc_ptr + part.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], acc, mask=row_mask)
+    else:
         o = acc / tl.where(l > 0, l, 1.0)[:, None]  # context 0 (padding) gives 0, not NaN
         tl.store(out_ptr + seq * stride_o_seq + head[:, None] * stride_o_head + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def split_groups(num_splits: int) -> tuple[int, int]:
-    """(splits per group, groups) of the two-level merge: one group up to 16 splits, else
-    groups of about sqrt(num_splits), a power of two (128 splits: 8 groups of 16)."""
-    if num_splits <= 16:
-        return num_splits, 1
-    per_group = triton.next_power_of_2(math.isqrt(num_splits - 1) + 1)
-    return per_group, triton.cdiv(num_splits, per_group)
+@triton.jit
+def _combine_splits_kernel(
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num_splits, stride_o_seq, stride_o_head,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_SPLITS)
+    part = (seq * NUM_HEADS + head) * num_splits + s
+    m = tl.load(part_max_ptr + part, mask=s < num_splits, other=float("-inf"))
+    l = tl.load(part_sum_ptr + part, mask=s < num_splits, other=0.0)
+    m_all = tl.max(m, axis=0)
+    w = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # 0 for empty splits
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(part_acc_ptr + part.to(tl.int64)[:, None] * HEAD_DIM + d[None, :],
+                  mask=(s < num_splits)[:, None], other=0.0)
+    total = tl.sum(w * l, axis=0)
+    o = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + d, o.to(out_ptr.dtype.element_ty))
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_tiles: int, device: torch.device,
                        quantized: bool = False) -> int:
     """Splits so that seqs x kv heads x splits gives about two programs per SM (one for a
-    quantized cache), rounded up to a power of two (the counts measured below),
+    quantized cache), rounded up to a power of two (few compiled variants of the combine),
     and no more than the tiles of the longest possible context rounded up the same way. Two
     per SM measured best on an H100 for bf16 (Llama-3.1-8B shapes): batch 64 x 4k runs
     unsplit (splitting it in 2 cost 2%), batch 1 x 32k in 64 splits (128 cost 4%). A
@@ -388,17 +321,14 @@ def paged_decode_attention_cache(
     if num_splits is None:
         num_splits = default_num_splits(num_seqs, num_kv_heads, max_tiles, q.device, fmt.quantized)
     split = num_splits > 1
-    splits_per_group, num_groups = split_groups(num_splits)
-    part_shape = (num_seqs, num_heads, num_splits + num_groups) if split else (0,)
+    part_shape = (num_seqs, num_heads, num_splits) if split else (0,)
     part_max = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty((*part_shape, head_dim) if split else (0,), dtype=torch.float32, device=q.device)
-    arrived = arrival_counters(q.device, num_seqs * num_kv_heads * (num_groups + 1)) if split else part_max
     fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, kivi, codes_f16)
     dot_dtype = code_dtype(fmt, q.dtype, codes_f16) if fmt.quantized else k_cache.dtype
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_max, part_sum, arrived,
-        splits_per_group, num_groups, *fmt_args,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_max, part_sum, *fmt_args,
         scale * LOG2E, num_splits, *variant_args(sliding_window, softcap),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -408,6 +338,12 @@ def paged_decode_attention_cache(
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", **fmt_constexprs,
         PDL=pdl_enabled(q.device), num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl_enabled(q.device),
     )
+    if split:
+        _combine_splits_kernel[(num_seqs, num_heads)](
+            out, part_acc, part_max, part_sum, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
     return out
 
 
