@@ -180,8 +180,6 @@ def unpack_planes(w, dtype: tl.constexpr, PLANES: tl.constexpr, KV_BITS: tl.cons
     below; a plane apiece lets each dot consume its plane before the next is made."""
     if FP8:  # bytes: a masked load's `other` cannot be an fp8 in the interpreter
         return (w.to(tl.float8e4nv, bitcast=True).to(dtype),)
-    if KV_BITS == 8 and len(UNPACK_ASM) > 0:  # fp16 only: 4 byte codes to 2 registers, 2 prmt
-        return (tl.inline_asm_elementwise(UNPACK_ASM[0], "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4),)
     x = w.to(tl.int16)
     if KV_BITS == 8:
         return (_widen(x, dtype, CODE_MAGIC),)
@@ -202,14 +200,7 @@ def unpack_planes(w, dtype: tl.constexpr, PLANES: tl.constexpr, KV_BITS: tl.cons
 def unpack_asm(bits: int, planes: int, magic: int) -> tuple[str, ...]:
     """PTX for `unpack_planes`, plane by plane, on a 32-bit register of two int16 code words:
     (word >> i * bits) & mask | magic puts plane i's code of each word into the low bits of
-    the float CODE_BIAS in its 16-bit half, one lop3 for both. 8-bit codes (fp16 magic
-    0x6400): a byte permute puts two codes under the magic's high byte, 1024 + c each, where
-    widening each byte to 16 bits and OR-ing the magic in cost about 2.5 instructions a code
-    (int8 decode ran at 0.54 of copy bandwidth against fp8's 0.65, whose codes convert two an
-    instruction; results/kv_quant_kernels_NVIDIA_H200.json)."""
-    if bits == 8:  # a register of 4 byte codes -> 2 of fp16 pairs, each code under the magic's high byte
-        return (f"{{ .reg .b32 m; mov.b32 m, {(magic >> 8) * 0x01010101:#x}; "
-                "prmt.b32 $0, $2, m, 0x4140; prmt.b32 $1, $2, m, 0x4342; }",)
+    the float CODE_BIAS in its 16-bit half, one lop3 for both."""
     mask = (1 << bits) - 1
     mask2, magic2 = mask | mask << 16, magic | magic << 16
     lop3 = f"{mask2:#x}, {magic2:#x}, 0xEA;"  # 0xEA: (a & b) | c
@@ -559,7 +550,7 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, kivi: KiviPlan | 
     planes = 1 if fmt.fp8 else words // fmt.bits
     # The interpreter runs no PTX; fp32 queries take codes by conversion (no magic).
     native = not triton.knobs.runtime.interpret and cache.k.device.type == "cuda"
-    asm = unpack_asm(fmt.bits, planes, magic) if native and magic and (planes > 1 or fmt.bits == 8) else ""
+    asm = unpack_asm(fmt.bits, planes, magic) if native and magic and planes > 1 else ""
     constexprs = {"KV_BITS": fmt.bits, "FP8": fmt.fp8, "KIVI": fmt.kivi, "CODE_MAGIC": magic, "CODE_BIAS": bias,
                   "PLANES": planes, "UNPACK_ASM": asm, "SINK": fmt.sink, "CODES_F16": dtype != model_dtype,
                   "V_UNIT": dtype == torch.float16}
