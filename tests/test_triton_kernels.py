@@ -14,7 +14,7 @@ import torch
 
 from wattserve.kernels.activation import gelu_tanh_and_mul_ref, silu_and_mul_ref
 from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
-from wattserve.kernels.cudnn_prefill import fresh_prefill_fits
+from wattserve.kernels.cudnn_prefill import fresh_prefill_cudnn, fresh_prefill_fits
 from wattserve.kernels.dispatch import REFERENCE_OPS, ops_for
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache, allocate_layer
 from wattserve.kernels.kv_write import write_kv_ref
@@ -308,6 +308,8 @@ def test_long_fresh_prompts_alone_take_cudnn_on_hopper(query_lens, context_lens,
     assert not fresh_prefill_fits(q, cache, meta, 4096, None) and not fresh_prefill_fits(q, cache, meta, None, 30.0)
     if ON_GPU:  # the interpreter would take minutes over these lengths
         assert_rel_close(paged_attention_triton(q, cache, meta, 0.125), reference(q, kc, vc, meta, 0.125), dtype)
+    if fresh:  # the path itself, on CPU through PyTorch's attention: blocks gathered, GQA, causal
+        assert_rel_close(fresh_prefill_cudnn(q, cache, meta, 0.125), reference(q, kc, vc, meta, 0.125), dtype)
 
 
 MIXED_QUERY_LENS = [1, 17, 1, 5, 16, 1, 70]
