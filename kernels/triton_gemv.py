@@ -31,18 +31,16 @@ PREFETCH_TILES = tl.constexpr(2)  # weight tiles a program asks L2 for before it
 
 
 @triton.jit
-def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, arrived_ptr, M, N, K, K_PER_SPLIT,
-    stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
-):
+def split_partial(x_ptr, w_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    """This program's tile of x @ w.T over its split of K: (acc [BLOCK_M, BLOCK_N] float32,
+    rows, cols); columns tile program_id(0), splits program_id(1). Under PDL (kernels/pdl.py)
+    the weights' first tiles head for L2 before the wait, nothing else is read before it."""
     pid, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     k_start = split * K_PER_SPLIT
-    # The weights are constant: their first tiles head for L2 while the previous kernel ends.
     prefetch_rows_l2(w_ptr + tl.minimum(cols, N - 1).to(tl.int64) * stride_wn + k_start, K - k_start,
                      PREFETCH_TILES * BLOCK_K * w_ptr.dtype.element_ty.primitive_bitwidth // 8, PDL)
     wait_for_inputs(PDL)
@@ -62,6 +60,20 @@ def _gemv_kernel(
         acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    return acc, rows, cols
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, arrived_ptr, M, N, K, K_PER_SPLIT,
+    stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+):
+    acc, rows, cols = split_partial(x_ptr, w_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
+                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PDL)
+    pid, split = tl.program_id(0), tl.program_id(1)
+    row_mask = rows[:, None] < M
     out_mask = row_mask & (cols[None, :] < N)
     if SPLIT_K > 1:
         # Serial split-K in one launch: each split leaves its float32 partial, and the tile's
@@ -79,14 +91,14 @@ def _gemv_kernel(
         acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
-def split_k(n: int, k: int, block_n: int, block_k: int, sm_count: int) -> int:
+def split_k(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
     """Splits of K for a matrix of too few column tiles to fill the SMs (Qwen3-30B-A3B's
     o_proj: 64 tiles of 32 rows on the H200's 132 SMs; benchmarks/results/moe_*.json,
     decode_kernels), at least two K blocks each; 1 for matrices that fill them."""
     tiles = triton.cdiv(n, block_n)
-    if tiles >= sm_count:
+    if tiles >= sms:
         return 1
-    return max(1, min(triton.cdiv(SPLIT_K_PROGRAMS_PER_SM * sm_count, tiles), k // (2 * block_k)))
+    return max(1, min(triton.cdiv(SPLIT_K_PROGRAMS_PER_SM * sms, tiles), k // (2 * block_k)))
 
 
 # Split-K partials per (device, N, splits): float32 [MAX_ROWS, splits, N]. Allocated on first
@@ -115,7 +127,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if m == 0:
         return out
     tiles = triton.cdiv(n, block_n)
-    splits = split_k(n, k, block_n, block_k, _sm_count(x.device))
+    splits = split_k(n, k, block_n, block_k, sm_count(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)  # rounding to whole blocks may leave one fewer
     partials, arrived = (_split_partials(x.device, n, splits), arrival_counters(x.device, tiles)) if splits > 1 \
@@ -131,7 +143,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type != "cuda":  # Triton's interpreter (tests): split as a 132-SM H200 would
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count

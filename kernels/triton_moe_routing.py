@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from wattserve.kernels.pdl import pdl_enabled, prefetch_rows_l2, wait_for_inputs
+from wattserve.kernels.pdl import pdl_enabled
 from wattserve.kernels.triton_arrivals import arrival_counters, last_to_arrive
-from wattserve.kernels.triton_gemv import DEFAULT_CONFIG, MAX_ROWS, PREFETCH_TILES, _sm_count, split_k
+from wattserve.kernels.triton_gemv import DEFAULT_CONFIG, MAX_ROWS, sm_count, split_k, split_partial
 
 
 @triton.jit
@@ -84,26 +84,11 @@ def _route_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pid, split = tl.program_id(0), tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    k_start = split * K_PER_SPLIT
-    # As the decode GEMV (kernels/pdl.py): the router's first tiles head for L2 while the
-    # previous kernel ends; nothing is read or written before the wait (the counter included).
-    prefetch_rows_l2(w_ptr + tl.minimum(cols, num_experts - 1).to(tl.int64) * stride_wn + k_start, K - k_start,
-                     PREFETCH_TILES * BLOCK_K * w_ptr.dtype.element_ty.primitive_bitwidth // 8, PDL)
-    wait_for_inputs(PDL)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + k_start + ks[None, :]
-    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + k_start + ks[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
-        k_mask = (k0 + ks)[None, :] < K
-        w = tl.load(w_ptrs, mask=(cols[:, None] < num_experts) & k_mask, other=0.0)
-        x = tl.load(x_ptrs, mask=(rows[:, None] < M) & k_mask, other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    # As the decode GEMV: the router's first tiles head for L2 while the previous kernel ends;
+    # nothing is read or written before the wait (the counter included).
+    acc, rows, cols = split_partial(x_ptr, w_ptr, M, num_experts, K, K_PER_SPLIT, stride_xm, stride_wn,
+                                    BLOCK_M, BLOCK_N, BLOCK_K, False, PDL)
+    split = tl.program_id(1)
     # partial: [splits, BLOCK_M, BLOCK_E] float32; rows below M written in full (zeros past E).
     row_ok = rows[:, None] < M
     tl.store(partial_ptr + (split * BLOCK_M + rows[:, None]) * BLOCK_E + cols[None, :], acc, mask=row_ok)
@@ -139,7 +124,7 @@ def route_triton(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
     if m == 0:
         return weights, ids
     block_n, block_k, warps, stages = DEFAULT_CONFIG
-    splits = split_k(n, k, block_n, block_k, _sm_count(x.device))
+    splits = split_k(n, k, block_n, block_k, sm_count(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)  # rounding to whole blocks may leave one fewer
     block_e = max(triton.next_power_of_2(n), block_n)
