@@ -231,10 +231,13 @@ def test_dispatch_runs_every_weight_kind_through_one_op():
 def test_triton_per_token_fp8_gives_the_references_codes_and_scales(dtype, k):
     x = rand(7, k, seed=17).to(DEVICE, dtype)  # not a multiple of the kernel's block
     x[3] = 0  # a zero row: the scale's floor
-    codes, scales = quantize_per_token_fp8_triton(x)
-    want_codes, want_scales = quantize_per_token_fp8(x)
-    assert torch.equal(scales, want_scales)
-    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+    assert_same_fp8(quantize_per_token_fp8_triton(x), quantize_per_token_fp8(x))
+
+
+def assert_same_fp8(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]):
+    """Per-token fp8 (codes, scales) equal to the last bit."""
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="torch._scaled_mm: fp8 tensor cores")
@@ -250,10 +253,7 @@ def test_fp8_prefill_on_tensor_cores_matches_the_w8a8_reference():
 def test_activation_quantized_in_its_kernel_equals_activation_then_quantization(gelu_tanh):
     gate_up = rand(9, 2 * 700, seed=16).to(DEVICE, DTYPE)  # 700 columns: a masked tail
     act = (gelu_tanh_and_mul_triton if gelu_tanh else silu_and_mul_triton)(gate_up)
-    codes, scales = act_and_mul_fp8_triton(gate_up, gelu_tanh)
-    want_codes, want_scales = quantize_per_token_fp8_triton(act)
-    assert torch.equal(scales, want_scales)
-    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+    assert_same_fp8(act_and_mul_fp8_triton(gate_up, gelu_tanh), quantize_per_token_fp8_triton(act))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="torch._scaled_mm: fp8 tensor cores")
