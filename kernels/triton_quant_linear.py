@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from wattserve.kernels.triton_quant_gemv import gemv_fits, quant_gemv_triton
 from wattserve.kernels.triton_activation import act_and_mul_fp8_triton
+from wattserve.kernels.triton_quant_gemv import gemv_fits, quant_gemv_triton
 from wattserve.kernels.triton_token_quant import MAX_ONE_PASS, quantize_per_token_fp8_triton
 from wattserve.kernels.weight_format import QuantizedWeight
 
