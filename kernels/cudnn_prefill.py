@@ -34,8 +34,9 @@ def _cudnn_attention_on(device: torch.device) -> bool:
 def fresh_prefill_fits(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata,
                        sliding_window: int | None, softcap: float | None) -> bool:
     """Whether this step's attention takes the cuDNN path (module doc). Host lengths only."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not cache.fmt.quantized and sliding_window is None and softcap is None
-            and q.shape[-1] <= 128 and meta.context_lens_host == meta.query_lens
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not cache.fmt.quantized
+            and sliding_window is None and softcap is None and q.shape[-1] <= 128
+            and meta.context_lens_host == meta.query_lens
             and min(meta.query_lens, default=0) >= MIN_TOKENS and _cudnn_attention_on(q.device))
 
 
