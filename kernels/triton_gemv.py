@@ -91,14 +91,16 @@ def _gemv_kernel(
         acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
-def split_k(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
-    """Splits of K for a matrix of too few column tiles to fill the SMs (Qwen3-30B-A3B's
-    o_proj: 64 tiles of 32 rows on the H200's 132 SMs; benchmarks/results/moe_*.json,
-    decode_kernels), at least two K blocks each; 1 for matrices that fill them."""
+def split_k(n: int, k: int, block_n: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """(splits, columns of K per split) for a matrix of too few column tiles to fill the SMs
+    (Qwen3-30B-A3B's o_proj: 64 tiles of 32 rows on the H200's 132 SMs; benchmarks/results/
+    moe_*.json, decode_kernels), at least two K blocks each, whole K blocks per split;
+    (1, K rounded up to a block) for matrices that fill them."""
+    sms = _sm_count(device)
     tiles = triton.cdiv(n, block_n)
-    if tiles >= sms:
-        return 1
-    return max(1, min(triton.cdiv(SPLIT_K_PROGRAMS_PER_SM * sms, tiles), k // (2 * block_k)))
+    splits = 1 if tiles >= sms else max(1, min(triton.cdiv(SPLIT_K_PROGRAMS_PER_SM * sms, tiles), k // (2 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    return triton.cdiv(k, k_per_split), k_per_split  # whole blocks may leave one split fewer
 
 
 # Split-K partials per (device, N, splits): float32 [MAX_ROWS, splits, N]. Allocated on first
@@ -127,9 +129,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if m == 0:
         return out
     tiles = triton.cdiv(n, block_n)
-    splits = split_k(n, k, block_n, block_k, sm_count(x.device))
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)  # rounding to whole blocks may leave one fewer
+    splits, k_per_split = split_k(n, k, block_n, block_k, x.device)
     partials, arrived = (_split_partials(x.device, n, splits), arrival_counters(x.device, tiles)) if splits > 1 \
         else (out, out)
     _gemv_kernel[(tiles, splits)](
@@ -143,7 +143,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 @functools.cache
-def sm_count(device: torch.device) -> int:
+def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":  # Triton's interpreter (tests): split as a 132-SM H200 would
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from wattserve.kernels.pdl import pdl_enabled
 from wattserve.kernels.triton_arrivals import arrival_counters, last_to_arrive
-from wattserve.kernels.triton_gemv import DEFAULT_CONFIG, MAX_ROWS, sm_count, split_k, split_partial
+from wattserve.kernels.triton_gemv import DEFAULT_CONFIG, MAX_ROWS, split_k, split_partial
 
 
 @triton.jit
@@ -124,9 +124,7 @@ def route_triton(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
     if m == 0:
         return weights, ids
     block_n, block_k, warps, stages = DEFAULT_CONFIG
-    splits = split_k(n, k, block_n, block_k, sm_count(x.device))
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)  # rounding to whole blocks may leave one fewer
+    splits, k_per_split = split_k(n, k, block_n, block_k, x.device)
     block_e = max(triton.next_power_of_2(n), block_n)
     partial = torch.empty(splits, MAX_ROWS, block_e, dtype=torch.float32, device=x.device)
     _route_kernel[(triton.cdiv(block_e, block_n), splits)](
