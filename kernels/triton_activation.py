@@ -8,7 +8,7 @@ import triton.language as tl
 
 from wattserve.kernels.pdl import pdl_enabled, wait_for_inputs
 from wattserve.kernels.triton_kv_write import native_fp8
-from wattserve.kernels.triton_token_quant import MAX_ONE_PASS, quantize_row
+from wattserve.kernels.triton_token_quant import MAX_ONE_PASS, empty_fp8_rows, quantize_row, row_warps
 from wattserve.kernels.weight_format import FP8_MAX
 
 
@@ -70,14 +70,13 @@ def act_and_mul_fp8_triton(gate_up: torch.Tensor, gelu_tanh: bool) -> tuple[torc
     -> (float8_e4m3fn [num_tokens, intermediate], float32 scales [num_tokens, 1])."""
     num_tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
     assert gate_up.stride(-1) == 1 and inter <= MAX_ONE_PASS
-    codes = torch.empty(num_tokens, inter, dtype=torch.uint8, device=gate_up.device)  # fp8 bit patterns
-    scales = torch.empty(num_tokens, 1, dtype=torch.float32, device=gate_up.device)
+    codes, scales = empty_fp8_rows(num_tokens, inter, gate_up.device)
     if num_tokens:
         block = triton.next_power_of_2(inter)
         _act_and_mul_fp8_kernel[(num_tokens,)](
             gate_up, codes, scales, gate_up.stride(0), codes.stride(0), inter, BLOCK=block, GELU_TANH=gelu_tanh,
             FP8_MAX=FP8_MAX, NATIVE_FP8=native_fp8(gate_up.device),
-            num_warps=min(max(block // 512, 4), 16),  # the whole row in registers, <= 32 values a thread
+            num_warps=row_warps(block),  # the whole row in registers
         )
     return codes.view(torch.float8_e4m3fn), scales
 

@@ -69,16 +69,27 @@ def _per_token_fp8_kernel(x_ptr, codes_ptr, scales_ptr, K, stride_xm, stride_cm,
     tl.store(scales_ptr + row, scale)
 
 
+def empty_fp8_rows(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs for a per-token fp8 kernel to fill: (codes [m, k] as bytes, the fp8 bit patterns
+    a kernel stores; float32 scales [m, 1])."""
+    return (torch.empty(m, k, device=device, dtype=torch.uint8),
+            torch.empty(m, 1, device=device, dtype=torch.float32))
+
+
+def row_warps(block: int) -> int:
+    """Warps for a program holding a row of `block` values in registers: at most 32 a thread."""
+    return min(max(block // 512, 4), 16)
+
+
 def quantize_per_token_fp8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] (columns contiguous) -> (float8_e4m3fn [M, K], float32 scales [M, 1])."""
     m, k = x.shape
     assert x.stride(-1) == 1
-    codes = torch.empty(m, k, device=x.device, dtype=torch.uint8)  # fp8 bit patterns
-    scales = torch.empty(m, 1, device=x.device, dtype=torch.float32)
+    codes, scales = empty_fp8_rows(m, k, x.device)
     if m:
         one_pass = k <= MAX_ONE_PASS
         block = triton.next_power_of_2(k) if one_pass else LOOP_BLOCK
         _per_token_fp8_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), FP8_MAX=FP8_MAX,
                                     BLOCK=block, ONE_PASS=one_pass, NATIVE_FP8=native_fp8(x.device),
-                                    num_warps=min(max(block // 512, 4), 16))  # <= 32 values a thread
+                                    num_warps=row_warps(block))
     return codes.view(torch.float8_e4m3fn), scales
