@@ -38,11 +38,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from wattserve.kernels.activation import silu_and_mul_ref
 from wattserve.kernels.attention import AttentionMetadata, paged_attention_ref
+from wattserve.kernels.cudnn_prefill import fresh_prefill_fits
 from wattserve.kernels.kv_format import FORMATS, LayerKVCache
 from wattserve.kernels.kv_write import write_kv_ref
 from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
 from wattserve.kernels.rotary import apply_rotary_ref, rope_cos_sin
-from wattserve.kernels.cudnn_prefill import fresh_prefill_fits
 from wattserve.kernels.triton_activation import silu_and_mul_triton
 from wattserve.kernels.triton_attention import paged_attention_triton
 from wattserve.kernels.triton_attention_decode import default_num_splits, paged_decode_attention, paged_decode_attention_ref
@@ -242,7 +242,8 @@ def prefill_case(length: int, gen, sweep: bool) -> dict:
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         t_sdpa = ms(lambda: F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale))
     # What the engine runs for a fresh prompt on sm_90+ (kernels/cudnn_prefill.py).
-    t_cudnn = ms(lambda: paged_attention_triton(q, LayerKVCache(AUTO, k_cache, v_cache), meta, scale))
+    cache = LayerKVCache(AUTO, k_cache, v_cache)
+    t_cudnn = ms(lambda: paged_attention_triton(q, cache, meta, scale))
     m = 4096
     kdim = max(64, round(flops / (2 * m * m) / 64) * 64)
     a = torch.randn(m, kdim, dtype=DTYPE, device=DEV, generator=gen)
@@ -252,7 +253,7 @@ def prefill_case(length: int, gen, sweep: bool) -> dict:
         "length": length, "rel_err": err, "flops": flops, "default": run(), "default_again": run(),
         "sdpa_flash": {"ms": t_sdpa, "tflops": flops / (t_sdpa * 1e-3) / 1e12},
         "engine_path": {"ms": t_cudnn, "tflops": flops / (t_cudnn * 1e-3) / 1e12,
-                        "cudnn": fresh_prefill_fits(q, LayerKVCache(AUTO, k_cache, v_cache), meta, None, None)},
+                        "cudnn": fresh_prefill_fits(q, cache, meta, None, None)},
         "matmul": {"shape": [m, kdim, m], "ms": t_mm, "tflops": 2 * m * m * kdim / (t_mm * 1e-3) / 1e12},
     }
     if sweep:
