@@ -8,13 +8,15 @@
 3. Prefill of 4,096 tokens: FLOP/s of bf16 and fp8 against the bf16 and fp8 matmul, and on
    CUDA the prefill's 12 costliest kernels (torch profiler), to show where the gap goes.
 4. Perplexity on the real default model (SmolLM2-135M; its Q4_1 weights dequantized are the
-   baseline), text and windows as benchmarks/kv_quality_bench.py: fp8 and int4 RTN
-   (group 64: its hidden size 576 is no multiple of 128), every window scored in one prefill.
+   baseline), text and windows as benchmarks/kv_quality_bench.py, a window a prefill: fp8
+   (W8A8, as prefill runs it), fp8 weights alone (their codes dequantized, activations
+   unquantized: the rounding batch-1 decode's weight-only GEMV sees) and int4 RTN (group
+   64: its hidden size 576 is no multiple of 128).
 
 One engine per model: the formats are swapped in place (the dense weights kept aside), so the
 model loads once. --tiny runs it all on CPU at toy shapes (the decode model a 2-layer Llama).
 
-Usage: python benchmarks/weight_quant_bench.py [--tiny] [--device cpu|cuda]
+Usage: python benchmarks/weight_quant_bench.py [--tiny] [--device cpu|cuda] [--skip-speed | --skip-perplexity]
 """
 from __future__ import annotations
 
@@ -35,9 +37,11 @@ from wattserve.engine.core import EngineCore
 from wattserve.engine.llm import LLM
 from wattserve.engine.request import SamplingParams
 from wattserve.engine.weight_loading import quantize_linears, weight_formats
-from wattserve.kernels.weight_format import quantize_per_token_fp8
+from wattserve.kernels.weight_format import dequantize, quantize_fp8, quantize_per_token_fp8
 
 FORMATS = ("none", "fp8", "int4")  # none: the model's dtype (bf16 on CUDA)
+# Perplexity also separates fp8's two roundings: fp8_weights is the weights' alone.
+QUALITY_FORMATS = ("none", "fp8_weights", "fp8", "int4")
 DECODE_GOALS = {"fp8": 1.8, "int4": 2.5}  # x bf16 tok/s, issue 20
 
 
@@ -85,7 +89,10 @@ class FormatSwitch:
             module = model.get_submodule(name)
             del module.weight
             module.weight = nn.Parameter(w, requires_grad=False)
-        if quantization != "none":
+        if quantization == "fp8_weights":  # dense again, in the values fp8 codes hold
+            for name, w in self.dense.items():
+                model.get_submodule(name).weight.data = dequantize(quantize_fp8(w), w.dtype)
+        elif quantization != "none":
             quantize_linears(model, quantization)
         runner = self.engine.runner
         if runner.graphs is not None:  # graphs captured with the old weights
@@ -127,19 +134,28 @@ def speed(llm: LLM, switch: FormatSwitch, limits: dict, prompt_len: int, new_tok
 
 @torch.inference_mode()
 def perplexities(engine: EngineCore, switch: FormatSwitch, tokens: int, window: int) -> dict:
+    """Per format: perplexity, its change from the dense weights', and the mean KL from the
+    dense model's next-token distribution. A window a prefill: one window's log-probabilities
+    over SmolLM2's 49k vocabulary take 0.4 GB in float32, all ten of the default at once 4 GB
+    a copy (the CPU run ran out of 24 GB). The dense model's stay, the KL's reference."""
     ids = corpus_tokens(engine.tokenizer, tokens)
     windows = [ids[w : w + window] for w in range(0, len(ids) - window + 1, window)]
-    targets = torch.tensor(windows, device=engine.device)[:, 1:]
+    dense_logp = []
     rows = {}
-    for fmt in FORMATS:
+    for fmt in QUALITY_FORMATS:
         switch.use(fmt)
-        (logp,) = steps_logprobs(engine, windows, window)
-        nll = -logp[:, :-1].gather(2, targets[..., None]).mean().item()
-        rows[fmt] = {"perplexity": math.exp(nll), "formats": weight_formats(engine.runner.model)}
-        if fmt == "none":
-            base = logp
-        rows[fmt]["mean_kl_nats"] = F.kl_div(logp, base, log_target=True, reduction="sum").item() / logp[..., 0].numel()
-        rows[fmt]["perplexity_increase_pct"] = 100 * (rows[fmt]["perplexity"] / rows["none"]["perplexity"] - 1)
+        nll = kl = 0.0
+        for i, win in enumerate(windows):
+            (logp,) = steps_logprobs(engine, [win], window)
+            targets = torch.tensor(win[1:], device=engine.device)
+            nll += -logp[0, :-1].gather(1, targets[:, None]).sum().item()
+            if fmt == "none":
+                dense_logp.append(logp)
+            kl += F.kl_div(logp, dense_logp[i], log_target=True, reduction="sum").item()
+        perplexity = math.exp(nll / (len(windows) * (window - 1)))
+        dense = rows["none"]["perplexity"] if rows else perplexity
+        rows[fmt] = {"perplexity": perplexity, "perplexity_increase_pct": 100 * (perplexity / dense - 1),
+                     "mean_kl_nats": kl / (len(windows) * window), "formats": weight_formats(engine.runner.model)}
     return rows
 
 
@@ -153,43 +169,48 @@ def main() -> None:
                                             "(default: the default model's)")
     parser.add_argument("--skip-perplexity", action="store_true",
                         help="speed only: the perplexity runs the default model, which must be installed")
+    parser.add_argument("--skip-speed", action="store_true",
+                        help="perplexity only (runs on a CPU at the full 20,480 tokens: about 15 minutes on 2 cores)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/weight_quant_<device>.json)")
     args = parser.parse_args()
+    if args.skip_speed and args.skip_perplexity:
+        parser.error("--skip-speed and --skip-perplexity leave nothing to run")
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     tokens, window = args.tokens or (512 if args.tiny else 20480), args.window or (256 if args.tiny else 2048)
     prompt_len, new_tokens = (64, 8) if args.tiny else (4096, 128)
 
-    limits = ceilings(device, args.tiny)
-    checkpoint = write_checkpoint_dir(config=TINY_LLAMA if args.tiny else LLAMA31_8B)
-    llm = LLM(str(checkpoint), load_format="dummy", device=str(device), tokenizer=args.tokenizer, max_num_seqs=1,
-              max_num_batched_tokens=prompt_len, max_model_len=prompt_len + 16,
-              kv_cache_memory=(4 << 30) if device.type == "cuda" else (64 << 20), warm_up=False,
-              enable_prefix_caching=False)  # every run prefills its prompt, in the format of the moment
-    speeds = speed(llm, FormatSwitch(llm.core), limits, prompt_len, new_tokens)
-    del llm
-    quality = None
+    limits = speeds = quality = None
+    if not args.skip_speed:
+        limits = ceilings(device, args.tiny)
+        checkpoint = write_checkpoint_dir(config=TINY_LLAMA if args.tiny else LLAMA31_8B)
+        llm = LLM(str(checkpoint), load_format="dummy", device=str(device), tokenizer=args.tokenizer, max_num_seqs=1,
+                  max_num_batched_tokens=prompt_len, max_model_len=prompt_len + 16,
+                  kv_cache_memory=(4 << 30) if device.type == "cuda" else (64 << 20), warm_up=False,
+                  enable_prefix_caching=False)  # every run prefills its prompt, in the format of the moment
+        speeds = speed(llm, FormatSwitch(llm.core), limits, prompt_len, new_tokens)
+        del llm
     if not args.skip_perplexity:
-        quality_engine = LLM(device=str(device), quantization="none", enforce_eager=True,
-                             max_num_seqs=tokens // window, max_model_len=window,
-                             kv_cache_memory=(2 << 30) if device.type == "cuda" else (256 << 20),
+        quality_engine = LLM(device=str(device), quantization="none", enforce_eager=True, max_num_seqs=1,
+                             max_model_len=window, kv_cache_memory=(2 << 30) if device.type == "cuda" else (256 << 20),
                              warm_up=False).core
         quality = perplexities(quality_engine, FormatSwitch(quality_engine), tokens, window)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\n{name}: copy {limits['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
-          f"{limits['bf16_matmul_flop_per_s'] / 1e12:.1f} TFLOP/s, fp8 matmul "
-          + (f"{limits['fp8_matmul_flop_per_s'] / 1e12:.1f} TFLOP/s" if limits["fp8_matmul_flop_per_s"] else "n/a"))
-    print(f"\n{'format':7} {'weights GB':>10} {'decode tok/s':>13} {'x bf16':>7} {'goal':>5} {'roofline':>9} "
-          f"{'x roof':>7} {'prefill TFLOP/s':>16} {'x matmul':>9}")
-    for fmt, r in speeds.items():
-        vs_matmul = "n/a" if r["prefill_vs_matmul"] is None else f"{r['prefill_vs_matmul']:.2f}"
-        print(f"{fmt:7} {r['weight_bytes_per_decode_step'] / 1e9:10.3f} {r['decode_tok_s']:13.1f} "
-              f"{r['decode_vs_bf16']:7.2f} {DECODE_GOALS.get(fmt, ''):>5} {r['roofline_tok_s']:9.1f} "
-              f"{r['decode_vs_roofline']:7.2f} {r['prefill_flop_per_s'] / 1e12:16.2f} {vs_matmul:>9}")
+    if speeds is not None:
+        print(f"\n{name}: copy {limits['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+              f"{limits['bf16_matmul_flop_per_s'] / 1e12:.1f} TFLOP/s, fp8 matmul "
+              + (f"{limits['fp8_matmul_flop_per_s'] / 1e12:.1f} TFLOP/s" if limits["fp8_matmul_flop_per_s"] else "n/a"))
+        print(f"\n{'format':7} {'weights GB':>10} {'decode tok/s':>13} {'x bf16':>7} {'goal':>5} {'roofline':>9} "
+              f"{'x roof':>7} {'prefill TFLOP/s':>16} {'x matmul':>9}")
+        for fmt, r in speeds.items():
+            vs_matmul = "n/a" if r["prefill_vs_matmul"] is None else f"{r['prefill_vs_matmul']:.2f}"
+            print(f"{fmt:7} {r['weight_bytes_per_decode_step'] / 1e9:10.3f} {r['decode_tok_s']:13.1f} "
+                  f"{r['decode_vs_bf16']:7.2f} {DECODE_GOALS.get(fmt, ''):>5} {r['roofline_tok_s']:9.1f} "
+                  f"{r['decode_vs_roofline']:7.2f} {r['prefill_flop_per_s'] / 1e12:16.2f} {vs_matmul:>9}")
     if quality is not None:
         print(f"\nperplexity, {quality_engine.model_name}, {tokens} tokens of pydoc_data.topics in windows of {window}")
         for fmt, r in quality.items():
-            print(f"{fmt:7} {r['perplexity']:9.4f} {r['perplexity_increase_pct']:+7.2f}%  KL {r['mean_kl_nats']:.2e}")
+            print(f"{fmt:11} {r['perplexity']:9.4f} {r['perplexity_increase_pct']:+7.2f}%  KL {r['mean_kl_nats']:.2e}")
     write_results({"device": name, "tiny": args.tiny, "ceilings": limits, "decode_and_prefill": speeds,
                    "decode_goals_x_bf16": DECODE_GOALS, "perplexity": quality, "perplexity_tokens": tokens,
                    "perplexity_window": window}, "weight_quant", name, args.out)

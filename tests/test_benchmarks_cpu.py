@@ -121,7 +121,8 @@ def test_weight_quant_bench_tiny(tmp_path):
     bench("weight_quant_bench.py", "--tiny", "--tokens", "256", "--window", "128", "--out", str(out))
     result = json.loads(out.read_text())
     rows = result["decode_and_prefill"]
-    assert list(rows) == list(result["perplexity"]) == ["none", "fp8", "int4"]
+    assert list(rows) == ["none", "fp8", "int4"]
+    assert list(result["perplexity"]) == ["none", "fp8_weights", "fp8", "int4"]
     assert rows["fp8"]["formats"]["qkv_proj"] == "fp8 per-channel"
     assert rows["int4"]["formats"]["down_proj"] == "int4 RTN g128"
     # Quantized linears take less memory; the dense LM head is most of this toy model.
@@ -129,8 +130,11 @@ def test_weight_quant_bench_tiny(tmp_path):
         < rows["none"]["weight_bytes_per_decode_step"]
     assert all(r["decode_tok_s"] > 0 and r["roofline_tok_s"] > 0 for r in rows.values())
     quality = result["perplexity"]
-    assert quality["none"]["perplexity_increase_pct"] == 0.0
+    assert quality["none"]["perplexity_increase_pct"] == 0.0 and quality["none"]["mean_kl_nats"] == 0.0
     assert all(r["perplexity"] > 1 for r in quality.values())
+    # fp8's weights alone run dense (their fp8 values); W8A8 adds the activations' rounding.
+    assert quality["fp8_weights"]["formats"] == quality["none"]["formats"]
+    assert 0 < quality["fp8_weights"]["mean_kl_nats"] < quality["fp8"]["mean_kl_nats"]
 
 
 def test_long_context_bench_tiny(tmp_path):
