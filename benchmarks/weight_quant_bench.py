@@ -88,11 +88,10 @@ class FormatSwitch:
         for name, w in self.dense.items():
             module = model.get_submodule(name)
             del module.weight
+            if quantization == "fp8_weights":  # dense, in the values fp8 codes hold
+                w = dequantize(quantize_fp8(w), w.dtype)
             module.weight = nn.Parameter(w, requires_grad=False)
-        if quantization == "fp8_weights":  # dense again, in the values fp8 codes hold
-            for name, w in self.dense.items():
-                model.get_submodule(name).weight.data = dequantize(quantize_fp8(w), w.dtype)
-        elif quantization != "none":
+        if quantization not in ("none", "fp8_weights"):
             quantize_linears(model, quantization)
         runner = self.engine.runner
         if runner.graphs is not None:  # graphs captured with the old weights

@@ -91,6 +91,7 @@ def _gemv_kernel(
         acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
+
 def split_k(n: int, k: int, block_n: int, block_k: int, device: torch.device) -> tuple[int, int]:
     """(splits, columns of K per split) for a matrix of too few column tiles to fill the SMs
     (Qwen3-30B-A3B's o_proj: 64 tiles of 32 rows on the H200's 132 SMs; benchmarks/results/
