@@ -24,7 +24,8 @@ Usage: python benchmarks/kv_quant_kernel_bench.py [--dtypes auto,int4] [--tile-t
 The tunables apply to the quantized dtypes (bf16 keeps the kernel's defaults, the peer);
 --sweep also times a grid of them per dtype (tile x warps x stages at the default splits and
 lanes, then the best with fewer and more splits, fp8/int8 with the other codes_f16 and the
-other reading of the codes at each depth, with and without a register cap, and, quantized,
+other reading of the codes at each depth, with and without a register cap (and with twice
+the splits under it), and, quantized,
 with 1, 2 and 4 lanes). Writes
 benchmarks/results/kv_quant_kernels_<gpu>.json.
 """
@@ -220,11 +221,14 @@ def sweep_decode(name: str, run, table_width: int) -> list[dict]:
         configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=best["num_stages"],
                            codes_f16=not best.get("codes_f16", True)))
         # The other reading of the codes (DECODE_CODE_PAIRS) at each depth, and capped at 168
-        # registers: 3 programs of 4 warps per SM (65536 / (128 x 168)) where shared memory allows.
+        # registers: 3 programs of 4 warps per SM (65536 / (128 x 168)) where shared memory allows,
+        # which only the programs of twice the splits fill (batch 32 x 8 kv heads: 256 programs).
         pairs = not triton_attention_decode.DECODE_CODE_PAIRS
-        for stages, regs in itertools.product(SWEEP_STAGES, (None, SWEEP_MAX_REGISTERS)):
-            configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=stages, code_pairs=pairs,
-                               **({} if regs is None else {"max_registers": regs})))
+        for stages in SWEEP_STAGES:
+            for cap in ({}, {"max_registers": SWEEP_MAX_REGISTERS},
+                        {"max_registers": SWEEP_MAX_REGISTERS, "num_splits": 2 * splits}):
+                configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=stages,
+                                   code_pairs=pairs, **cap))
     for lanes in (1, 2, 4) if fmt.quantized else ():  # KV_HEADS into HEADS: groups of 4, up to 4 lanes
         try:
             configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=best["num_stages"],
