@@ -10,18 +10,23 @@
     memory to the tensor-core layout (kernels/triton_paged_tile.py).
 (b) KV write of a 4096-token prefill (one sequence, int4/int2: 64 whole blocks flushed):
     time and bytes read + written per dtype.
+fp8 and int8 decode is timed in both readings of the codes (bytes, and int16 pairs:
+triton_attention_decode.DECODE_CODE_PAIRS): the default's row, then the other's ("+pairs" or
+"+bytes"), so one run decides the switch.
 Every kernel is first checked against its reference on the GPU: attention's relative error
 on 4 of the sequences, the write's codes (>= 99.9% equal, all within 1).
 Timing: kernel_bench.per_call_ms, a CUDA graph of calls back to back over rotating buffers
 (several times the L2 in all, as a model's layers are), median per call.
 
 Usage: python benchmarks/kv_quant_kernel_bench.py [--dtypes auto,int4] [--tile-tokens N]
-  [--num-warps N] [--num-stages N] [--num-splits N] [--lanes N] [--codes-f16 0|1] [--fp8-screen-adds]
-  [--sweep]
+  [--num-warps N] [--num-stages N] [--num-splits N] [--lanes N] [--codes-f16 0|1] [--max-registers N]
+  [--fp8-screen-adds] [--sweep]
 The tunables apply to the quantized dtypes (bf16 keeps the kernel's defaults, the peer);
 --sweep also times a grid of them per dtype (tile x warps x stages at the default splits and
-lanes, then the best with fewer and more splits, fp8/int8 with the other codes_f16 and,
-quantized, with 1, 2 and 4 lanes). Writes
+lanes, then the best with fewer and more splits, fp8/int8 with the other codes_f16 and the
+other reading of the codes at each depth, with and without a register cap (and with twice
+the splits under it), and, quantized,
+with 1, 2 and 4 lanes). Writes
 benchmarks/results/kv_quant_kernels_<gpu>.json.
 """
 from __future__ import annotations
@@ -62,7 +67,7 @@ from wattserve.kernels.triton_attention_decode import (
     default_num_splits,
     paged_decode_attention_cache,
 )
-from wattserve.kernels import triton_kv_write
+from wattserve.kernels import triton_attention_decode, triton_kv_write
 from wattserve.kernels.triton_kv_write import write_kv_triton
 
 BATCH, CONTEXT, PREFILL = 32, 8192, 4096
@@ -159,12 +164,22 @@ def decode_case(name: str, gen, tunables: dict, sweep: bool) -> dict:
     cache, tables, _ = layers[0]
     c = CHECK_SEQS
     check = decode_meta(cache.fmt, tables[:c], context_lens[:c])
-    out = paged_decode_attention_cache(q[:c], cache, tables[:c], context_lens[:c], scale, check.kivi, **tunables)
     ref = paged_attention_ref(q[:c].float(), cache, check, scale)
-    err = rel_err(out, ref)
-    if err > REL_ERR_BOUND:
-        raise SystemExit(f"decode {name}: relative error {err:.2e} over {REL_ERR_BOUND:.0e}; not timing a wrong kernel")
-    del out, ref
+    fmt = cache.fmt
+    # 8-bit codes: the reading DECODE_CODE_PAIRS leaves aside, timed beside the default
+    other = {"code_pairs": not triton_attention_decode.DECODE_CODE_PAIRS} if fmt.quantized and fmt.bits == 8 else {}
+
+    def checked(**kw):
+        out = paged_decode_attention_cache(q[:c], cache, tables[:c], context_lens[:c], scale, check.kivi, **kw)
+        err = rel_err(out, ref)
+        if err > REL_ERR_BOUND:
+            raise SystemExit(f"decode {name} {kw}: relative error {err:.2e} over {REL_ERR_BOUND:.0e}; "
+                             "not timing a wrong kernel")
+        return err
+
+    err = checked(**tunables)
+    other_err = checked(**tunables, **other) if other else None
+    del ref
 
     def run(**kw):
         t = per_call_ms([
@@ -176,6 +191,8 @@ def decode_case(name: str, gen, tunables: dict, sweep: bool) -> dict:
     result = {"dtype": name, "block_size": default_block_size(name), "batch": BATCH, "contexts": [min(lens), max(lens)],
               "rel_err": err, "bytes": nbytes, "bytes_total": total, "layers": len(layers),
               "default": run(**tunables), "default_again": run(**tunables)}
+    if other:
+        result["other_reading"] = {**run(**tunables, **other), "rel_err": other_err}
     if sweep:
         result["sweep"] = sweep_decode(name, run, tables.shape[1])
     return result
@@ -184,6 +201,7 @@ def decode_case(name: str, gen, tunables: dict, sweep: bool) -> dict:
 # Triton 3.6 pipelines the codes behind their block-table entries: (stages - 1) // 2 tiles of
 # codes in flight, so 2 and 4 compile as 3 and 5 do (seen in the TTGIR, sm_90).
 SWEEP_STAGES = (3, 5, 7)
+SWEEP_MAX_REGISTERS = 168
 
 
 def sweep_decode(name: str, run, table_width: int) -> list[dict]:
@@ -202,6 +220,15 @@ def sweep_decode(name: str, run, table_width: int) -> list[dict]:
     if fmt.quantized and fmt.bits == 8:  # codes into the dots as bf16 instead of fp16 (code_dtype)
         configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=best["num_stages"],
                            codes_f16=not best.get("codes_f16", True)))
+        # The other reading of the codes (DECODE_CODE_PAIRS) at each depth, and capped at 168
+        # registers: 3 programs of 4 warps per SM (65536 / (128 x 168)) where shared memory allows,
+        # which only the programs of twice the splits fill (batch 32 x 8 kv heads: 256 programs).
+        pairs = not triton_attention_decode.DECODE_CODE_PAIRS
+        for stages in SWEEP_STAGES:
+            for cap in ({}, {"max_registers": SWEEP_MAX_REGISTERS},
+                        {"max_registers": SWEEP_MAX_REGISTERS, "num_splits": 2 * splits}):
+                configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=stages,
+                                   code_pairs=pairs, **cap))
     for lanes in (1, 2, 4) if fmt.quantized else ():  # KV_HEADS into HEADS: groups of 4, up to 4 lanes
         try:
             configs.append(run(tile_tokens=tile, num_warps=best["num_warps"], num_stages=best["num_stages"],
@@ -286,6 +313,8 @@ def main() -> None:
     ap.add_argument("--lanes", type=int)
     ap.add_argument("--codes-f16", type=int, choices=(0, 1), help="fp8/int8: codes into the dots as fp16 (1, the "
                                                                   "default) or bf16 (0)")
+    ap.add_argument("--max-registers", type=int, help="cap the decode kernel's registers per thread (maxnreg): "
+                                                      "more programs per SM where shared memory allows")
     ap.add_argument("--fp8-screen-adds", action="store_true",
                     help="the fp8 write's scale screening rounds by float adds (triton_kv_write.FP8_SCREEN_BY_ADDS)")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of decode tunables per dtype")
@@ -295,7 +324,8 @@ def main() -> None:
         kv_format(n)  # rejects unknown names before any work
     tunables = {k: v for k, v in (("tile_tokens", args.tile_tokens), ("num_warps", args.num_warps),
                                   ("num_stages", args.num_stages), ("num_splits", args.num_splits),
-                                  ("lanes", args.lanes), ("codes_f16", args.codes_f16)) if v is not None}
+                                  ("lanes", args.lanes), ("codes_f16", args.codes_f16),
+                                  ("max_registers", args.max_registers)) if v is not None}
     triton_kv_write.FP8_SCREEN_BY_ADDS = args.fp8_screen_adds  # read by each write's launch
     gen = torch.Generator(device=DEV).manual_seed(0)
     device = torch.cuda.get_device_name()
@@ -304,6 +334,7 @@ def main() -> None:
     copy = copy_bandwidth()
     results = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
                "copy_bytes_per_s": copy, "tunables": tunables, "fp8_screen_by_adds": args.fp8_screen_adds,
+               "decode_code_pairs": triton_attention_decode.DECODE_CODE_PAIRS,
                "decode": [], "write": []}
     for n in names:
         results["decode"].append(decode_case(n, gen, {} if n == "auto" else tunables, args.sweep))
@@ -323,6 +354,11 @@ def main() -> None:
               f"{d['bytes_total'] / 1e6:8.1f} {r['bytes_per_s'] / 1e12:6.2f} {r['bytes_per_s'] / copy:7.0%} "
               f"{base / r['ms']:6.2f}x {byte_ratio:5.2f}x | {w['ms']:8.4f} {w['bytes_per_s'] / 1e9:6.0f} "
               f"{w['ms'] / base_w:6.2f}x")
+        if "other_reading" in d:
+            o = d["other_reading"]
+            label = d["dtype"] + ("+pairs" if o["code_pairs"] else "+bytes")
+            print(f"{label:15} {o['ms']:8.4f} {'':>8} {d['bytes_total'] / 1e6:8.1f} {o['bytes_per_s'] / 1e12:6.2f} "
+                  f"{o['bytes_per_s'] / copy:7.0%} {base / o['ms']:6.2f}x {byte_ratio:5.2f}x |")
     print("speedup: bf16's decode time / the dtype's; bytes: bf16's bytes read / the dtype's (the memory-bound "
           "limit); write vs bf16: time ratio")
     if args.sweep:

@@ -56,6 +56,16 @@ from wattserve.kernels.triton_paged_tile import (
 
 # (tile_tokens, num_stages, lanes) by --kv-cache-dtype (see paged_decode_attention_cache).
 DEFAULTS = {"auto": (64, 3, 1), "fp8_e4m3": (128, 5, 1), "int8": (128, 7, 1), "int4": (64, 3, 4), "int2": (64, 5, 4)}
+# fp8/int8 codes read as int16 pairs (triton_paged_tile.word_bits): two planes of bytes, split
+# and converted two codes an instruction (unpack_asm), V into its dot through ldmatrix.trans.
+# In the sm_90 SASS (batch 32 x 8k, Llama-3.1-8B shapes, the DEFAULTS above) the main loop per
+# 32 KB of codes drops from 1,295 to 876 instructions (fp8) and from 1,603 to 884 (int8), the
+# registers from 255 to 194-196; decode is instruction-bound there (H200: fp8 1.28x and int8
+# 1.06x bf16's speed, where the bytes allow 2x). Off: not yet run on a GPU; the GPU tests in
+# tests/test_triton_kv_quant.py check it and benchmarks/kv_quant_kernel_bench.py times both
+# readings in one run ("+pairs" rows; --sweep adds depths and --max-registers 168, 3 programs
+# an SM, which fp8's 73 KB of shared memory a program allows and int8's 106 KB at 7 stages not).
+DECODE_CODE_PAIRS = False
 
 
 @triton.jit
@@ -272,7 +282,8 @@ def paged_decode_attention_cache(
     q: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
     scale: float, kivi: KiviPlan | None = None, sliding_window: int | None = None,
     softcap: float | None = None, *, tile_tokens: int | None = None, num_splits: int | None = None, num_warps: int = 4,
-    num_stages: int | None = None, lanes: int | None = None, codes_f16: bool = True,
+    num_stages: int | None = None, lanes: int | None = None, codes_f16: bool = True, code_pairs: bool | None = None,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; cache: one layer, any --kv-cache-dtype
     (kernels/kv_format.py); block_tables: [num_seqs, max_blocks] int32; context_lens:
@@ -287,7 +298,9 @@ def paged_decode_attention_cache(
     (quantized caches): tiles a program takes at once, one per lane of rows
     (`attend_tile_quantized`); at most the dots' 16 rows over the group size rounded up to a
     power of two. codes_f16: fp8/int8 codes of a bf16 model reach the dots as fp16
-    (`code_dtype`), q rounded to fp16 (its range clamped).
+    (`code_dtype`), q rounded to fp16 (its range clamped). code_pairs: fp8/int8 codes read as
+    int16 pairs (default `DECODE_CODE_PAIRS`). max_registers: a cap on the kernel's registers
+    per thread (Triton's maxnreg), to fit more programs on an SM; None leaves it to ptxas.
     Defaults by format (`DEFAULTS`), from sweeps on an H100 at Llama-3.1-8B shapes, all 4
     warps: bf16 64 tokens, 3 stages (benchmarks/kernel_bench.py --sweep, 54 configurations:
     within 1% of the best at both batch 64 x 4k and batch 1 x 32k); the quantized formats the
@@ -298,7 +311,8 @@ def paged_decode_attention_cache(
     in flight are enough; 5 stages cost 3%), int2 64, 5 stages and 4 lanes.
     """
     num_seqs, num_heads, head_dim = q.shape
-    k_cache, v_cache = kv_codes(cache)
+    pairs = DECODE_CODE_PAIRS if code_pairs is None else code_pairs
+    k_cache, v_cache = kv_codes(cache, pairs)
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     assert num_heads == group * num_kv_heads and head_dim == triton.next_power_of_2(head_dim) >= 16
@@ -325,7 +339,7 @@ def paged_decode_attention_cache(
     part_max = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty((*part_shape, head_dim) if split else (0,), dtype=torch.float32, device=q.device)
-    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, kivi, codes_f16)
+    fmt_args, fmt_constexprs = cache_kernel_args(cache, q.dtype, kivi, codes_f16, pairs)
     dot_dtype = code_dtype(fmt, q.dtype, codes_f16) if fmt.quantized else k_cache.dtype
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_max, part_sum, *fmt_args,
@@ -337,6 +351,7 @@ def paged_decode_attention_cache(
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE_N=tile_tokens, SPLIT=split,
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", **fmt_constexprs,
         PDL=pdl_enabled(q.device), num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl_enabled(q.device),
+        **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     if split:
         _combine_splits_kernel[(num_seqs, num_heads)](

@@ -28,6 +28,10 @@ and V tile; the planes are split from q and joined into acc once per program
 (`split_planes`, `join_planes`). int16 words reach the dots' register layout through
 ldmatrix, as a bf16 tile would; on the GPU a plane of two words takes one shift and one lop3
 (`unpack_asm`), where Triton's own 16-bit shifts and masks cost about three times that.
+8-bit codes (fp8, int8) can be read the same way, as int16 pairs of two planes (decode's
+DECODE_CODE_PAIRS, `word_bits`): a plane of two words is one prmt (fp8: and one packed
+e4m3 -> fp16 conversion), and the tiles' trips to the dots' layout move half the elements
+(V's by ldmatrix.trans, where a byte tile takes a shuffle through shared memory).
 With all that, a quantized tile's cost is the work on its rows, not its bytes, and decode
 pads a GQA group of 4 heads to the dots' 16 rows: `attend_tile_quantized` lets the rows be
 lanes that each attend a tile of their own (one step: a tile per lane), so the padding rows
@@ -173,15 +177,16 @@ def _widen(c, dtype: tl.constexpr, CODE_MAGIC: tl.constexpr):
 @triton.jit
 def unpack_planes(w, dtype: tl.constexpr, PLANES: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr,
                   CODE_MAGIC: tl.constexpr, UNPACK_ASM: tl.constexpr):
-    """Code words [N, W] (bytes or int16; fp8 values as bytes) -> a tuple of PLANES tensors
-    [N, W] in dtype: plane i holds the codes at bit i * KV_BITS of each word, the channels c
-    with c % PLANES == i (see `split_planes`). UNPACK_ASM (`unpack_asm`, GPU only): one
-    plane at a time, two codes per instruction, the same function as the shifts and masks
-    below; a plane apiece lets each dot consume its plane before the next is made."""
-    if FP8:  # bytes: a masked load's `other` cannot be an fp8 in the interpreter
+    """Code words [N, W] (bytes or int16; fp8 values as bytes or as int16 pairs) -> a tuple of
+    PLANES tensors [N, W] in dtype: plane i holds the codes at bit i * KV_BITS of each word,
+    the channels c with c % PLANES == i (see `split_planes`). UNPACK_ASM (`unpack_asm`, GPU
+    only): one plane at a time, two codes per instruction (fp8: a permute and a packed
+    conversion), the same function as the plain Triton below, which is what the interpreter
+    runs; a plane apiece lets each dot consume its plane before the next is made."""
+    if FP8 and PLANES == 1:  # bytes: a masked load's `other` cannot be an fp8 in the interpreter
         return (w.to(tl.float8e4nv, bitcast=True).to(dtype),)
     x = w.to(tl.int16)
-    if KV_BITS == 8:
+    if KV_BITS == 8 and PLANES == 1:
         return (_widen(x, dtype, CODE_MAGIC),)
     planes = ()
     for i in tl.static_range(PLANES):
@@ -191,16 +196,33 @@ def unpack_planes(w, dtype: tl.constexpr, PLANES: tl.constexpr, KV_BITS: tl.cons
                 plane = tl.inline_asm_elementwise(UNPACK_ASM[i], "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
             else:
                 plane = tl.inline_asm_elementwise(UNPACK_ASM[i], "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+        elif FP8:  # int16 pairs: byte i of each word is an e4m3 value
+            plane = ((x >> (i * 8)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(dtype)
         else:
             plane = _widen((x >> (i * KV_BITS)) & ((1 << KV_BITS) - 1), dtype, CODE_MAGIC)
         planes = planes + (plane,)
     return planes
 
 
-def unpack_asm(bits: int, planes: int, magic: int) -> tuple[str, ...]:
-    """PTX for `unpack_planes`, plane by plane, on a 32-bit register of two int16 code words:
-    (word >> i * bits) & mask | magic puts plane i's code of each word into the low bits of
-    the float CODE_BIAS in its 16-bit half, one lop3 for both."""
+def unpack_asm(bits: int, planes: int, magic: int, fp8: bool = False) -> tuple[str, ...]:
+    """PTX for `unpack_planes`, plane by plane, on a 32-bit register of two int16 code words
+    (its result: the plane's two values, word 0's in the low half).
+    Sub-byte codes: (word >> i * bits) & mask | magic puts plane i's code of each word into
+    the low bits of the float CODE_BIAS in its 16-bit half, one lop3 for both. Byte pairs
+    (int8, fp8): plane i is byte i of each word, bytes i and i + 2 of the register; int8: one
+    prmt places them under the magic's high byte (1024 + code in fp16), where a shift and a
+    lop3 take two; fp8: one prmt gathers them into 16 bits and cvt.rn.f16x2.e4m3x2 converts
+    both (exact: every e4m3 value is an fp16).
+    int8's magic bytes are prmt's first source (bytes 0..3, the words' bytes 4..7): ptxas
+    then keeps them in one register and the selector is an immediate. As the second source
+    it made the magic the immediate and moved each selector into a register before every
+    prmt (sm_90, the decode main loop: 972 instructions per tile against 884)."""
+    if bits == 8:
+        if fp8:
+            return tuple(f"{{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $1, 0, {0x20 + 0x11 * i:#x}; "
+                         f"mov.b32 {{lo, hi}}, t; cvt.rn.f16x2.e4m3x2 $0, lo; }}" for i in range(planes))
+        magic4 = (magic >> 8) * 0x01010101
+        return tuple(f"prmt.b32 $0, {magic4:#x}, $1, {0x0604 + 0x101 * i:#x};" for i in range(planes))
     mask = (1 << bits) - 1
     mask2, magic2 = mask | mask << 16, magic | magic << 16
     lop3 = f"{mask2:#x}, {magic2:#x}, 0xEA;"  # 0xEA: (a & b) | c
@@ -477,20 +499,28 @@ def attend_tile_quantized(
     return new_accs, m, l, u
 
 
-def word_bits(fmt: KVFormat, head_dim: int) -> int:
+def word_bits(fmt: KVFormat, head_dim: int, pairs: bool = False) -> int:
     """Bits of the code words the kernels read (`unpack_planes`): int16 for int4 (4 planes)
-    where each plane keeps the 16 channels a dot needs, else bytes."""
-    return 16 if fmt.bits == 4 and not fmt.fp8 and head_dim >= 64 else 8
+    where each plane keeps the 16 channels a dot needs, and with `pairs` for 8-bit codes
+    (fp8, int8: 2 planes, head_dim >= 32), else bytes. int16 words reach the dots' register
+    layout through ldmatrix (V's through ldmatrix.trans) with half the elements a byte tile
+    moves; bytes take a shuffle through shared memory."""
+    if fmt.bits == 4 and not fmt.fp8 and head_dim >= 64:
+        return 16
+    return 16 if pairs and fmt.bits == 8 and head_dim >= 32 else 8
 
 
-def kv_codes(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K and V tensors the kernels take: code words (`word_bits`), fp8 codes as bytes."""
-    head_dim = cache.k.shape[-1] * 8 // cache.fmt.bits if cache.fmt.quantized and not cache.fmt.fp8 else 0
-    if cache.fmt.fp8:
-        return cache.k.view(torch.uint8), cache.v.view(torch.uint8)
-    if cache.fmt.quantized and word_bits(cache.fmt, head_dim) == 16:
-        return cache.k.view(torch.int16), cache.v.view(torch.int16)
-    return cache.k, cache.v
+def kv_codes(cache: LayerKVCache, pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V tensors the kernels take: code words (`word_bits`), fp8 codes as bytes
+    (or int16 pairs)."""
+    fmt = cache.fmt
+    if not fmt.quantized:
+        return cache.k, cache.v
+    head_dim = cache.k.shape[-1] * 8 // fmt.bits
+    k, v = cache.k.view(torch.uint8), cache.v.view(torch.uint8)
+    if word_bits(fmt, head_dim, pairs) == 16:
+        return k.view(torch.int16), v.view(torch.int16)
+    return k, v
 
 
 def code_dtype(fmt: KVFormat, dtype: torch.dtype, codes_f16: bool) -> torch.dtype:
@@ -505,11 +535,14 @@ def code_dtype(fmt: KVFormat, dtype: torch.dtype, codes_f16: bool) -> torch.dtyp
 
 
 def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, kivi: KiviPlan | None,
-                      codes_f16: bool = False):
+                      codes_f16: bool = False, pairs: bool = False, native: bool | None = None):
     """What the decode and prefill kernels pass through to the tile functions for `cache`'s
     format, queries in `dtype`, and for KIVI formats the step's plan: (tensors and strides,
     constexprs; the dots take `code_dtype(..., codes_f16)`). Absent tensors are stand-ins
-    (cache.k) that the format's constexpr branches never read."""
+    (cache.k) that the format's constexpr branches never read. pairs: 8-bit codes as int16
+    words (`word_bits`; the K and V tensors from `kv_codes(cache, pairs)`). native: whether
+    the kernel runs compiled for a GPU, with the inline PTX of `unpack_asm` (default: not
+    under the interpreter and a CUDA cache; given, to compile for a GPU without one)."""
     fmt = cache.fmt
     if not fmt.quantized:
         return [cache.k] * 11 + [0] * 8, {"KV_BITS": 0, "FP8": False, "KIVI": False, "CODE_MAGIC": 0,
@@ -546,11 +579,14 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, kivi: KiviPlan | 
         sink = [stand_in] * 3
     tensors = [cache.k_scale, zeros[0], cache.v_scale, zeros[1], *residual, *sink,
                cache.v_scale.stride(0), cache.v_scale.stride(1), *ring_strides, cache.k.shape[2]]
-    words = word_bits(fmt, cache.k.shape[-1] * 8 // fmt.bits)
-    planes = 1 if fmt.fp8 else words // fmt.bits
-    # The interpreter runs no PTX; fp32 queries take codes by conversion (no magic).
-    native = not triton.knobs.runtime.interpret and cache.k.device.type == "cuda"
-    asm = unpack_asm(fmt.bits, planes, magic) if native and magic and planes > 1 else ""
+    words = word_bits(fmt, cache.k.shape[-1] * 8 // fmt.bits, pairs)
+    planes = words // fmt.bits
+    # The interpreter runs no PTX; fp32 queries take codes by conversion (no magic), and so
+    # do fp8 codes into bf16 dots (no packed e4m3 -> bf16 conversion on sm_90).
+    if native is None:
+        native = not triton.knobs.runtime.interpret and cache.k.device.type == "cuda"
+    asm_fits = dtype == torch.float16 if fmt.fp8 else magic != 0
+    asm = unpack_asm(fmt.bits, planes, magic, fmt.fp8) if native and asm_fits and planes > 1 else ""
     constexprs = {"KV_BITS": fmt.bits, "FP8": fmt.fp8, "KIVI": fmt.kivi, "CODE_MAGIC": magic, "CODE_BIAS": bias,
                   "PLANES": planes, "UNPACK_ASM": asm, "SINK": fmt.sink, "CODES_F16": dtype != model_dtype,
                   "V_UNIT": dtype == torch.float16}

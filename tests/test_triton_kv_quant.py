@@ -441,3 +441,100 @@ def test_fp16_dots_keep_small_values_out_of_fp16_subnormals(name):
     cache.v_scale[written] = (cache.v_scale[written].float() * 1e-4).half()
     out = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, 0.125, lanes=4)
     assert_rel_close(out, reference(q, cache, meta, 0.125), torch.float16)
+
+
+# ---- fp8/int8 codes read as int16 pairs (triton_attention_decode.DECODE_CODE_PAIRS) ------------
+# Odd contexts and partial last blocks (DECODE_CONTEXTS); tiles of 32 span blocks of 16, a tile
+# of 16 lies in one; head_dim 32 gives the narrowest planes a dot takes (16 channels).
+@pytest.mark.parametrize("name", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("head_dim,dtype,tile_tokens,num_splits,lanes", [
+    (64, torch.float16, 32, None, None),
+    (128, torch.bfloat16, 16, 1, None),
+    (32, torch.float16, 32, 3, 4),
+    (64, torch.float32, 32, 2, 2),
+], ids=["d64-fp16", "d128-bf16-tile16", "d32-fp16-lanes4", "d64-fp32-lanes2"])
+def test_decode_code_pairs(name, head_dim, dtype, tile_tokens, num_splits, lanes):
+    """Decode over codes read as int16 pairs, against the reference within the bound of the
+    byte reading (a bf16 model's codes reach the dots as fp16, which the interpreter runs)."""
+    q, cache, meta = quantized_batch(name, [1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS, 8, 2, head_dim, dtype, 16,
+                                     seed=11)
+    scale = head_dim**-0.5
+    out = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, tile_tokens=tile_tokens,
+                                       num_splits=num_splits, lanes=lanes, code_pairs=True)
+    assert_rel_close(out, reference(q, cache, meta, scale), dtype)
+
+
+@triton.jit
+def _pair_planes_kernel(w_ptr, out_ptr, N: tl.constexpr, WORDS: tl.constexpr, FP8: tl.constexpr,
+                        CODE_MAGIC: tl.constexpr, UNPACK_ASM: tl.constexpr):
+    """out [2, N, WORDS]: the two planes of int16 code words [N, WORDS] (bytes 0 and 1 of each)."""
+    n = tl.arange(0, N)[:, None]
+    w = tl.load(w_ptr + n * WORDS + tl.arange(0, WORDS)[None, :])
+    planes = unpack_planes(w, out_ptr.dtype.element_ty, 2, 8, FP8, CODE_MAGIC, UNPACK_ASM)
+    for i in tl.static_range(2):
+        tl.store(out_ptr + (i * N + n) * WORDS + tl.arange(0, WORDS)[None, :], planes[i])
+
+
+def pair_planes(name, dtype, asm):
+    """Every int16 word (all 65536) through `unpack_planes` as the decode kernel takes pairs
+    of `name`'s codes for dots in `dtype` (`cache_kernel_args`); asm: with its inline PTX
+    (a GPU only) or its plain Triton twin. Returns (words [256, 256], planes [2, 256, 256])."""
+    words = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(256, 256).to(DEVICE)
+    cache = allocate_layer(FORMATS[name], 1, 16, 1, 64, dtype, torch.device(DEVICE), 1)
+    constexprs = cache_kernel_args(cache, dtype, None, True, pairs=True, native=asm)[1]
+    assert constexprs["PLANES"] == 2 and (len(constexprs["UNPACK_ASM"]) == 2) == asm
+    out = torch.empty(2, 256, 256, dtype=torch.float16, device=DEVICE)
+    _pair_planes_kernel[(1,)](words, out, 256, 256, FORMATS[name].fp8, constexprs["CODE_MAGIC"],
+                              constexprs["UNPACK_ASM"])
+    return words, out
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "int8"])
+def test_pair_planes_are_torch_conversions_bit_for_bit(name):
+    """Plane i of an int16 word is its byte i: fp8, the e4m3 value in fp16 (torch's
+    conversion, exact); int8, 1024 + code in fp16 (CODE_BIAS). All 65536 words, bit for bit
+    but for fp8's NaN codes 0x7f and 0xff (never written: the write clamps to 448), which
+    stay NaN on a GPU and which the interpreter's cast reads as +-480. Under the interpreter
+    the plain Triton twin, on a GPU the inline PTX."""
+    words, got = pair_planes(name, torch.float16, ON_GPU)
+    data = words.cpu().view(torch.uint8).view(256, 256, 2).permute(2, 0, 1)  # little-endian: byte 0 low
+    if name == "int8":
+        want = data.float().add(1024.0).half()
+    else:
+        want = data.contiguous().view(torch.float8_e4m3fn).half()
+    got = got.cpu()
+    nan = want.isnan()
+    assert nan.sum() == (2 * 2 * 256 * 256 // 256 if name == "fp8_e4m3" else 0)  # 2 of 256 bytes, 2 planes
+    if ON_GPU:
+        assert got[nan].isnan().all()
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+@pytest.mark.skipif(not ON_GPU, reason="inline PTX runs on a GPU only")
+@pytest.mark.parametrize("name", ["fp8_e4m3", "int8"])
+def test_pair_planes_asm_is_its_twin_bit_for_bit(name):
+    """The inline PTX (prmt; fp8 also cvt.rn.f16x2.e4m3x2) against the plain Triton twin the
+    interpreter tests run, compiled, on every int16 word: bit for bit, NaN for NaN."""
+    _, asm = pair_planes(name, torch.float16, True)
+    _, twin = pair_planes(name, torch.float16, False)
+    nan = twin.isnan()
+    assert torch.equal(asm.isnan(), nan)
+    assert torch.equal(asm.view(torch.int16)[~nan], twin.view(torch.int16)[~nan])
+
+
+@pytest.mark.skipif(not ON_GPU, reason="inline PTX runs on a GPU only")
+@pytest.mark.parametrize("name", ["fp8_e4m3", "int8"])
+def test_decode_code_pairs_at_llama_shapes(name):
+    """Llama-3.1-8B's heads, batch 32 x 200-263 tokens, a bf16 model: the pairs reading
+    (inline PTX), also capped at 168 registers (`max_registers`), and the byte reading, each
+    within bf16's bound of the reference."""
+    contexts = [200 + 37 * i % 64 for i in range(32)]
+    q, cache, meta = quantized_batch(name, [1] * 32, contexts, 32, 8, 128, torch.bfloat16, 16, seed=12)
+    scale = 128**-0.5
+    ref = reference(q, cache, meta, scale)
+    pairs = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, code_pairs=True)
+    pairs_capped = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale,
+                                                code_pairs=True, max_registers=168)
+    bytes_ = paged_decode_attention_cache(q, cache, meta.block_tables, meta.context_lens, scale, code_pairs=False)
+    for out in (pairs, pairs_capped, bytes_):
+        assert_rel_close(out, ref, torch.bfloat16)
