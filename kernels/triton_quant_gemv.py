@@ -29,9 +29,17 @@ import triton.language as tl
 
 from wattserve.kernels.pdl import pdl_enabled, prefetch_rows_l2, wait_for_inputs
 from wattserve.kernels.triton_gemv import PREFETCH_TILES
+from wattserve.kernels.triton_u4_gemv_bf16x2 import bf16x2_fits, u4_gemv_bf16x2
 from wattserve.kernels.weight_format import QuantizedWeight
 
 MAX_ROWS = 1
+# int4 (u4) weights times a bf16 x through kernels/triton_u4_gemv_bf16x2.py instead: its
+# products are packed bf16 pairs (sm_90 main loop ~3.4 instructions a weight against this
+# kernel's 6.3, 80 registers against 121; bf16 roundings bound the error by 5.1 * 2^-8 of
+# sum |s (c - 8) x|). Off: never yet run on a GPU. benchmarks/quant_gemv_bench.py times both
+# variants of the int4 formats in one run, and tests/test_quant_gemv_bf16x2.py's GPU test
+# checks its PTX against its interpreter twin bit for bit.
+U4_BF16X2 = False
 
 
 def default_config(w: QuantizedWeight) -> tuple[int, int, int]:
@@ -164,8 +172,11 @@ def quant_gemv_triton(x: torch.Tensor, w: QuantizedWeight,
     if w.perm is not None:
         x = x[:, w.perm]
     x = x.contiguous()
+    config = config or default_config(w)
+    if U4_BF16X2 and w.kind == "u4" and x.dtype == torch.bfloat16 and bf16x2_fits(w, config[1]):
+        return u4_gemv_bf16x2(x, w, config)
     m, k = x.shape
-    block_n, block_k, warps = config or default_config(w)
+    block_n, block_k, warps = config
     out = torch.empty(m, w.out_features, device=x.device, dtype=x.dtype)
     if m == 0:
         return out
