@@ -80,19 +80,25 @@ def _u4_gemv_bf16x2_kernel(
     NG: tl.constexpr = 1 if ROW_SCALE else BLOCK_K // GROUP
     GS: tl.constexpr = BLOCK_K // 8 // NG
     unit = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]
-    c_ptrs = c_ptr + rows[None, :, None].to(tl.int64) * stride_cn + unit[:, None, :]
+    # Rows past N read row N - 1 (never stored): no row mask, so no zeroing and no predicate
+    # on the loads of codes and scales.
+    rows_read = tl.minimum(rows, N - 1)
+    c_ptrs = c_ptr + rows_read[None, :, None].to(tl.int64) * stride_cn + unit[:, None, :]
     x_ptrs = x_ptr + m * stride_xm + unit[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # [NG, GS, 4]
     VEC: tl.constexpr = min(4, GS)  # a thread's 16-byte load of code words
+    # Sums of each thread's own terms, reduced across threads once, after the loop:
+    # s * sum (c - 8) x, and (o + 8 s) * sum x.
     total = tl.zeros([NG, BLOCK_N, GS // VEC], dtype=tl.float32)
+    shifted = tl.zeros([NG, BLOCK_N], dtype=tl.float32)
     x_total = tl.zeros([NG, GS], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             k_ok = unit < BLOCK_K
-            words = tl.load(c_ptrs, mask=row_ok[None, :, None], other=0)
+            words = tl.load(c_ptrs)
         else:
             k_ok = k0 + unit * 8 < K
-            words = tl.load(c_ptrs, mask=row_ok[None, :, None] & k_ok[:, None, :], other=0)
+            words = tl.load(c_ptrs, mask=k_ok[:, None, :], other=0)
         x_words = tl.load(x_ptrs, mask=k_ok[:, :, None], other=0)  # (x0,x1) (x2,x3) (x4,x5) (x6,x7)
         x_low, x_high = halves_f32(x_words)
         x_sum = tl.sum(x_low + x_high, 2)
@@ -117,18 +123,19 @@ def _u4_gemv_bf16x2_kernel(
             x_total += x_sum
         else:
             groups = k0 // GROUP + tl.arange(0, NG)
-            s_off = rows[None, :] * stride_sn + groups[:, None]
-            s_mask = row_ok[None, :] & (groups[:, None] < K // GROUP)
-            scale = tl.load(s_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
+            s_off = rows_read[None, :] * stride_sn + groups[:, None]
+            if EVEN_K:
+                scale = tl.load(s_ptr + s_off).to(tl.float32)
+                offset = tl.load(o_ptr + s_off).to(tl.float32) if HAS_OFFSET else 0.0
+            else:
+                s_mask = groups[:, None] < K // GROUP
+                scale = tl.load(s_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
+                offset = tl.load(o_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32) if HAS_OFFSET else 0.0
             total += part * scale[:, :, None]
-            # (o + 8 s) * sum x, the centering's share and the offset's
-            shift = CENTER * scale
-            if HAS_OFFSET:
-                shift += tl.load(o_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
-            acc += tl.sum(shift * tl.sum(x_sum, 1)[:, None], 0)
+            shifted += (CENTER * scale + offset) * tl.sum(x_sum, 1)[:, None]  # the centering's share and o's
         c_ptrs += BLOCK_K // 8
         x_ptrs += BLOCK_K // 2
-    acc += tl.sum(tl.sum(total, 2), 0)
+    acc += tl.sum(tl.sum(total, 2), 0) + tl.sum(shifted, 0)
     if ROW_SCALE:
         scale = tl.load(s_ptr + rows * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
         shift = CENTER * scale
