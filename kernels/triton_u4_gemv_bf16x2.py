@@ -59,6 +59,12 @@ def _centered_products(words, x_pair, i: tl.constexpr, acc, FIRST: tl.constexpr,
 
 
 @triton.jit
+def _as_tile(t, NG: tl.constexpr, GS: tl.constexpr):
+    """[GS / VEC, NG, VEC] (x's load order) -> [NG, GS] (the code tile's)."""
+    return tl.reshape(tl.permute(t, 1, 0, 2), [NG, GS])
+
+
+@triton.jit
 def _u4_gemv_bf16x2_kernel(
     x_ptr, c_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, stride_cn, stride_sn, stride_om,
     HAS_OFFSET: tl.constexpr, ROW_SCALE: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -84,9 +90,12 @@ def _u4_gemv_bf16x2_kernel(
     # on the loads of codes and scales.
     rows_read = tl.minimum(rows, N - 1)
     c_ptrs = c_ptr + rows_read[None, :, None].to(tl.int64) * stride_cn + unit[:, None, :]
-    x_ptrs = x_ptr + m * stride_xm + unit[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # [NG, GS, 4]
     VEC: tl.constexpr = min(4, GS)  # a thread's 16-byte load of code words
-    # Sums of each thread's own terms, reduced across threads once, after the loop:
+    # x's 4 words (8 bf16) for each code word, as [GS / VEC, NG, VEC, 4]: ...
+    x_unit = tl.arange(0, GS // VEC)[:, None, None] * VEC + tl.arange(0, NG)[None, :, None] * GS \
+        + tl.arange(0, VEC)[None, None, :]
+    x_ptrs = x_ptr + m * stride_xm + x_unit[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :]
+        # Sums of each thread's own terms, reduced across threads once, after the loop:
     # s * sum (c - 8) x, and (o + 8 s) * sum x.
     total = tl.zeros([NG, BLOCK_N, GS // VEC], dtype=tl.float32)
     shifted = tl.zeros([NG, BLOCK_N], dtype=tl.float32)
@@ -99,16 +108,19 @@ def _u4_gemv_bf16x2_kernel(
         else:
             k_ok = k0 + unit * 8 < K
             words = tl.load(c_ptrs, mask=k_ok[:, None, :], other=0)
-        x_words = tl.load(x_ptrs, mask=k_ok[:, :, None], other=0)  # (x0,x1) (x2,x3) (x4,x5) (x6,x7)
-        x_low, x_high = halves_f32(x_words)
-        x_sum = tl.sum(x_low + x_high, 2)
-        x01_45, x23_67 = tl.split(tl.reshape(x_words, [NG, GS, 2, 2]))
+        if EVEN_K:
+            x_words = tl.load(x_ptrs)
+        else:
+            x_words = tl.load(x_ptrs, mask=(k0 + x_unit * 8 < K)[:, :, :, None], other=0)
+        x_low, x_high = halves_f32(x_words)  # (x0,x1) (x2,x3) (x4,x5) (x6,x7)
+        x_sum = _as_tile(tl.sum(x_low + x_high, 3), NG, GS)
+        x01_45, x23_67 = tl.split(tl.reshape(x_words, [GS // VEC, NG, VEC, 2, 2]))
         x01, x45 = tl.split(x01_45)
         x23, x67 = tl.split(x23_67)
-        x04 = ((x01 & 0xFFFF) | (x45 << 16))[:, None, :]
-        x15 = (((x01 >> 16) & 0xFFFF) | (x45 & -65536))[:, None, :]
-        x26 = ((x23 & 0xFFFF) | (x67 << 16))[:, None, :]
-        x37 = (((x23 >> 16) & 0xFFFF) | (x67 & -65536))[:, None, :]
+        x04 = _as_tile((x01 & 0xFFFF) | (x45 << 16), NG, GS)[:, None, :]
+        x15 = _as_tile(((x01 >> 16) & 0xFFFF) | (x45 & -65536), NG, GS)[:, None, :]
+        x26 = _as_tile((x23 & 0xFFFF) | (x67 << 16), NG, GS)[:, None, :]
+        x37 = _as_tile(((x23 >> 16) & 0xFFFF) | (x67 & -65536), NG, GS)[:, None, :]
         pair_sum = _centered_products(words, x04, 0, 0, True, EMULATE)
         pair_sum = _centered_products(words, x15, 1, pair_sum, False, EMULATE)
         pair_sum = _centered_products(words, x26, 2, pair_sum, False, EMULATE)
