@@ -121,10 +121,11 @@ def main() -> None:
                 if device.type == "cuda":
                     bf16 = time_of(lambda i: gemv_triton(x, dense_copies[i % copies]))
                 tensor_cores = time_of(lambda i: quant_matmul_triton(x, weights[i % copies], GEMV_CONFIG))
-                configs = SWEEP if args.sweep else [default_config(weights[0])]
                 for variant in VARIANTS if weights[0].kind == "u4" else VARIANTS[:1]:
-                    # read at each call (and at a CUDA graph's capture); the variant takes bf16 x only
+                    # read at each call (and at a CUDA graph's capture) and by default_config; the
+                    # variant takes bf16 x only
                     triton_quant_gemv.U4_BF16X2 = variant == "bf16x2"
+                    configs = SWEEP if args.sweep else [default_config(weights[0])]
                     xv = x.bfloat16() if variant == "bf16x2" else x
                     timings = {config: time_of(lambda i: quant_gemv_triton(xv, weights[i % copies], config))
                                for config in configs if gemv_fits(xv, weights[0], config)}

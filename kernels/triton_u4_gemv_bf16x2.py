@@ -13,10 +13,18 @@ its bytes roofline. Here one instruction works on two weights:
   - a packed FMA subtracts 136 (exact: c - 8 in -8..7), a second multiplies x's matching pair
     (x_i, x_{i+4}) (two shuffles of x's bf16 words, shared by the tile's rows) and adds it
     to the word's running pair sum: the word's 8 products in 4 packed FMAs;
-  - the pair sum's two halves are added to a float32 sum once a word, and scaled once a group:
-    sum_k (c_k s + o) x_k = s * sum_k (c_k - 8) x_k + (o + 8 s) * sum_k x_k, with sum x in
-    float32 per group, shared by the rows.
+  - two neighbouring words' pair sums are added as a bf16 pair, its halves added to a float32
+    sum, and that scaled once a group: sum_k (c_k s + o) x_k = s * sum_k (c_k - 8) x_k +
+    (o + 8 s) * sum_k x_k, with sum x in float32 per group, shared by the rows.
 Centering at 8 keeps products and sums small, so bf16's roundings are relative to them.
+
+Layout: each thread holds VEC (4) neighbouring code words of one group in several rows, and
+x's words are loaded in an order whose Triton layout is the code tile's own when all of a
+program's rows fit in each thread's registers, i.e. BLOCK_K >= 1024 * warps (then x needs no
+exchange through shared memory). sm_90 main loop, int4 g128 (g32), counted in SASS with
+/work/tools/compile_check.py: 2.88 (3.03) instructions a weight at (8, 2048, 2 warps), 96 (80)
+registers; 3.23 (3.30) at (8, 2048, 4), 80 (96) registers, where x goes through shared memory;
+the float32 kernel: 6.27 (6.63), 121 (94) registers.
 
 Error bound (tests/test_quant_gemv_bf16x2.py checks it against float64, bf16 x exact):
 bf16 has unit roundoff u = 2^-8, and each packed FMA or add rounds once: a word's half sums 4
@@ -75,8 +83,10 @@ def _u4_gemv_bf16x2_kernel(
     m = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    prefetch_rows_l2(c_ptr + tl.minimum(rows, N - 1).to(tl.int64) * stride_cn, K // 8,
-                     PREFETCH_TILES * BLOCK_K // 2, PDL)
+    # Rows past N read row N - 1 (never stored): no row mask, so no zeroing and no predicate
+    # on the loads of codes and scales.
+    rows_read = tl.minimum(rows, N - 1)
+    prefetch_rows_l2(c_ptr + rows_read.to(tl.int64) * stride_cn, K // 8, PREFETCH_TILES * BLOCK_K // 2, PDL)
     wait_for_inputs(PDL)
     # A tile: NG groups of GS code words of BLOCK_N rows, as [NG, BLOCK_N, GS]: rows ahead of
     # groups would spread the rows over a warp's lanes (Triton's layout gives threads to the
@@ -86,16 +96,16 @@ def _u4_gemv_bf16x2_kernel(
     NG: tl.constexpr = 1 if ROW_SCALE else BLOCK_K // GROUP
     GS: tl.constexpr = BLOCK_K // 8 // NG
     unit = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]
-    # Rows past N read row N - 1 (never stored): no row mask, so no zeroing and no predicate
-    # on the loads of codes and scales.
-    rows_read = tl.minimum(rows, N - 1)
     c_ptrs = c_ptr + rows_read[None, :, None].to(tl.int64) * stride_cn + unit[:, None, :]
     VEC: tl.constexpr = min(4, GS)  # a thread's 16-byte load of code words
-    # x's 4 words (8 bf16) for each code word, as [GS / VEC, NG, VEC, 4]: ...
+    # x's 4 words (8 bf16) of each code word, as [GS / VEC, NG, VEC, 4]: Triton lays a load out
+    # from its contiguous dimension on (x's 4 words), then the others in index order, so this
+    # order gives lanes to GS / VEC, then NG, then warps to NG and leaves VEC in registers: the
+    # code tile's layout (module doc), permuted back to [NG, GS] by `_as_tile` at no cost.
     x_unit = tl.arange(0, GS // VEC)[:, None, None] * VEC + tl.arange(0, NG)[None, :, None] * GS \
         + tl.arange(0, VEC)[None, None, :]
     x_ptrs = x_ptr + m * stride_xm + x_unit[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :]
-        # Sums of each thread's own terms, reduced across threads once, after the loop:
+    # Sums of each thread's own terms, reduced across threads once, after the loop:
     # s * sum (c - 8) x, and (o + 8 s) * sum x.
     total = tl.zeros([NG, BLOCK_N, GS // VEC], dtype=tl.float32)
     shifted = tl.zeros([NG, BLOCK_N], dtype=tl.float32)

@@ -141,11 +141,13 @@ def test_gemv_within_its_bound_of_float64(n, k, group, offsets, config):
 def test_switch_routes_bf16_int4_through_the_variant(monkeypatch):
     w = weight(24, 256, 64, "zero_points").to(DEVICE)
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2)).bfloat16().to(DEVICE)
-    config = (8, 256, 4)
     monkeypatch.setattr(triton_quant_gemv, "U4_BF16X2", True)
-    out = triton_quant_gemv.quant_gemv_triton(x, w, config)
+    out = triton_quant_gemv.quant_gemv_triton(x, w)  # at the variant's default tile
     assert out.dtype == torch.bfloat16
-    assert torch.equal(out, u4_gemv_bf16x2(x, w, config))
+    assert torch.equal(out, u4_gemv_bf16x2(x, w, triton_quant_gemv.default_config(w)))
+    exact = x.double() @ dequantize(w).double().T  # within the bound, plus out's bf16 rounding
+    limit = bound(x, w)
+    assert ((out.double() - exact).abs() <= limit + 2**-8 * (exact.abs() + limit)).all()
 
 
 @gpu_only
