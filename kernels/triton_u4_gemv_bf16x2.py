@@ -110,17 +110,12 @@ def _u4_gemv_bf16x2_kernel(
     total = tl.zeros([NG, BLOCK_N, GS // VEC], dtype=tl.float32)
     shifted = tl.zeros([NG, BLOCK_N], dtype=tl.float32)
     x_total = tl.zeros([NG, GS], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            k_ok = unit < BLOCK_K
             words = tl.load(c_ptrs)
-        else:
-            k_ok = k0 + unit * 8 < K
-            words = tl.load(c_ptrs, mask=k_ok[:, None, :], other=0)
-        if EVEN_K:
             x_words = tl.load(x_ptrs)
-        else:
+        else:  # code 0 past K: (0 - 8) * x, with x 0 there
+            words = tl.load(c_ptrs, mask=(k0 + unit * 8 < K)[:, None, :], other=0)
             x_words = tl.load(x_ptrs, mask=(k0 + x_unit * 8 < K)[:, :, :, None], other=0)
         x_low, x_high = halves_f32(x_words)  # (x0,x1) (x2,x3) (x4,x5) (x6,x7)
         x_sum = _as_tile(tl.sum(x_low + x_high, 3), NG, GS)
@@ -157,7 +152,7 @@ def _u4_gemv_bf16x2_kernel(
             shifted += (CENTER * scale + offset) * tl.sum(x_sum, 1)[:, None]  # the centering's share and o's
         c_ptrs += BLOCK_K // 8
         x_ptrs += BLOCK_K // 2
-    acc += tl.sum(tl.sum(total, 2), 0) + tl.sum(shifted, 0)
+    acc = tl.sum(tl.sum(total, 2), 0) + tl.sum(shifted, 0)
     if ROW_SCALE:
         scale = tl.load(s_ptr + rows * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
         shift = CENTER * scale
