@@ -9,8 +9,8 @@ does. Exact means: a * b of two bf16 has at most 16 significant bits, and a * b 
 in float64's 53 while the two terms' exponents lie within 37 of each other (a product and a
 sum of products of one weight word here lie far closer). Subnormal bf16 results (below
 2^-126) are outside the twin's claim: it rounds them as normal numbers.
-tests/test_bf16x2.py checks the twin against torch's bf16 rounding bit for bit, and on a GPU
-the PTX against the twin.
+tests/test_quant_gemv_bf16x2.py checks the twin against torch's bf16 rounding bit for bit,
+and on a GPU the PTX against the twin.
 """
 from __future__ import annotations
 

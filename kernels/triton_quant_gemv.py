@@ -35,10 +35,10 @@ from wattserve.kernels.weight_format import QuantizedWeight
 MAX_ROWS = 1
 # int4 (u4) weights times a bf16 x through kernels/triton_u4_gemv_bf16x2.py instead: its
 # products are packed bf16 pairs (sm_90 main loop, int4 g128 at (8, 2048, 4): 3.2 instructions
-# a weight against this kernel's 6.3, 80 registers against 121; at its own default
-# (8, 2048, 2): 2.9), the error within 5.1 * 2^-8 of sum |s (c - 8) x| (its module doc). Off:
-# never yet run on a GPU. benchmarks/quant_gemv_bench.py times both variants of the int4
-# formats in one run (--sweep: over tile configs too), and tests/test_quant_gemv_bf16x2.py's
+# a weight against this kernel's 6.3, 80 registers against 121; at its own default tile
+# (8, 2048, 2): 2.9), its error bounded by about 5.1 * 2^-8 sum |s (c - 8) x| (its module
+# doc). Off: never yet run on a GPU. benchmarks/quant_gemv_bench.py times both variants of the
+# int4 formats in one run (--sweep: over tile configs too), and tests/test_quant_gemv_bf16x2.py's
 # GPU tests check its PTX against its interpreter twin bit for bit.
 U4_BF16X2 = False
 
