@@ -49,7 +49,7 @@ def words(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
 
 def operands(n=4096, seed=0):
     """bf16 words a, b, c as the GEMV has them (a: codes c - 8; b: x; c: running sums), with
-    exact ties of a * b + c planted, plus fully random words."""
+    exact ties of a * b + c planted."""
     g = torch.Generator().manual_seed(seed)
     a = torch.randint(-8, 8, (n, 2), generator=g).bfloat16()
     b = (torch.randn(n, 2, generator=g) * 4).bfloat16()
@@ -78,8 +78,9 @@ def test_emulated_fma_rounds_once_to_nearest_even_as_torch():
 
 @gpu_only
 def test_ptx_bf16x2_ops_equal_their_twins():
-    """The GEMV's operands, and any bf16 within the twin's claim: exponents within 2^+-6 (and randn's few more), so
-    products and sums stay normal and exact in float64 before the one rounding."""
+    """The GEMV's operands, and bf16 of any sign and mantissa within the twin's claim:
+    exponents within +-6 (and randn's few more), so products and sums stay normal and exact
+    in float64 before the one rounding."""
     g = torch.Generator().manual_seed(1)
     wide = [torch.randn(4096, 2, generator=g) * 2.0 ** torch.randint(-6, 7, (4096, 2), generator=g)
             for _ in range(3)]
