@@ -4,7 +4,9 @@ the same run: the bytes a matrix stores over the time its product with one row t
 Llama-3.1-8B's four layer matrices, random weights, in each format a checkpoint brings
 (fp8 per channel, int4 group 128 as AWQ/GPTQ, GGUF Q4_0 as int4 group 32, GGUF Q8_0), by:
   - kernels/triton_quant_gemv.py (CUDA cores), each of a grid of tile configs with --sweep,
-    else its default;
+    else its default; int4 formats in both its variants (`U4_BF16X2`): float32 products
+    ("float32") and packed bf16 pairs ("bf16x2", a row of its own, with its speed-up over the
+    float32 row, "x f32"), so one run decides the switch;
   - kernels/triton_quant_linear.py's dequantize-in-the-loop kernel at its decode tile (tensor
     cores), the path decode took before;
   - bf16 through kernels/triton_gemv.py, the unquantized baseline.
@@ -33,6 +35,7 @@ if not torch.cuda.is_available():
 from _results import write_results  # noqa: E402
 from _roofline import copy_bandwidth, graph_time  # noqa: E402
 
+from wattserve.kernels import triton_quant_gemv  # noqa: E402
 from wattserve.kernels.triton_gemv import gemv_triton  # noqa: E402
 from wattserve.kernels.triton_quant_gemv import default_config, gemv_fits, quant_gemv_triton  # noqa: E402
 from wattserve.kernels.triton_quant_linear import GEMV_CONFIG, quant_matmul_triton  # noqa: E402
@@ -41,6 +44,7 @@ from wattserve.kernels.weight_format import QuantizedWeight, quantize_fp8, quant
 MATRICES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
             "down_proj": (4096, 14336)}
 TINY_MATRICES = {"square": (64, 256), "wide": (96, 512)}
+VARIANTS = ("float32", "bf16x2")  # the u4 GEMV's, by triton_quant_gemv.U4_BF16X2
 SWEEP = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (512, 1024, 2048) for w in (2, 4, 8)]
 
 
@@ -61,13 +65,13 @@ def stored_bytes(w: QuantizedWeight) -> int:
 
 
 def best_configs(rows: list[dict]) -> dict:
-    """Per format, the swept config whose times summed over the matrices are least: one
-    config per kind serves every layer."""
+    """Per format and GEMV variant, the swept config whose times summed over the matrices are
+    least: one config per kind serves every layer."""
     best = {}
-    for fmt in dict.fromkeys(r["format"] for r in rows):
+    for fmt in dict.fromkeys(f"{r['format']} {r['variant']}" for r in rows):
         totals: dict[str, float] = {}
         for r in rows:
-            if r["format"] == fmt:
+            if f"{r['format']} {r['variant']}" == fmt:
                 for config, us in r["gemv_us_by_config"].items():
                     totals[config] = totals.get(config, 0.0) + us
         best[fmt] = min(totals, key=totals.get)
@@ -100,8 +104,8 @@ def main() -> None:
     bw = copy_bandwidth(device)
     print(f"{label}: copy {bw / 1e12:.3f} TB/s")
     rows = []
-    print(f"{'matrix':<14}{'format':<11}{'rows':>5}{'GEMV us':>9}{'x copy':>8}{'TC us':>9}{'x copy':>8}"
-          f"{'bf16 us':>9}{'x bf16':>8}  config")
+    print(f"{'matrix':<14}{'format':<11}{'variant':<9}{'rows':>5}{'GEMV us':>9}{'x copy':>8}{'TC us':>9}"
+          f"{'x copy':>8}{'bf16 us':>9}{'x bf16':>8}{'x f32':>8}  config")
     for name, (n, k) in (TINY_MATRICES if args.tiny else MATRICES).items():
         dense = torch.randn(n, k, device=device, dtype=dtype) * k**-0.5
         copies = 1 if args.tiny else max(2, -(-(200 << 20) // (n * k * 2)))  # past the L2
@@ -117,21 +121,30 @@ def main() -> None:
                 if device.type == "cuda":
                     bf16 = time_of(lambda i: gemv_triton(x, dense_copies[i % copies]))
                 tensor_cores = time_of(lambda i: quant_matmul_triton(x, weights[i % copies], GEMV_CONFIG))
-                configs = SWEEP if args.sweep else [default_config(weights[0])]
-                timings = {config: time_of(lambda i: quant_gemv_triton(x, weights[i % copies], config))
-                           for config in configs if gemv_fits(x, weights[0], config)}
-                best = min(timings, key=timings.get)
-                best_t = timings[best]
-                rows.append({"matrix": name, "format": fmt, "rows": m, "stored_bytes": nbytes,
-                             "gemv_us": round(best_t * 1e6, 2), "gemv_x_copy": round(nbytes / best_t / bw, 3),
-                             "gemv_config": best, "gemv_us_by_config": {str(c): round(t * 1e6, 2) for c, t in timings.items()},
-                             "tensor_core_us": round(tensor_cores * 1e6, 2),
-                             "tensor_core_x_copy": round(nbytes / tensor_cores / bw, 3),
-                             "bf16_us": round(bf16 * 1e6, 2), "gemv_x_bf16": round(bf16 / best_t, 2)})
-                r = rows[-1]
-                print(f"{name:<14}{fmt:<11}{m:>5}{r['gemv_us']:>9}{r['gemv_x_copy']:>8}{r['tensor_core_us']:>9}"
-                      f"{r['tensor_core_x_copy']:>8}{r['bf16_us']:>9}{r['gemv_x_bf16']:>8}  {best}",
-                      flush=True)
+                for variant in VARIANTS if weights[0].kind == "u4" else VARIANTS[:1]:
+                    # read at each call (and at a CUDA graph's capture) and by default_config; the
+                    # variant takes bf16 x only
+                    triton_quant_gemv.U4_BF16X2 = variant == "bf16x2"
+                    configs = SWEEP if args.sweep else [default_config(weights[0])]
+                    xv = x.bfloat16() if variant == "bf16x2" else x
+                    timings = {config: time_of(lambda i: quant_gemv_triton(xv, weights[i % copies], config))
+                               for config in configs if gemv_fits(xv, weights[0], config)}
+                    best = min(timings, key=timings.get)
+                    best_t = timings[best]
+                    rows.append({"matrix": name, "format": fmt, "variant": variant, "rows": m, "stored_bytes": nbytes,
+                                 "gemv_us": round(best_t * 1e6, 2), "gemv_x_copy": round(nbytes / best_t / bw, 3),
+                                 "gemv_config": best,
+                                 "gemv_us_by_config": {str(c): round(t * 1e6, 2) for c, t in timings.items()},
+                                 "tensor_core_us": round(tensor_cores * 1e6, 2),
+                                 "tensor_core_x_copy": round(nbytes / tensor_cores / bw, 3),
+                                 "bf16_us": round(bf16 * 1e6, 2), "gemv_x_bf16": round(bf16 / best_t, 2)})
+                    r = rows[-1]
+                    if variant == "bf16x2":  # the speed-up over the float32 variant's row just above
+                        r["x_float32_variant"] = round(rows[-2]["gemv_us"] / r["gemv_us"], 3)
+                    print(f"{name:<14}{fmt:<11}{variant:<9}{m:>5}{r['gemv_us']:>9}{r['gemv_x_copy']:>8}"
+                          f"{r['tensor_core_us']:>9}{r['tensor_core_x_copy']:>8}{r['bf16_us']:>9}{r['gemv_x_bf16']:>8}"
+                          f"{r.get('x_float32_variant', ''):>8}  {best}", flush=True)
+                triton_quant_gemv.U4_BF16X2 = False
     best = best_configs(rows) if args.sweep else None
     if best:
         print("the config of least total time over the matrices, by format:", best)

@@ -16,3 +16,11 @@ def fix_loop_bounds() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
     interpreter._patch_lang_tensor = patched
+
+
+def interpreting() -> bool:
+    """Whether kernels run in Triton's interpreter, where inline PTX cannot run: kernels that
+    use it take their plain-Triton twin (a constexpr EMULATE) there."""
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)

@@ -29,9 +29,18 @@ import triton.language as tl
 
 from wattserve.kernels.pdl import pdl_enabled, prefetch_rows_l2, wait_for_inputs
 from wattserve.kernels.triton_gemv import PREFETCH_TILES
+from wattserve.kernels.triton_u4_gemv_bf16x2 import bf16x2_fits, u4_gemv_bf16x2
 from wattserve.kernels.weight_format import QuantizedWeight
 
 MAX_ROWS = 1
+# int4 (u4) weights times a bf16 x through kernels/triton_u4_gemv_bf16x2.py instead: its
+# products are packed bf16 pairs (sm_90 main loop, int4 g128 at (8, 2048, 4): 3.2 instructions
+# a weight against this kernel's 6.3, 80 registers against 121; at its own default tile
+# (8, 2048, 2): 2.9), its error bounded by about 5.1 * 2^-8 sum |s (c - 8) x| (its module
+# doc). Off: never yet run on a GPU. benchmarks/quant_gemv_bench.py times both variants of the
+# int4 formats in one run (--sweep: over tile configs too), and tests/test_quant_gemv_bf16x2.py's
+# GPU tests check its PTX against its interpreter twin bit for bit.
+U4_BF16X2 = False
 
 
 def default_config(w: QuantizedWeight) -> tuple[int, int, int]:
@@ -44,6 +53,8 @@ def default_config(w: QuantizedWeight) -> tuple[int, int, int]:
         if k >= 8192:
             return (8, 2048, 8)
         return (4, 1024, 4) if n * k <= 32 << 20 else (32, 512, 8)
+    if w.kind == "u4" and U4_BF16X2:  # chosen from its sm_90 SASS, not yet timed (its module doc)
+        return (8, 2048, 2)
     if w.kind == "u4" and n >= 16384:
         return (16, 1024, 4)
     return (8, 2048, 4)
@@ -164,8 +175,11 @@ def quant_gemv_triton(x: torch.Tensor, w: QuantizedWeight,
     if w.perm is not None:
         x = x[:, w.perm]
     x = x.contiguous()
+    config = config or default_config(w)
+    if U4_BF16X2 and x.dtype == torch.bfloat16 and bf16x2_fits(w, config[1]):
+        return u4_gemv_bf16x2(x, w, config)
     m, k = x.shape
-    block_n, block_k, warps = config or default_config(w)
+    block_n, block_k, warps = config
     out = torch.empty(m, w.out_features, device=x.device, dtype=x.dtype)
     if m == 0:
         return out

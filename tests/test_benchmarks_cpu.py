@@ -111,9 +111,12 @@ def test_quant_gemv_bench_tiny(tmp_path):
     bench("quant_gemv_bench.py", "--tiny", "--out", str(out))
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert [(r["matrix"], r["format"]) for r in rows] == \
-        [(m, f) for m in ("square", "wide") for f in ("fp8", "int4_g128", "q4_0_g32", "q8_0")]
+    formats = [("fp8", "float32"), ("int4_g128", "float32"), ("int4_g128", "bf16x2"), ("q4_0_g32", "float32"),
+               ("q4_0_g32", "bf16x2"), ("q8_0", "float32")]  # int4 in both GEMV variants
+    assert [(r["matrix"], r["format"], r["variant"]) for r in rows] == \
+        [(m, *f) for m in ("square", "wide") for f in formats]
     assert result["copy_bytes_s"] > 0 and all(r["gemv_us"] > 0 and r["tensor_core_us"] > 0 for r in rows)
+    assert all(r["x_float32_variant"] > 0 for r in rows if r["variant"] == "bf16x2")
 
 
 def test_weight_quant_bench_tiny(tmp_path):
