@@ -23,7 +23,8 @@ x's words are loaded in an order whose Triton layout is the code tile's own when
 program's rows fit in each thread's registers, i.e. BLOCK_K >= 1024 * warps (then x needs no
 exchange through shared memory). sm_90 main loop, int4 g128 (g32), counted in the SASS
 of triton.compile for GPUTarget("cuda", 90, 32), aligned arguments marked divisible by 16:
-2.88 (3.03) instructions a weight at (8, 2048, 2 warps), 96 (80) registers; 3.23 (3.30) at (8, 2048, 4), 80 (96) registers, where x goes through shared memory;
+2.88 (3.03) instructions a weight at (8, 2048, 2 warps), 96 (80) registers; 3.23 (3.30) at
+(8, 2048, 4), 80 (96) registers, where x goes through shared memory;
 the float32 kernel: 6.27 (6.63), 121 (94) registers.
 
 Error bound (tests/test_quant_gemv_bf16x2.py checks it against float64, bf16 x exact):
