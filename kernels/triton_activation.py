@@ -8,8 +8,25 @@ import triton.language as tl
 
 from wattserve.kernels.pdl import pdl_enabled, wait_for_inputs
 from wattserve.kernels.triton_kv_write import native_fp8
-from wattserve.kernels.triton_token_quant import MAX_ONE_PASS, empty_fp8_rows, quantize_row, row_warps
+from wattserve.kernels.triton_token_quant import (
+    MAX_ONE_PASS, clamped_codes, empty_fp8_rows, quantize_row, quotient_by_reciprocal, row_scale, row_warps,
+)
 from wattserve.kernels.weight_format import FP8_MAX
+
+# act_and_mul_fp8_triton's kernel: off, the one-row program (`_act_and_mul_fp8_kernel`), as
+# measured on the H200 at 0.49 of the copy bandwidth (4,096 x 14,336 bf16: 4.64 ms over a
+# prefill's 32 layers, benchmarks/results/weight_quant_NVIDIA_H200.json). On, the persistent
+# program that loads its next row while quantizing this one, with the quotient by the row's
+# reciprocal (`_act_and_mul_fp8_pipelined_kernel`): never timed yet, so off until
+# benchmarks/act_fp8_bench.py measures it against the one-row program and the copy.
+ACT_FP8_PIPELINED = False
+# The pipelined kernel's launch: warps a program and pipeline stages (rows in shared memory,
+# 64 KiB each at 14,336 columns: 3 stages leave one program an SM in the H200's 227 KiB).
+# sm_90 builds at 3 stages: 32 warps 50 registers, 16 warps 95 (shared memory, not registers,
+# holds it to one program an SM). act_fp8_bench.py times a grid.
+PIPELINED_WARPS = 32
+PIPELINED_STAGES = 3
+SHARED_BYTES = 227 * 1024  # an sm_90 program's most (sm_80's: 163 KiB)
 
 
 @triton.jit
@@ -52,6 +69,36 @@ def _act_and_mul_fp8_kernel(gu_ptr, codes_ptr, scales_ptr, stride_gu, stride_cod
     tl.store(scales_ptr + row, scale)
 
 
+@triton.jit
+def _act_and_mul_fp8_pipelined_kernel(gu_ptr, codes_ptr, scales_ptr, stride_gu, stride_codes, num_rows, inter,
+                                      BLOCK: tl.constexpr, GELU_TANH: tl.constexpr, FP8_MAX: tl.constexpr,
+                                      NATIVE_FP8: tl.constexpr, FMA_QUOTIENT: tl.constexpr,
+                                      STAGES: tl.constexpr):
+    """`_act_and_mul_fp8_kernel`'s codes and scales from a persistent program over rows
+    pid, pid + programs, ...: Triton's pipeliner copies the next STAGES - 1 rows' gate and up
+    into shared memory (cp.async, sm_80+) while this row is activated, reduced, quantized and
+    stored, so the SM's reads do not stop while it computes (the one-row program's phases
+    run one after another, 0.49 of the copy bandwidth on the H200). A row of 14,336 bf16
+    pairs takes 64 KiB of shared memory a stage. FMA_QUOTIENT (compiled, bf16 rows): the
+    values divided by the scale through its reciprocal (`quotient_by_reciprocal`), 4
+    instructions a value where div_rn spends 17."""
+    cols = tl.arange(0, BLOCK)
+    mask = cols < inter
+    for row in tl.range(tl.program_id(0), num_rows, tl.num_programs(0), num_stages=STAGES):
+        gu_row = gu_ptr + row * stride_gu.to(tl.int64)
+        g = tl.load(gu_row + cols, mask=mask, other=0.0)
+        u = tl.load(gu_row + inter + cols, mask=mask, other=0.0)
+        x = _act_times_up(g, u, GELU_TANH).to(tl.float32)
+        scale = row_scale(x, FP8_MAX)
+        if FMA_QUOTIENT and scale < float("inf"):  # an infinite value's row: div_rn's zeros and NaNs
+            quotient = quotient_by_reciprocal(x, scale, tl.math.div_rn(1.0, scale))
+        else:
+            quotient = tl.math.div_rn(x, scale)
+        tl.store(codes_ptr + row * stride_codes.to(tl.int64) + cols, clamped_codes(quotient, FP8_MAX, NATIVE_FP8),
+                 mask=mask)
+        tl.store(scales_ptr + row, scale)
+
+
 def silu_and_mul_triton(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """gate_up: [num_tokens, 2 * intermediate] (last dim contiguous) -> [num_tokens, intermediate]."""
     return _act_and_mul(gate_up, block, gelu_tanh=False)
@@ -62,16 +109,20 @@ def gelu_tanh_and_mul_triton(gate_up: torch.Tensor, block: int = 1024) -> torch.
     return _act_and_mul(gate_up, block, gelu_tanh=True)
 
 
-def act_and_mul_fp8_triton(gate_up: torch.Tensor, gelu_tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def act_and_mul_fp8_triton(gate_up: torch.Tensor, gelu_tanh: bool,
+                           pipelined: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """act(gate) * up quantized per token for the W8A8 GEMM in the same pass: the codes and
     scales of `quantize_per_token_fp8_triton(silu_and_mul_triton(gate_up))` (or gelu's),
     without the activation's round trip through memory (the bf16 product written, then read
     back to quantize). gate_up: [num_tokens, 2 * intermediate], intermediate <= MAX_ONE_PASS
-    -> (float8_e4m3fn [num_tokens, intermediate], float32 scales [num_tokens, 1])."""
+    -> (float8_e4m3fn [num_tokens, intermediate], float32 scales [num_tokens, 1]).
+    pipelined: which kernel (None: ACT_FP8_PIPELINED's)."""
     num_tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
     assert gate_up.stride(-1) == 1 and inter <= MAX_ONE_PASS
     codes, scales = empty_fp8_rows(num_tokens, inter, gate_up.device)
-    if num_tokens:
+    if num_tokens and (pipelined if pipelined is not None else ACT_FP8_PIPELINED):
+        launch_act_and_mul_fp8_pipelined(gate_up, codes, scales, gelu_tanh, PIPELINED_WARPS, PIPELINED_STAGES)
+    elif num_tokens:
         block = triton.next_power_of_2(inter)
         _act_and_mul_fp8_kernel[(num_tokens,)](
             gate_up, codes, scales, gate_up.stride(0), codes.stride(0), inter, BLOCK=block, GELU_TANH=gelu_tanh,
@@ -79,6 +130,27 @@ def act_and_mul_fp8_triton(gate_up: torch.Tensor, gelu_tanh: bool) -> tuple[torc
             num_warps=row_warps(block),  # the whole row in registers
         )
     return codes.view(torch.float8_e4m3fn), scales
+
+
+def launch_act_and_mul_fp8_pipelined(gate_up: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, gelu_tanh: bool,
+                                     num_warps: int, stages: int) -> None:
+    """The pipelined kernel over gate_up's rows into empty_fp8_rows' (codes, scales), one
+    program an SM (its shared memory holds stages - 1 rows in flight), at a launch that
+    benchmarks/act_fp8_bench.py varies."""
+    num_tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    block = triton.next_power_of_2(inter)
+    # Under the interpreter, 4 programs: each loops over several rows, as on a GPU.
+    sms = torch.cuda.get_device_properties(gate_up.device).multi_processor_count if gate_up.is_cuda else 4
+    rows_in_shared = SHARED_BYTES // (2 * block * gate_up.element_size())  # float32 rows: half as many
+    _act_and_mul_fp8_pipelined_kernel[(min(num_tokens, sms),)](
+        gate_up, codes, scales, gate_up.stride(0), codes.stride(0), num_tokens, inter,
+        BLOCK=block, GELU_TANH=gelu_tanh, FP8_MAX=FP8_MAX,
+        NATIVE_FP8=native_fp8(gate_up.device),
+        # A real FMA (compiled), and bf16 values: the domain checked exhaustively.
+        FMA_QUOTIENT=gate_up.dtype == torch.bfloat16 and not triton.knobs.runtime.interpret,
+        STAGES=max(2, min(stages, rows_in_shared + 1)),
+        num_warps=num_warps,
+    )
 
 
 def _act_and_mul(gate_up: torch.Tensor, block: int, gelu_tanh: bool) -> torch.Tensor:
