@@ -26,13 +26,8 @@ LOOP_BLOCK = 1024  # longer rows: two passes of this many columns, the second fr
 def _quantize_codes(x, scale, FP8_MAX: tl.constexpr, NATIVE_FP8: tl.constexpr):
     # IEEE division and clamp, as the reference computes them, so the codes are its own
     # (rounded by the KV write's fp8 conversion: the GPU's, or bits where it has none).
-    return clamped_codes(tl.math.div_rn(x, scale), FP8_MAX, NATIVE_FP8)
-
-
-@triton.jit
-def clamped_codes(quotient, FP8_MAX: tl.constexpr, NATIVE_FP8: tl.constexpr):
-    """x / scale -> its fp8 codes, clamped as the reference clamps."""
-    codes, _ = fp8_codes(tl.minimum(tl.maximum(quotient, -FP8_MAX), FP8_MAX), NATIVE_FP8)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    codes, _ = fp8_codes(q, NATIVE_FP8)
     return codes
 
 
@@ -49,10 +44,10 @@ def quotient_by_reciprocal(x, scale, reciprocal):
     """RN(x / scale), bit for bit, for the values and scales of bf16 rows, from reciprocal =
     RN(1 / scale): the product, its residual by one FMA and the correction by another
     (Markstein's sequence; tests/test_act_fp8_pipelined.py checks every bf16 significand
-    pair over the binades that reach an fp8 code against IEEE division). div_rn spends a
-    reciprocal, its refinement, a range check and a branch on every value (17 sm_90
-    instructions); this, 4 (FMUL, 2 FFMA, a LOP3 for the sign). Needs a real FMA: the
-    interpreter's rounds twice, so it runs div_rn instead."""
+    pair over the binades that reach an fp8 code against IEEE division). div_rn executes a
+    reciprocal, its refinement, a range check and a branch on every value (10 sm_90
+    instructions, and a slow-path call stub beside them); this, 4 (FMUL, 2 FFMA, a LOP3 for
+    the sign). Needs a real FMA: the interpreter's rounds twice, so it runs div_rn instead."""
     q = x * reciprocal
     q = tl.fma(tl.fma(-scale, q, x), reciprocal, q)
     # x = -0: the residual's +0 turns q into +0, where x / scale (scale > 0) keeps x's sign.

@@ -34,6 +34,13 @@ def gate_up_rows(rows: int, inter: int, dtype: torch.dtype, seed: int) -> torch.
     gate_up[2] = 0  # a zero row: the scale's floor
     gate_up[4, :inter] = -0.0  # silu(-0) * up = -0 for up > 0: the codes keep the sign
     gate_up[4, inter:] = gate_up[4, inter:].abs() + 1
+    # Where the compiled lean activation drops Triton's range guards (1 + exp(-gate) past
+    # 2^126: silu's bf16 gates -87.5 to -88.5; gelu_tanh's border, -10 and -10.0625), a row of
+    # only such gates (the scale's floor), and bf16 subnormal gates.
+    gate_up[5, :inter:2] = -88.0
+    gate_up[6, :inter] = torch.tensor([-87.5, -88.0, -88.5]).repeat(inter)[:inter]
+    gate_up[7, :inter:2] = torch.tensor([-10.0, -10.0625]).repeat(inter)[: (inter + 1) // 2]
+    gate_up[8, :inter:3] = 1e-39 * torch.sign(gate_up[8, :inter:3])
     return gate_up.to(DEVICE, dtype)
 
 
@@ -127,3 +134,36 @@ def test_quotient_by_reciprocal_is_ieee_division_for_every_bf16_row():
         got, want = quotient_by_reciprocal(small, np.full_like(small, s)), small / s
         assert np.array_equal(np.signbit(got), np.signbit(want)) and (np.abs(got) < 2.0**-12).all()
         assert np.array_equal(got[want == 0].view(np.uint32), want[want == 0].view(np.uint32))
+
+
+@pytest.mark.parametrize("gelu_tanh", [False, True])
+def test_lean_activation_equals_the_default_one_but_for_signed_zeros_of_tiny_values(gelu_tanh):
+    """triton_activation._sigmoid_times_lean against Triton's exp and '/' as sm_90 runs them
+    (MUFU.EX2 with its guard for arguments under -126; div.full: MUFU.RCP and a multiply,
+    scaled by 1/4 for divisors past 2^126), MUFU modeled as a function both share, over every
+    bf16 gate: the same float32 bits, or where div.full scales, a default result under 1e-36
+    and a lean zero of its sign."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        g = np.arange(1 << 16, dtype=np.uint32) << 16
+        g = g.view(F32)[np.isfinite(g.view(F32))]
+        log2e = F32(1.4426950216293334961)
+        if gelu_tanh:
+            z = F32(0.7978845608028654) * (g + F32(0.044715) * g * g * g)
+            default_arg, lean_arg = (F32(-2) * z) * log2e, z * (F32(-2) * log2e)
+        else:
+            default_arg, lean_arg = (F32(0) - g) * log2e, g * -log2e
+        assert np.array_equal(default_arg, lean_arg)  # as values: silu's gate +0 gives +0 and -0
+        tiny = np.finfo(F32).tiny
+        ex2 = np.exp2(default_arg).astype(F32)
+        d_default, d_lean = F32(1) + ex2, F32(1) + np.where(ex2 < tiny, F32(0), ex2)  # ftz
+        assert np.array_equal(d_default, d_lean)
+        scaled = d_default > F32(2.0**126)
+        rcp = F32(1) / d_default
+        default = np.where(scaled, (g * F32(0.25)) * (F32(1) / (d_default * F32(0.25))), g * rcp)
+        lean = g * np.where(rcp < tiny, F32(0), rcp)
+    same = default.view(np.uint32) == lean.view(np.uint32)
+    assert same[~scaled].all()
+    assert (np.abs(default[~same]) < 1e-36).all() and (lean[~same] == 0).all()
+    assert np.array_equal(np.signbit(default[~same]), np.signbit(lean[~same]))
+    # silu's gates -87.5 to -88.5 reach the scaling with a finite divisor; gelu's none
+    assert (scaled & np.isfinite(d_default)).any() != gelu_tanh
