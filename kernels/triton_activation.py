@@ -165,10 +165,11 @@ def act_and_mul_fp8_triton(gate_up: torch.Tensor, gelu_tanh: bool,
 
 
 def launch_act_and_mul_fp8_pipelined(gate_up: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, gelu_tanh: bool,
-                                     num_warps: int, stages: int) -> None:
+                                     num_warps: int, stages: int, lean: bool = True) -> None:
     """The pipelined kernel over gate_up's rows into empty_fp8_rows' (codes, scales), one
     program an SM (its shared memory holds stages - 1 rows in flight), at a launch that
-    benchmarks/act_fp8_bench.py varies."""
+    benchmarks/act_fp8_bench.py varies. lean=False: div_rn and Triton's activation, to time
+    the pipeline apart from the instructions it saves."""
     num_tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
     block = triton.next_power_of_2(inter)
     # Under the interpreter, 4 programs: each loops over several rows, as on a GPU.
@@ -178,10 +179,9 @@ def launch_act_and_mul_fp8_pipelined(gate_up: torch.Tensor, codes: torch.Tensor,
         gate_up, codes, scales, gate_up.stride(0), codes.stride(0), num_tokens, inter,
         BLOCK=block, GELU_TANH=gelu_tanh, FP8_MAX=FP8_MAX,
         NATIVE_FP8=native_fp8(gate_up.device),
-        # A real FMA (compiled), and bf16 values: the domain checked exhaustively.
-        FMA_QUOTIENT=gate_up.dtype == torch.bfloat16 and not triton.knobs.runtime.interpret,
-        # Inline PTX: compiled only; bf16 rows, whose tiny products the argument covers.
-        LEAN_ACT=gate_up.dtype == torch.bfloat16 and not triton.knobs.runtime.interpret,
+        # Both compiled only (a real FMA, inline PTX), for bf16 rows: the domain their checks cover.
+        FMA_QUOTIENT=lean and gate_up.dtype == torch.bfloat16 and not triton.knobs.runtime.interpret,
+        LEAN_ACT=lean and gate_up.dtype == torch.bfloat16 and not triton.knobs.runtime.interpret,
         STAGES=max(2, min(stages, rows_in_shared + 1)),
         num_warps=num_warps,
     )
