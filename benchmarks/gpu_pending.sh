@@ -4,7 +4,7 @@
 # One H200 session, in this order, a device call a step:
 #
 #   benchmarks/gpu_pending.sh tests          compiled kernels against their twins and references
-#   benchmarks/gpu_pending.sh kernels        decide DECODE_CODE_PAIRS and U4_BF16X2; the fp8 write
+#   benchmarks/gpu_pending.sh kernels        decide DECODE_CODE_PAIRS, U4_BF16X2, ACT_FP8_PIPELINED; the fp8 write
 #   benchmarks/gpu_pending.sh models TOK     decode and prefill by weight format (issue 20), MoE (19)
 #   benchmarks/gpu_pending.sh long TOK       8k/32k/130k contexts by KV dtype (issue 23)
 #
@@ -13,7 +13,10 @@
 #   int16 pairs. kv_quant_kernel_bench prints a "+pairs" row beside each default one.
 # - kernels/triton_quant_gemv.py U4_BF16X2: the int4 GEMV on packed bf16 pairs.
 #   quant_gemv_bench prints a bf16x2 row beside each float32 one.
-# Where a test fails, leave its switch off; where a "+pairs" or bf16x2 row is faster and its
+# - kernels/triton_activation.py ACT_FP8_PIPELINED: the fp8 prefill's act-and-mul + quantize
+#   as a persistent cp.async-pipelined kernel. act_fp8_bench times it (a grid of warps and
+#   stages) against the one-row kernel and the copy, and checks both bit for bit.
+# Where a test fails, leave its switch off; where a "+pairs", bf16x2 or pipelined row is faster and its
 # tests pass, turn the switch on and rerun `models`. Results go to benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +24,12 @@ export TRITON_INTERPRET=0
 case ${1:-} in
 tests)
     pytest -q tests/test_quant_gemv_bf16x2.py tests/test_triton_kv_quant.py tests/test_quant_linear.py \
-        tests/test_pdl.py tests/test_triton_moe.py
+        tests/test_pdl.py tests/test_triton_moe.py tests/test_act_fp8_pipelined.py
     pytest -q tests/test_triton_kernels.py -k decode ;;
 kernels)
     python benchmarks/kv_quant_kernel_bench.py --dtypes auto,fp8_e4m3,int8,int4,int2
-    python benchmarks/quant_gemv_bench.py --sweep --formats fp8,int4_g128,q4_0_g32 ;;
+    python benchmarks/quant_gemv_bench.py --sweep --formats fp8,int4_g128,q4_0_g32
+    python benchmarks/act_fp8_bench.py ;;
 models)
     tok=${2:?tokenizer dir}
     python benchmarks/weight_quant_bench.py --tokenizer "$tok" --skip-perplexity
@@ -33,5 +37,5 @@ models)
 long)
     python benchmarks/long_context_bench.py --tokenizer "${2:?tokenizer dir}" ;;
 *)
-    sed -n 2,17p "$0"; exit 2 ;;
+    sed -n 2,20p "$0"; exit 2 ;;
 esac

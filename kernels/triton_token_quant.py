@@ -33,16 +33,40 @@ def _quantize_codes(x, scale, FP8_MAX: tl.constexpr, NATIVE_FP8: tl.constexpr):
 
 @triton.jit
 def _scale(magnitudes, FP8_MAX: tl.constexpr):
-    """A row's scale from magnitudes whose largest is the row's."""
-    return tl.maximum(tl.max(magnitudes, 0) / FP8_MAX, 1e-12)
+    """A row's scale from magnitudes whose largest is the row's. IEEE division, as the
+    reference's: Triton's '/' (div.full.f32) by the constant compiled to a multiply by
+    RN(1/448), which differs from RN(amax/448) for 71 of bf16's 128 significands."""
+    return tl.maximum(tl.math.div_rn(tl.max(magnitudes, 0), FP8_MAX), 1e-12)
+
+
+@triton.jit
+def quotient_by_reciprocal(x, scale, reciprocal):
+    """RN(x / scale), bit for bit, for the values and scales of bf16 rows, from reciprocal =
+    RN(1 / scale): the product, its residual by one FMA and the correction by another
+    (Markstein's sequence; tests/test_act_fp8_pipelined.py checks every bf16 significand
+    pair over the binades that reach an fp8 code against IEEE division). div_rn executes a
+    reciprocal, its refinement, a range check and a branch on every value (10 sm_90
+    instructions, and a slow-path call stub beside them); this, 4 (FMUL, 2 FFMA, a LOP3 for
+    the sign). Needs a real FMA: the interpreter's rounds twice, so it runs div_rn instead."""
+    q = x * reciprocal
+    q = tl.fma(tl.fma(-scale, q, x), reciprocal, q)
+    # x = -0: the residual's +0 turns q into +0, where x / scale (scale > 0) keeps x's sign.
+    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+    return (q.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def quantize_row(x, FP8_MAX: tl.constexpr, NATIVE_FP8: tl.constexpr):
     """A whole row x (float32, padding 0) -> (its fp8 codes as bytes, its float32 scale),
     as weight_format.quantize_per_token_fp8 computes them."""
-    scale = _scale(tl.abs(x), FP8_MAX)
+    scale = row_scale(x, FP8_MAX)
     return _quantize_codes(x, scale, FP8_MAX, NATIVE_FP8), scale
+
+
+@triton.jit
+def row_scale(x, FP8_MAX: tl.constexpr):
+    """A whole row x's (float32, padding 0) scale, as quantize_row's."""
+    return _scale(tl.abs(x), FP8_MAX)
 
 
 @triton.jit
