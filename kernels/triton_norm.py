@@ -23,8 +23,8 @@ from wattserve.kernels.weight_format import FP8_MAX
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scales_ptr,
     stride_x, stride_res, stride_out, stride_res_out, hidden, eps,
-    ADD_RESIDUAL: tl.constexpr, FP8: tl.constexpr, NATIVE_FP8: tl.constexpr, BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, NATIVE_FP8: tl.constexpr,
+    BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -58,9 +58,11 @@ def _launch(x, residual, weight, eps, out, res_out, scales=None):
     _rms_norm_kernel[(x.shape[0],)](
         x, res, weight, out, res_out, x if scales is None else scales,
         x.stride(0), res.stride(0), out.stride(0), res_out.stride(0), hidden, eps,
-        ADD_RESIDUAL=residual is not None, FP8=scales is not None, NATIVE_FP8=native_fp8(x.device),
+        ADD_RESIDUAL=residual is not None, FP8=scales is not None, FP8_MAX=FP8_MAX,
+        NATIVE_FP8=native_fp8(x.device),
         BLOCK=block, PDL=pdl_enabled(x.device),
-        # About 8 elements (16 bytes of bf16) per thread and load.
+        # About 8 elements (16 bytes of bf16) per thread and load. The fp8 variant keeps these
+        # warps: the same layout sums the squares in the same order, so rstd is the plain one's.
         num_warps=min(max(block // 256, 1), 16), launch_pdl=pdl_enabled(x.device),
     )
 
