@@ -191,7 +191,7 @@ def h200_weight_quant() -> list[str]:
                         f"{tok_s(r['decode_tok_s'])} ({ratio(r['decode_vs_bf16'])}x bf16); "
                         f"prefill {r['prefill_flop_per_s'] / 1e12:.0f} TFLOP/s",
                         f"{ratio(r['decode_vs_roofline'])} of its roofline ({tok_s(r['roofline_tok_s'])}); "
-                        f"prefill {ratio(r['prefill_vs_matmul'])} of a {'fp8' if fmt == 'fp8' else 'bf16'} matmul",
+                        f"prefill {ratio(r['prefill_vs_matmul'])} of a {'fp8' if fmt.startswith('fp8') else 'bf16'} matmul",
                         command, name))
     return rows
 

@@ -6,7 +6,9 @@
    (g128, the AWQ/GPTQ kernel path): against bf16 and against each format's roofline, the
    copy bandwidth over the weight bytes a token reads.
 3. Prefill of 4,096 tokens: FLOP/s of bf16 and fp8 against the bf16 and fp8 matmul, and on
-   CUDA the prefill's 12 costliest kernels (torch profiler), to show where the gap goes.
+   CUDA the prefill's 12 costliest kernels (torch profiler), to show where the gap goes. Row
+   fp8+normfp8 is fp8 with the norms before qkv and gate_up writing fp8 rows themselves
+   (kernels/triton_quant_linear.NORM_WRITES_FP8), so one run decides that switch.
 4. Perplexity on the real default model (SmolLM2-135M; its Q4_1 weights dequantized are the
    baseline), text and windows as benchmarks/kv_quality_bench.py, a window a prefill: fp8
    (W8A8, as prefill runs it), fp8 weights alone (their codes dequantized, activations
@@ -37,9 +39,12 @@ from wattserve.engine.core import EngineCore
 from wattserve.engine.llm import LLM
 from wattserve.engine.request import SamplingParams
 from wattserve.engine.weight_loading import quantize_linears, weight_formats
+from wattserve.kernels import triton_quant_linear
 from wattserve.kernels.weight_format import dequantize, quantize_fp8, quantize_per_token_fp8
 
-FORMATS = ("none", "fp8", "int4")  # none: the model's dtype (bf16 on CUDA)
+# Speed rows: (weight format, whether the norms before fp8 linears write fp8 rows); none: the
+# model's dtype (bf16 on CUDA).
+SPEED_ROWS = {"none": ("none", False), "fp8": ("fp8", False), "fp8+normfp8": ("fp8", True), "int4": ("int4", False)}
 # Perplexity also separates fp8's two roundings: fp8_weights is the weights' alone.
 QUALITY_FORMATS = ("none", "fp8_weights", "fp8", "int4")
 DECODE_GOALS = {"fp8": 1.8, "int4": 2.5}  # x bf16 tok/s, issue 20
@@ -102,7 +107,8 @@ def speed(llm: LLM, switch: FormatSwitch, limits: dict, prompt_len: int, new_tok
     engine = llm.core
     prompt = list(range(1000, 1000 + prompt_len))
     rows = {}
-    for fmt in FORMATS:
+    for row, (fmt, norm_writes_fp8) in SPEED_ROWS.items():
+        triton_quant_linear.NORM_WRITES_FP8 = norm_writes_fp8  # first: read as decode graphs are captured
         switch.use(fmt)
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
         llm.generate([prompt[:16]], params)  # compiles this format's kernels
@@ -115,8 +121,9 @@ def speed(llm: LLM, switch: FormatSwitch, limits: dict, prompt_len: int, new_tok
         step_bytes = weight_bytes_per_step(engine.runner.model)
         flops = prefill_flops(engine.runner.model, engine.model_config, prompt_len)
         matmul = limits["fp8_matmul_flop_per_s" if fmt == "fp8" else "bf16_matmul_flop_per_s"]
-        rows[fmt] = {
+        rows[row] = {
             "formats": weight_formats(engine.runner.model),
+            "norm_writes_fp8": norm_writes_fp8,
             "weight_bytes_per_decode_step": step_bytes,
             "decode_tok_s": 1 / decode.stats.tpot,
             "roofline_tok_s": limits["copy_bytes_per_s"] / step_bytes,
@@ -126,8 +133,9 @@ def speed(llm: LLM, switch: FormatSwitch, limits: dict, prompt_len: int, new_tok
             "prefill_vs_matmul": None if matmul is None else flops / prefill.stats.prefill_time / matmul,
             "prefill_kernels": kernels,
         }
-        rows[fmt]["decode_vs_roofline"] = rows[fmt]["decode_tok_s"] / rows[fmt]["roofline_tok_s"]
-        rows[fmt]["decode_vs_bf16"] = rows[fmt]["decode_tok_s"] / rows["none"]["decode_tok_s"]
+        rows[row]["decode_vs_roofline"] = rows[row]["decode_tok_s"] / rows[row]["roofline_tok_s"]
+        rows[row]["decode_vs_bf16"] = rows[row]["decode_tok_s"] / rows["none"]["decode_tok_s"]
+    triton_quant_linear.NORM_WRITES_FP8 = False
     return rows
 
 
@@ -199,11 +207,11 @@ def main() -> None:
         print(f"\n{name}: copy {limits['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
               f"{limits['bf16_matmul_flop_per_s'] / 1e12:.1f} TFLOP/s, fp8 matmul "
               + (f"{limits['fp8_matmul_flop_per_s'] / 1e12:.1f} TFLOP/s" if limits["fp8_matmul_flop_per_s"] else "n/a"))
-        print(f"\n{'format':7} {'weights GB':>10} {'decode tok/s':>13} {'x bf16':>7} {'goal':>5} {'roofline':>9} "
+        print(f"\n{'format':11} {'weights GB':>10} {'decode tok/s':>13} {'x bf16':>7} {'goal':>5} {'roofline':>9} "
               f"{'x roof':>7} {'prefill TFLOP/s':>16} {'x matmul':>9}")
         for fmt, r in speeds.items():
             vs_matmul = "n/a" if r["prefill_vs_matmul"] is None else f"{r['prefill_vs_matmul']:.2f}"
-            print(f"{fmt:7} {r['weight_bytes_per_decode_step'] / 1e9:10.3f} {r['decode_tok_s']:13.1f} "
+            print(f"{fmt:11} {r['weight_bytes_per_decode_step'] / 1e9:10.3f} {r['decode_tok_s']:13.1f} "
                   f"{r['decode_vs_bf16']:7.2f} {DECODE_GOALS.get(fmt, ''):>5} {r['roofline_tok_s']:9.1f} "
                   f"{r['decode_vs_roofline']:7.2f} {r['prefill_flop_per_s'] / 1e12:16.2f} {vs_matmul:>9}")
     if quality is not None:

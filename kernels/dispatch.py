@@ -4,8 +4,9 @@ The model calls `ops.<name>`; on CPU every op is the PyTorch reference, on CUDA 
 kernel (kernels/triton_*.py), so no model code branches on the device. Matmuls are cuBLAS
 on CUDA except decode-sized ones (kernels/triton_gemv.py). `linear` also takes quantized
 weights (kernels/weight_format.py) and picks their kernel, so the model never branches on a
-weight's format either. Setting WATTSERVE_OPS=reference runs the references on CUDA too, for
-A/B checks.
+weight's format either; `norm_before` is told the weight its rows go to, so that an fp8 one
+can take them already quantized. Setting WATTSERVE_OPS=reference runs the references on CUDA
+too, for A/B checks.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from wattserve.kernels.activation import gated_linear_with, gelu_tanh_and_mul_re
 from wattserve.kernels.attention import paged_attention_ref
 from wattserve.kernels.kv_rotation import in_model_basis
 from wattserve.kernels.moe import fused_moe_ref, route_ref
-from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from wattserve.kernels.norm import add_rms_norm_ref, norm_before_with, rms_norm_ref
 from wattserve.kernels.quant_linear import for_any_weight, linear_ref
 from wattserve.kernels.rotary import rotary_write_kv_ref
 
@@ -28,6 +29,7 @@ from wattserve.kernels.rotary import rotary_write_kv_ref
 class Ops:
     rms_norm: Callable
     add_rms_norm: Callable
+    norm_before: Callable
     rotary_write_kv: Callable
     paged_attention: Callable
     linear: Callable
@@ -39,6 +41,7 @@ class Ops:
 REFERENCE_OPS = Ops(
     rms_norm=rms_norm_ref,
     add_rms_norm=add_rms_norm_ref,
+    norm_before=norm_before_with(rms_norm_ref, add_rms_norm_ref),
     rotary_write_kv=rotary_write_kv_ref,
     paged_attention=in_model_basis(paged_attention_ref),
     linear=linear_ref,
@@ -70,7 +73,7 @@ def triton_ops() -> Ops:
     from wattserve.kernels.triton_moe import fused_moe_triton
     from wattserve.kernels.triton_moe_routing import fuses_routing, route_triton, select_experts_triton
     from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
-    from wattserve.kernels.triton_quant_linear import fp8_gated_linear, quant_linear_triton
+    from wattserve.kernels.triton_quant_linear import fp8_gated_linear, fp8_norm_before, quant_linear_triton
     from wattserve.kernels.triton_rotary import rotary_write_kv_triton
 
     linear = for_any_weight(linear_triton, quant_linear_triton)
@@ -84,6 +87,7 @@ def triton_ops() -> Ops:
     return Ops(
         rms_norm=rms_norm_triton,
         add_rms_norm=add_rms_norm_triton,
+        norm_before=norm_before_with(rms_norm_triton, add_rms_norm_triton, fp8_norm_before),
         rotary_write_kv=rotary_write_kv_triton,
         paged_attention=in_model_basis(paged_attention_triton),
         linear=linear,

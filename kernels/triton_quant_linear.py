@@ -15,11 +15,14 @@ the tensor cores' peak where the dequantize-in-the-loop tiles do not.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from wattserve.kernels.triton_activation import act_and_mul_fp8_triton
+from wattserve.kernels.triton_norm import rms_norm_fp8_triton
 from wattserve.kernels.triton_quant_gemv import gemv_fits, quant_gemv_triton
 from wattserve.kernels.triton_token_quant import MAX_ONE_PASS, quantize_per_token_fp8_triton
 from wattserve.kernels.weight_format import QuantizedWeight
@@ -30,6 +33,22 @@ DEQUANT_BLOCK = (64, 128)  # (BLOCK_N, BLOCK_K) of dequantize_triton
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 GEMV_CONFIG = (16, 32, 256, 4, 4)
 GEMM_CONFIG = (64, 64, 64, 4, 3)
+# The norm before an fp8 linear (qkv, gate_up) quantizes its rows itself (`fp8_norm_before`),
+# saving the token quantizer's launch and the normed rows' write and read: on the H200's
+# 4,096-token fp8 prefill of Llama-3.1-8B shapes the norm took 2.07 ms and the quantizer 1.88
+# ms (2 of its 3 launches a layer follow a norm) of 71.2 ms
+# (benchmarks/results/weight_quant_NVIDIA_H200.json). Off: never run on a GPU yet;
+# benchmarks/weight_quant_bench.py times the prefill with it off and on (row fp8+normfp8).
+NORM_WRITES_FP8 = False
+
+
+class Fp8Rows(NamedTuple):
+    """Activations already quantized per token for the W8A8 GEMM, which quant_linear_triton
+    takes in place of x: codes float8_e4m3fn [M, K], float32 scales [M, 1], and the dtype of
+    the rows they stand for (the product's)."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
 
 
 @triton.jit
@@ -191,10 +210,12 @@ def quant_linear_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     (kernels/triton_quant_gemv.py), fp8 beyond decode sizes W8A8 on the fp8 tensor cores, other
     formats from DENSE_MIN_ROWS rows dequantized once and multiplied by cuBLAS, everything else
     the dequantize-in-the-loop kernel. The choice uses x's shape only, so it is fixed inside a
-    captured graph."""
+    captured graph. x may be Fp8Rows (from `fp8_norm_before`, only where W8A8 runs)."""
+    if isinstance(x, Fp8Rows):
+        return _scaled_mm_of_codes(x.codes, x.scales, w, x.dtype)
     if gemv_fits(x, w):
         return quant_gemv_triton(x, w)
-    if w.kind == "fp8" and x.shape[0] > GEMV_MAX_ROWS and _scaled_mm_fits(x, w):
+    if _runs_w8a8(x, w):
         return fp8_scaled_mm(x, w)
     if x.shape[0] >= DENSE_MIN_ROWS:
         stored_order = x if w.perm is None else x[:, w.perm]
@@ -216,6 +237,26 @@ def fp8_gated_linear(gate_up: torch.Tensor, w, gelu_tanh: bool) -> torch.Tensor 
             and gate_up.shape[1] // 2 <= MAX_ONE_PASS and _scaled_mm_fits(gate_up, w)):
         return None
     return _scaled_mm_of_codes(*act_and_mul_fp8_triton(gate_up, gelu_tanh), w, gate_up.dtype)
+
+
+def fp8_norm_before(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                    next_weight) -> tuple[Fp8Rows, torch.Tensor] | None:
+    """Ops.norm_before's fused W8A8 path (kernels/norm.norm_before_with): the normed rows
+    quantized per token in the norm's kernel, as Fp8Rows for quant_linear_triton, and the
+    residual stream. None where it does not apply: NORM_WRITES_FP8 off, a next weight other
+    than one fp8 QuantizedWeight, rows that quant_linear_triton would not send to the W8A8 GEMM
+    (decode sizes), rows past MAX_ONE_PASS, a norm weight of another dtype than x."""
+    if not (NORM_WRITES_FP8 and isinstance(next_weight, QuantizedWeight) and _runs_w8a8(x, next_weight)
+            and x.shape[1] <= MAX_ONE_PASS and weight.dtype == x.dtype):
+        return None
+    codes, scales = rms_norm_fp8_triton(x, weight, eps, residual)
+    return Fp8Rows(codes, scales, x.dtype), x if residual is None else residual
+
+
+def _runs_w8a8(x: torch.Tensor, w: QuantizedWeight) -> bool:
+    """Whether quant_linear_triton multiplies x by w on the fp8 tensor cores: fp8 rows beyond
+    decode sizes (the GEMV's MAX_ROWS is below GEMV_MAX_ROWS), where _scaled_mm takes them."""
+    return w.kind == "fp8" and x.shape[0] > GEMV_MAX_ROWS and _scaled_mm_fits(x, w)
 
 
 def _scaled_mm_of_codes(codes: torch.Tensor, x_scales: torch.Tensor, w: QuantizedWeight,

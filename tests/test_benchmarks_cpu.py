@@ -124,7 +124,9 @@ def test_weight_quant_bench_tiny(tmp_path):
     bench("weight_quant_bench.py", "--tiny", "--tokens", "256", "--window", "128", "--out", str(out))
     result = json.loads(out.read_text())
     rows = result["decode_and_prefill"]
-    assert list(rows) == ["none", "fp8", "int4"]
+    assert list(rows) == ["none", "fp8", "fp8+normfp8", "int4"]
+    assert [r["norm_writes_fp8"] for r in rows.values()] == [False, False, True, False]
+    assert rows["fp8+normfp8"]["formats"] == rows["fp8"]["formats"]
     assert list(result["perplexity"]) == ["none", "fp8_weights", "fp8", "int4"]
     assert rows["fp8"]["formats"]["qkv_proj"] == "fp8 per-channel"
     assert rows["int4"]["formats"]["down_proj"] == "int4 RTN g128"

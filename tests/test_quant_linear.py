@@ -15,14 +15,18 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from wattserve.engine.loader.gguf_blocks import blocks_to_weight
+from wattserve.kernels import triton_quant_linear
 from wattserve.kernels.dispatch import REFERENCE_OPS, ops_for
+from wattserve.kernels.norm import add_rms_norm_ref, rms_norm_ref
 from wattserve.kernels.quant_linear import for_any_weight, linear_ref, quant_linear_ref
 from wattserve.kernels.triton_activation import act_and_mul_fp8_triton, gelu_tanh_and_mul_triton, silu_and_mul_triton
 from wattserve.kernels.triton_interpreter import fix_loop_bounds
+from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_fp8_triton, rms_norm_triton
 from wattserve.kernels.triton_quant_linear import (
     DENSE_MIN_ROWS,
     GEMM_CONFIG,
     GEMV_CONFIG,
+    Fp8Rows,
     dequantize_triton,
     fp8_gated_linear,
     quant_linear_triton,
@@ -266,3 +270,106 @@ def test_gated_linear_over_fp8_fuses_the_quantization_and_matches_the_reference(
     assert torch.equal(out, quant_linear_triton(silu_and_mul_triton(gate_up), w))  # the same codes, one GEMM
     ref = REFERENCE_OPS.gated_linear(gate_up.float(), w, False)
     assert relative_error(out, ref) < 1e-2
+
+
+# ---- the norm before an fp8 linear writes fp8 rows (triton_quant_linear.NORM_WRITES_FP8) ----
+
+def norm_then_quantize(x, weight, residual):
+    """What the unfused path computes: (codes, scales) of the plain Triton norm's rows, and the
+    new residual stream."""
+    if residual is None:
+        return quantize_per_token_fp8_triton(rms_norm_triton(x, weight, 1e-5)), x
+    normed, residual = add_rms_norm_triton(x.clone(), residual.clone(), weight, 1e-5)
+    return quantize_per_token_fp8_triton(normed), residual
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden", [100, 2500])  # odd widths: masked tails
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_norm_quantized_in_its_kernel_equals_norm_then_quantization(dtype, hidden, with_residual):
+    x, weight = rand(7, hidden, seed=20).to(DEVICE, dtype), rand(hidden, seed=21).to(DEVICE, dtype)
+    residual = rand(7, hidden, seed=22).to(DEVICE, dtype) if with_residual else None
+    x[3] = 0 if residual is None else -residual[3]  # a zero row: the scale's floor
+    want, want_residual = norm_then_quantize(x, weight, residual)
+    got_residual = None if residual is None else residual.clone()
+    x_before = x.clone()
+    got = rms_norm_fp8_triton(x, weight, 1e-5, got_residual)
+    assert_same_fp8(got, want)
+    assert got[1][3].item() == torch.tensor(1e-12).item()  # the zero row: the floor, float32
+    assert torch.equal(x, x_before)  # x is never written
+    if residual is not None:
+        assert torch.equal(got_residual, want_residual)  # x + residual, in place
+    # The oracle's own oracle, the PyTorch references, up to the Triton norm's last-bit
+    # differences: its rows are rounded twice to x's dtype (normed, then times the weight), a
+    # unit in the last place each (2^-7 relative in bf16), and a code may then be one e4m3
+    # step (2^-3 relative; 2^-9 of the scale among subnormals) off.
+    ref = rms_norm_ref(x, weight, 1e-5) if residual is None else add_rms_norm_ref(x, residual, weight, 1e-5)[0]
+    codes, scales = quantize_per_token_fp8(ref)
+    row_rtol = 2 * 2**-7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got[1], scales, rtol=row_rtol, atol=0)
+    torch.testing.assert_close(got[0].float() * got[1], codes.float() * scales, rtol=2**-3 + row_rtol,
+                               atol=2**-9 * scales.max().item())
+
+
+def cpu_scaled_mm_fits(x, w):
+    """_scaled_mm_fits without the GPU: torch._scaled_mm also runs on CPU (torch 2.13), so the
+    interpreter can take the W8A8 path."""
+    return x.dtype == torch.bfloat16 and w.in_features % 16 == 0 and w.out_features % 16 == 0
+
+
+def test_fp8_model_gives_the_same_logits_with_the_norm_writing_fp8(tiny_qwen2_dir, monkeypatch):
+    """The shared decoder on the CUDA path's ops (interpreted on CPU), bfloat16, fp8 weights:
+    a prefill's logits bit-identical with NORM_WRITES_FP8 on and off, and on, every norm before
+    qkv and gate_up (2 a layer) quantizing its rows itself. Qwen2's qkv bias is added after the
+    GEMM of the norm's codes."""
+    from wattserve.engine import model_runner
+    from wattserve.engine.llm import LLM, prompt_logits
+    from wattserve.kernels.dispatch import triton_ops
+
+    monkeypatch.setattr(model_runner, "ops_for", lambda device: triton_ops())
+    if not ON_GPU:
+        monkeypatch.setattr(triton_quant_linear, "_scaled_mm_fits", cpu_scaled_mm_fits)
+    fused_calls = []
+
+    def counted(*args):
+        fused_calls.append(args[0].shape)
+        return rms_norm_fp8_triton(*args)
+
+    monkeypatch.setattr(triton_quant_linear, "rms_norm_fp8_triton", counted)
+    core = LLM(str(tiny_qwen2_dir), device=DEVICE, dtype="bfloat16", quantization="fp8", kv_cache_memory=16 << 20,
+               warm_up=False, enable_prefix_caching=False).core
+    ids = core.tokenizer.encode("Once upon a time, in a land far away, there lived a fox who counted the stars",
+                                add_special_tokens=False)
+    assert len(ids) > triton_quant_linear.GEMV_MAX_ROWS  # the rows go to the W8A8 GEMM
+    unfused = prompt_logits(core, ids)
+    assert fused_calls == []  # off by default
+    monkeypatch.setattr(triton_quant_linear, "NORM_WRITES_FP8", True)
+    fused = prompt_logits(core, ids)
+    assert fused_calls == [(len(ids), core.model_config.hidden_size)] * (2 * core.model_config.num_layers)
+    assert torch.equal(fused, unfused)
+    # Decode-sized rows go to the GEMV, whose input stays the plain norm's rows.
+    fused_calls.clear()
+    prompt_logits(core, ids[:triton_quant_linear.GEMV_MAX_ROWS])
+    assert fused_calls == []
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the compiled kernels' own fp8 conversion and torch._scaled_mm")
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_compiled_norm_writing_fp8_equals_norm_then_quantization_at_llama_shapes(with_residual, monkeypatch):
+    """Llama-3.1-8B's hidden size in bfloat16 as served: the fused kernel's codes and scales,
+    and the qkv GEMM's output through Ops.norm_before, bit-identical to the unfused path."""
+    hidden, tokens = 4096, 300
+    x, weight = rand(tokens, hidden, seed=23).to(DEVICE, torch.bfloat16), rand(hidden, seed=24).to(DEVICE, torch.bfloat16)
+    residual = rand(tokens, hidden, seed=25).to(DEVICE, torch.bfloat16) if with_residual else None
+    want, want_residual = norm_then_quantize(x, weight, residual)
+    assert_same_fp8(rms_norm_fp8_triton(x, weight, 1e-5, None if residual is None else residual.clone()), want)
+    qkv = quantize_fp8(rand(6144, hidden, seed=26)).to(DEVICE)
+    ops = ops_for(torch.device(DEVICE))
+    outputs = []
+    for on in (False, True):
+        monkeypatch.setattr(triton_quant_linear, "NORM_WRITES_FP8", on)
+        h, new_residual = ops.norm_before(x.clone(), None if residual is None else residual.clone(), weight, 1e-5, qkv)
+        assert isinstance(h, Fp8Rows) == on
+        assert torch.equal(new_residual, want_residual)
+        outputs.append(ops.linear(h, qkv))
+    assert torch.equal(outputs[1], outputs[0])

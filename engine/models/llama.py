@@ -54,8 +54,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNormWeight(cfg.head_dim if per_head else self.q_size)
             self.k_norm = RMSNormWeight(cfg.head_dim if per_head else self.kv_size)
 
+    @property
+    def input_weight(self):
+        """The one weight that reads x (Ops.norm_before's next_weight)."""
+        return self.qkv_proj.weight
+
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
-        """x: [num_tokens, hidden]; kv_cache: this layer's LayerKVCache."""
+        """x: [num_tokens, hidden], or what Ops.norm_before made of it for input_weight;
+        kv_cache: this layer's LayerKVCache."""
         qkv = self.ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "proj":
@@ -73,8 +79,9 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """The gated MLP: SwiGLU, or GeGLU for Gemma. Any module with forward(x) -> x of the same
-    shape and HF's parameter names under `mlp.` can take its place (a mixture of experts).
-    Under tensor parallelism down_proj's partial sums are all-reduced."""
+    shape, HF's parameter names under `mlp.` and an `input_weight` (the one weight that reads
+    x, None where several do) can take its place (a mixture of experts). Under tensor
+    parallelism down_proj's partial sums are all-reduced."""
 
     def __init__(self, cfg: ModelConfig, ops: Ops, shard: Shard):
         super().__init__()
@@ -82,6 +89,10 @@ class MLP(nn.Module):
         self.gelu_tanh = cfg.hidden_act == "gelu_tanh"
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    @property
+    def input_weight(self):
+        return self.gate_up_proj.weight
 
     def forward(self, x):
         gate_up = self.ops.linear(x, self.gate_up_proj.weight)
@@ -114,27 +125,25 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, positions, cos_sin, kv_cache, meta):
         """x + residual is the residual stream (residual None: x is, in the first layer);
         returns the same pair after this layer."""
-        h, residual = self._before(x, residual, getattr(self, "input_layernorm", None))
+        h, residual = self._before(x, residual, getattr(self, "input_layernorm", None), self.self_attn)
         h = self.self_attn(h, positions, cos_sin, kv_cache, meta)
         if self.placement == "pre":
-            h, residual = self.ops.add_rms_norm(h, residual, self.post_attention_layernorm.weight, self.eps)
+            h, residual = self._before(h, residual, self.post_attention_layernorm, self.mlp)
         else:
             h = self.ops.rms_norm(h, self.post_attention_layernorm.weight, self.eps)
-            h, residual = self._before(h, residual, getattr(self, "pre_feedforward_layernorm", None))
+            h, residual = self._before(h, residual, getattr(self, "pre_feedforward_layernorm", None), self.mlp)
         h = self.mlp(h)
         if self.placement != "pre":
             h = self.ops.rms_norm(h, self.post_feedforward_layernorm.weight, self.eps)
         return h, residual
 
-    def _before(self, x, residual, norm):
+    def _before(self, x, residual, norm, block):
         """The block's input and the new residual stream, x + residual, normed when the block
-        has a norm before it."""
+        has a norm before it (in the form the block's input_weight takes best: Ops.norm_before)."""
         if norm is None:
             residual = x if residual is None else x + residual
             return residual, residual
-        if residual is None:
-            return self.ops.rms_norm(x, norm.weight, self.eps), x
-        return self.ops.add_rms_norm(x, residual, norm.weight, self.eps)
+        return self.ops.norm_before(x, residual, norm.weight, self.eps, block.input_weight)
 
 
 class LlamaModel(nn.Module):

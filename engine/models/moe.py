@@ -36,6 +36,9 @@ class SparseMoeBlock(nn.Module):
     holds a slice of each expert's intermediate size; the down projections' partial sums are
     all-reduced."""
 
+    # The router and the experts both read x: the norm before the block writes it plain.
+    input_weight = None
+
     def __init__(self, cfg: ModelConfig, ops: Ops, shard: Shard = Shard()):
         super().__init__()
         self.ops, self.shard = ops, shard
