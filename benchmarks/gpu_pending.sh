@@ -4,8 +4,10 @@
 # One H200 session, in this order, a device call a step:
 #
 #   benchmarks/gpu_pending.sh tests          compiled kernels against their twins and references
-#   benchmarks/gpu_pending.sh kernels        decide DECODE_CODE_PAIRS, U4_BF16X2, ACT_FP8_PIPELINED; the fp8 write
-#   benchmarks/gpu_pending.sh models TOK     decode and prefill by weight format (issue 20), MoE (19)
+#   benchmarks/gpu_pending.sh kernels        decide DECODE_CODE_PAIRS, U4_BF16X2, ACT_FP8_PIPELINED
+#                                            (and time the fp8 KV write)
+#   benchmarks/gpu_pending.sh models TOK     decide NORM_WRITES_FP8; decode and prefill by weight
+#                                            format (issue 20), MoE (19)
 #   benchmarks/gpu_pending.sh long TOK       8k/32k/130k contexts by KV dtype (issue 23)
 #
 # The switches (off until a run shows they win):
@@ -16,8 +18,10 @@
 # - kernels/triton_activation.py ACT_FP8_PIPELINED: the fp8 prefill's act-and-mul + quantize
 #   as a persistent cp.async-pipelined kernel. act_fp8_bench times it (a grid of warps and
 #   stages) against the one-row kernel and the copy, and checks both bit for bit.
-# Where a test fails, leave its switch off; where a "+pairs", bf16x2 or pipelined row is faster and its
-# tests pass, turn the switch on and rerun `models`. Results go to benchmarks/results/.
+# - kernels/triton_quant_linear.py NORM_WRITES_FP8: the norm before an fp8 linear writes its
+#   e4m3 codes and scales. weight_quant_bench prints an fp8+normfp8 row beside fp8's.
+# Where a test fails, leave its switch off; where the switch's row is faster and its tests
+# pass, turn it on (then rerun `models`). Results go to benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0
@@ -37,5 +41,5 @@ models)
 long)
     python benchmarks/long_context_bench.py --tokenizer "${2:?tokenizer dir}" ;;
 *)
-    sed -n 2,20p "$0"; exit 2 ;;
+    sed -n 2,24p "$0"; exit 2 ;;
 esac
