@@ -137,7 +137,6 @@ def test_rotary_write_kv_fused(dtype, kv_dtype, normed):
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
     slots[4] = -1
     meta = SimpleNamespace(slot_mapping=slots.to(DEVICE))
-    fmt = FORMATS[kv_dtype]
     caches = [_poisoned_cache(FORMATS[kv_dtype], num_blocks, block_size, num_kv_heads, head_dim, dtype)
               for _ in range(2)]  # the same poison on both sides
     want_q = rotary_write_kv_ref(q.clone(), k.clone(), v.clone(), positions, table, caches[0], meta, head_norm)
