@@ -38,6 +38,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import triton  # noqa: E402
+from _decode_launches import attribute, decode_launch_rows  # noqa: E402
 from _results import write_results  # noqa: E402
 from _roofline import copy_bandwidth, cuda_time, graph_time, host_time, matmul_flops  # noqa: E402
 from decode_profile import kernel_table  # noqa: E402
@@ -46,6 +47,7 @@ from wattserve.engine.llm import LLM  # noqa: E402
 from wattserve.engine.request import SamplingParams  # noqa: E402
 from wattserve.kernels.moe import fused_moe_ref, select_experts  # noqa: E402
 from wattserve.kernels.triton_moe import _launch_config, _tiling, fused_moe_triton  # noqa: E402
+from wattserve.kernels.triton_interpreter import fix_loop_bounds  # noqa: E402
 from wattserve.kernels.triton_moe_routing import select_experts_triton  # noqa: E402
 
 # (name, experts, top_k, hidden, intermediate)
@@ -280,6 +282,8 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        fix_loop_bounds()  # the split decode GEMV's K loop (kernels/triton_interpreter.py)
     if args.tiny:
         args.num_requests, args.input_len, args.output_len = 4, 16, 8
     label = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -302,14 +306,22 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     config = TINY_QWEN3_MOE if args.tiny else QWEN3_30B_A3B
+    max_model_len = args.input_len + args.output_len + 1
+    results["decode_launches"] = decode_launch_rows(config, args.input_len + args.output_len // 2, max_model_len,
+                                                    device, limits["copy_bytes_s"])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     llm = build_llm(config, device, max_num_seqs=args.num_requests,
-                    max_model_len=args.input_len + args.output_len + 1, tokenizer=args.tokenizer)
+                    max_model_len=max_model_len, tokenizer=args.tokenizer)
     results["model"] = "tiny Qwen3-MoE" if args.tiny else "Qwen3-30B-A3B shapes"
     results["decode_batch_1"] = d = bench_decode(llm, config, limits, args.input_len, args.output_len)
     print(f"batch-1 decode, {results['model']}: {d['decode_tok_s']} tok/s, roofline {d['roofline_tok_s']} "
           f"({d['active_weight_bytes'] / 1e9:.2f} GB active weights) -> {d['fraction_of_roofline']:.0%}")
     if device.type == "cuda":
         results["decode_kernels"] = decode_kernels(llm)
+        print("the step's kernels against their launches alone:")
+        results["decode_attribution"] = attribute(results["decode_launches"], results["decode_kernels"],
+                                                  config["num_hidden_layers"])
     results["offline"] = o = bench_offline(llm, config, limits, args.num_requests, args.input_len, args.output_len)
     print(f"offline {o['num_requests']} x {o['input_len']} -> {o['output_len']}: {o['output_tok_s']} output tok/s, "
           f"bound {o['bound_output_tok_s']} -> {o['fraction_of_bound']:.0%}")

@@ -92,14 +92,18 @@ def _gemv_kernel(
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def split_k(n: int, k: int, block_n: int, block_k: int, device: torch.device) -> tuple[int, int]:
+def split_k(n: int, k: int, block_n: int, block_k: int, device: torch.device,
+            splits: int | None = None) -> tuple[int, int]:
     """(splits, columns of K per split) for a matrix of too few column tiles to fill the SMs
     (Qwen3-30B-A3B's o_proj: 64 tiles of 32 rows on the H200's 132 SMs; benchmarks/results/
     moe_*.json, decode_kernels), at least two K blocks each, whole K blocks per split;
-    (1, K rounded up to a block) for matrices that fill them."""
-    sms = _sm_count(device)
-    tiles = triton.cdiv(n, block_n)
-    splits = 1 if tiles >= sms else max(1, min(triton.cdiv(SPLIT_K_PROGRAMS_PER_SM * sms, tiles), k // (2 * block_k)))
+    (1, K rounded up to a block) for matrices that fill them. `splits` given: that many
+    instead (benchmarks/moe_bench.py times the choices), fewer where whole blocks leave one out."""
+    if splits is None:
+        sms = _sm_count(device)
+        tiles = triton.cdiv(n, block_n)
+        splits = 1 if tiles >= sms else \
+            max(1, min(triton.cdiv(SPLIT_K_PROGRAMS_PER_SM * sms, tiles), k // (2 * block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     return triton.cdiv(k, k_per_split), k_per_split  # whole blocks may leave one split fewer
 
@@ -118,9 +122,9 @@ def _split_partials(device: torch.device, n: int, splits: int) -> torch.Tensor:
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: tuple[int, int, int, int] = DEFAULT_CONFIG) -> torch.Tensor:
+                config: tuple[int, int, int, int] = DEFAULT_CONFIG, splits: int | None = None) -> torch.Tensor:
     """x: [M, K] with M <= MAX_ROWS, weight: [N, K] (rows contiguous), bias: [N] or None ->
-    [M, N] in x's dtype, accumulated in float32."""
+    [M, N] in x's dtype, accumulated in float32. splits: K splits (default `split_k`'s)."""
     m, k = x.shape
     n = weight.shape[0]
     assert x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
@@ -130,7 +134,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if m == 0:
         return out
     tiles = triton.cdiv(n, block_n)
-    splits, k_per_split = split_k(n, k, block_n, block_k, x.device)
+    splits, k_per_split = split_k(n, k, block_n, block_k, x.device, splits)
     partials, arrived = (_split_partials(x.device, n, splits), arrival_counters(x.device, tiles)) if splits > 1 \
         else (out, out)
     _gemv_kernel[(tiles, splits)](

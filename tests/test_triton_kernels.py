@@ -24,7 +24,7 @@ from wattserve.kernels.triton_activation import gelu_tanh_and_mul_triton, silu_a
 from wattserve.kernels.triton_attention import paged_attention_triton
 from wattserve.kernels.triton_attention_decode import paged_decode_attention, paged_decode_attention_ref
 from wattserve.kernels.triton_attention_prefill import paged_prefill_attention
-from wattserve.kernels.triton_gemv import gemv_triton, linear_triton
+from wattserve.kernels.triton_gemv import gemv_triton, linear_triton, split_k
 from wattserve.kernels.triton_interpreter import fix_loop_bounds
 from wattserve.kernels.triton_kv_write import write_kv_triton
 from wattserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
@@ -176,6 +176,21 @@ def test_gemv_matches_linear(rows, n, k, bias):
         got = gemv_triton(x, w, b, config)
         assert got.shape == (rows, n) and got.dtype == torch.float16
         assert_rel_close(got, want, torch.float16)
+
+
+@pytest.mark.parametrize("splits, expected", [(1, 1), (2, 2), (3, 2), (4, 4)])
+def test_gemv_with_given_splits_matches_linear(splits, expected):
+    """Splits given (benchmarks/_decode_launches.py times them) on a matrix of enough column
+    tiles that split_k would not split it (140 tiles of 16 on 132 SMs): K = 4 blocks of 128,
+    3 splits round to whole blocks, so 2."""
+    gen = torch.Generator().manual_seed(9)
+    x, w = rand(2, 512, dtype=torch.float16, gen=gen), rand(140 * 16, 512, dtype=torch.float16, gen=gen)
+    config = (16, 128, 4, 2)
+    assert split_k(w.shape[0], 512, 16, 128, x.device) == (1, 512)
+    assert split_k(w.shape[0], 512, 16, 128, x.device, splits)[0] == expected
+    want = torch.nn.functional.linear(x.float(), w.float())
+    for _ in range(2):  # the split counters must be back at zero
+        assert_rel_close(gemv_triton(x, w, None, config, splits=splits), want, torch.float16)
 
 
 def test_linear_entry_point_takes_cublas_beyond_decode_sizes():
