@@ -98,6 +98,16 @@ def decode_launch_rows(config: dict, context: int, max_model_len: int, device: t
             + (" + combine" if splits > 1 else "")
         rows.append(_row(label, kv_heads * splits, kv_bytes, seconds, copy_bytes_s, splits=splits,
                          default=splits == default))
+    # A server's graphs are captured with a block table as wide as the model's whole context
+    # (max_model_len defaults to max_position_embeddings): the splits are sized for that,
+    # whatever the context, and most programs find no tile.
+    server_len = config["max_position_embeddings"]
+    wide = torch.zeros(1, -(-server_len // BLOCK_SIZE), device=device, dtype=torch.int32)
+    wide[0, :blocks_per_seq] = table[0]
+    splits = default_num_splits(1, kv_heads, triton.cdiv(wide.shape[1] * BLOCK_SIZE, 64), device)
+    seconds = _seconds(lambda i: paged_decode_attention(q, k_cache, v_cache, wide, lens, head_dim**-0.5), device)
+    rows.append(_row(f"decode attention, {server_len}-token table, splits {splits}", kv_heads * splits, kv_bytes,
+                     seconds, copy_bytes_s, splits=splits, server_table=server_len))
 
     rows += gemv_rows("o_proj", hidden, q_heads * head_dim, device, dtype, copy_bytes_s)
     rows.append(_row("add_rms_norm", 1, 4 * hidden * 2, _seconds(lambda i: add_rms_norm_triton(x, res, w, 1e-6),
@@ -125,7 +135,7 @@ def attribute(rows: list[dict], kernel_rows: list[dict], layers: int) -> list[di
         alone[kernel][part] = alone[kernel].get(part, 0.0) + us
 
     for r in rows:
-        if r.get("default") is False:
+        if r.get("default") is False or "server_table" in r:
             continue
         if "matrix" in r:
             add("_gemv_kernel", r["matrix"], r["us"] * (1 if r["matrix"] == "lm_head" else layers))

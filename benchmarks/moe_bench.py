@@ -11,6 +11,9 @@ throughput of a whole MoE model, each against a limit measured in the same run.
 2. Decode: one request on Qwen3-30B-A3B's shapes (`--load-format dummy`, bf16, CUDA graphs):
    output tok/s against the active-weight roofline, copy bandwidth / (every non-expert weight
    but the embedding + top_k of num_experts experts per layer). Target: >= 0.6.
+   Beside it, each launch of the step that reads weights or the KV cache timed alone at these
+   shapes (benchmarks/_decode_launches.py: the GEMVs by matrix and K split, decode attention
+   by split, the fused router, the norm), and the step's kernel table attributed to them.
 3. Offline: N requests of P prompt tokens producing O tokens each on the same model, output
    tok/s against the bound of offline_bench.py (prefill FLOPs of the active parameters at the
    matmul rate + O - 1 steps reading the weights of the experts a batch is expected to touch).
@@ -319,6 +322,10 @@ def main() -> None:
           f"({d['active_weight_bytes'] / 1e9:.2f} GB active weights) -> {d['fraction_of_roofline']:.0%}")
     if device.type == "cuda":
         results["decode_kernels"] = decode_kernels(llm)
+        step_us, kernels_us = 1e6 / d["decode_tok_s"], sum(r["us_per_step"] for r in results["decode_kernels"])
+        results["decode_step_us"] = {"step": round(step_us, 1), "kernels": round(kernels_us, 1),
+                                     "outside_kernels": round(step_us - kernels_us, 1)}
+        print(f"decode step {step_us:.1f} us: kernels {kernels_us:.1f} us, outside them {step_us - kernels_us:.1f} us")
         print("the step's kernels against their launches alone:")
         results["decode_attribution"] = attribute(results["decode_launches"], results["decode_kernels"],
                                                   config["num_hidden_layers"])

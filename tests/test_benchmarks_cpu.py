@@ -106,8 +106,10 @@ def test_moe_bench_tiny(tmp_path):
     launches = {r["part"]: r for r in result["decode_launches"]}
     # The tiny model's qkv: (4 + 2 * 2) heads of 16 over hidden 64, fp16 on CPU.
     assert launches["qkv_proj [128x64] splits 1 (default)"]["bytes"] == 128 * 64 * 2
-    assert [p for p in launches if p.startswith("decode attention")] == \
+    assert [p for p in launches if p.startswith("decode attention splits")] == \
         ["decode attention splits 1 (default)"] + [f"decode attention splits {s} + combine" for s in (2, 4, 8)]
+    # The server's 40,960-token table: 2 programs a 132-SM GPU's SM over 2 kv heads, to a power of two.
+    assert launches["decode attention, 40960-token table, splits 256"]["programs"] == 512
     assert {"o_proj [64x64] splits 1 (default)", "route (router GEMV + top-k)", "add_rms_norm"} < set(launches)
     assert all(r["us"] > 0 and r["programs"] >= 1 for r in result["decode_launches"])
     assert result["offline"]["output_tok_s"] > 0 and result["offline"]["fraction_of_bound"] > 0
