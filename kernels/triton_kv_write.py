@@ -39,9 +39,10 @@ _FP8_TOP_STEP = tl.constexpr(FP8_TOP_STEP)
 FP8_NEAR_TIE = 1e-4
 # The screening's rounding to e4m3: float arithmetic on the CUDA cores (`_fp8_values_by_adds`)
 # instead of the conversion instructions (two per value and top, whose rate on sm_90 the
-# tables leave open). Off: as measured on the H200, 3.25x bf16's write
+# tables leave open). Off: as measured on the H200 with seven tops, 3.25x bf16's write
 # (benchmarks/results/long_context_NVIDIA_H200.json); kv_quant_kernel_bench.py --fp8-screen-adds
-# times it on.
+# times it on. With three (kv_quant.FP8_TOPS) the write's common path is 1,080 sm_90
+# instructions against seven's 1,760; not yet timed.
 FP8_SCREEN_BY_ADDS = False
 
 
