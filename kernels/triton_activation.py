@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from wattserve.kernels.pdl import pdl_enabled, wait_for_inputs
+from wattserve.kernels.triton_interpreter import interpreting
 from wattserve.kernels.triton_kv_write import fp8_codes, native_fp8
 from wattserve.kernels.triton_token_quant import (
     MAX_ONE_PASS, empty_fp8_rows, quantize_row, quotient_by_reciprocal, row_scale, row_warps,
@@ -175,13 +176,13 @@ def launch_act_and_mul_fp8_pipelined(gate_up: torch.Tensor, codes: torch.Tensor,
     # Under the interpreter, 4 programs: each loops over several rows, as on a GPU.
     sms = torch.cuda.get_device_properties(gate_up.device).multi_processor_count if gate_up.is_cuda else 4
     rows_in_shared = SHARED_BYTES // (2 * block * gate_up.element_size())  # float32 rows: half as many
+    # Both savings compiled only (a real FMA, inline PTX), for bf16 rows: the domain their checks cover.
+    lean = lean and gate_up.dtype == torch.bfloat16 and not interpreting()
     _act_and_mul_fp8_pipelined_kernel[(min(num_tokens, sms),)](
         gate_up, codes, scales, gate_up.stride(0), codes.stride(0), num_tokens, inter,
         BLOCK=block, GELU_TANH=gelu_tanh, FP8_MAX=FP8_MAX,
         NATIVE_FP8=native_fp8(gate_up.device),
-        # Both compiled only (a real FMA, inline PTX), for bf16 rows: the domain their checks cover.
-        FMA_QUOTIENT=lean and gate_up.dtype == torch.bfloat16 and not triton.knobs.runtime.interpret,
-        LEAN_ACT=lean and gate_up.dtype == torch.bfloat16 and not triton.knobs.runtime.interpret,
+        FMA_QUOTIENT=lean, LEAN_ACT=lean,
         STAGES=max(2, min(stages, rows_in_shared + 1)),
         num_warps=num_warps,
     )

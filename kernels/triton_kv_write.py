@@ -27,6 +27,7 @@ import triton.language as tl
 from wattserve.kernels.attention import AttentionMetadata
 from wattserve.kernels.kv_format import LayerKVCache
 from wattserve.kernels.kv_quant import FP8_MAX, FP8_TOP_STEP, FP8_TOPS
+from wattserve.kernels.triton_interpreter import interpreting
 
 # 1.5 * 2**23: adding then subtracting it rounds a float32 of magnitude < 2**22 to an integer,
 # half to even (the hardware's rounding of the add), as torch.round does.
@@ -49,7 +50,7 @@ FP8_SCREEN_BY_ADDS = False
 def native_fp8(device: torch.device) -> bool:
     """Whether the kernels convert to fp8 with the GPU's instruction (sm_89+, compiled): the
     interpreter rounds Triton's cast differently from torch."""
-    return (not triton.knobs.runtime.interpret and device.type == "cuda"
+    return (not interpreting() and device.type == "cuda"
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
 

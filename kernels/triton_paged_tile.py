@@ -45,6 +45,7 @@ import triton.language as tl
 
 from wattserve.kernels.attention import KiviPlan
 from wattserve.kernels.kv_format import KVFormat, LayerKVCache
+from wattserve.kernels.triton_interpreter import interpreting
 
 LOG2E = 1.4426950408889634  # the launchers pass scale * LOG2E
 
@@ -584,7 +585,7 @@ def cache_kernel_args(cache: LayerKVCache, dtype: torch.dtype, kivi: KiviPlan | 
     # The interpreter runs no PTX; fp32 queries take codes by conversion (no magic), and so
     # do fp8 codes into bf16 dots (no packed e4m3 -> bf16 conversion on sm_90).
     if native is None:
-        native = not triton.knobs.runtime.interpret and cache.k.device.type == "cuda"
+        native = not interpreting() and cache.k.device.type == "cuda"
     asm_fits = dtype == torch.float16 if fmt.fp8 else magic != 0
     asm = unpack_asm(fmt.bits, planes, magic, fmt.fp8) if native and asm_fits and planes > 1 else ""
     constexprs = {"KV_BITS": fmt.bits, "FP8": fmt.fp8, "KIVI": fmt.kivi, "CODE_MAGIC": magic, "CODE_BIAS": bias,
